@@ -1,0 +1,1 @@
+"""EventGPT -> Video-LLaVA speculative-decoding data pipeline: the plain library (no Prefect)."""

@@ -1,0 +1,54 @@
+"""One filesystem abstraction for every URL setting: plain paths, file://, memory://, s3://, gs://.
+
+Everything that reads or writes a URL goes through :func:`url_to_fs`; nothing calls ``open()`` on a
+URL by hand. ``storage_options`` (credentials, ``endpoint_url``) are passed through to fsspec and
+never logged.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs as _url_to_fs
+
+
+def normalize_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Map the project's flat ``endpoint_url`` convenience onto s3fs's ``client_kwargs``."""
+    opts = dict(storage_options or {})
+    if str(url).startswith(("s3://", "s3a://")) and "endpoint_url" in opts:
+        ck = dict(opts.get("client_kwargs") or {})
+        ck.setdefault("endpoint_url", opts.pop("endpoint_url"))
+        opts["client_kwargs"] = ck
+    return opts
+
+
+def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(filesystem, path)`` for ``url`` (a plain path means the local disk)."""
+    return _url_to_fs(str(url), **normalize_options(str(url), storage_options))
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL path components with '/' (works for local paths and every protocol)."""
+    return posixpath.join(str(url).rstrip("/"), *parts)
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and file:// URLs."""
+    u = str(url)
+    return "://" not in u or u.startswith("file://")
+
+
+def redact(options: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of storage options safe to log: secrets replaced by '***'."""
+    secret_words = ("key", "secret", "token", "password", "credential", "session")
+    out: dict[str, Any] = {}
+    for k, v in (options or {}).items():
+        if isinstance(v, dict):
+            out[k] = redact(v)
+        elif any(w in k.lower() for w in secret_words):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out
