@@ -1,0 +1,102 @@
+"""`egpt extract`: stage 1-2 from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from egpt_core.config import ExtractConfig, load_config
+from egpt_core.errors import BadInputError, ConfigError
+
+
+def parse_storage_options(items: list[str] | None) -> dict:
+    """`--storage-option key=value` pairs (values parsed as JSON when possible)."""
+    out: dict = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    base = load_config(args.config, ExtractConfig).model_dump() if args.config else {}
+    flags = {
+        "dataset": args.dataset, "questions": args.questions, "drafter": args.drafter, "target": args.target,
+        "store": args.store, "mode": args.mode, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "shard_size": args.shard_size, "max_scenes": args.max_scenes, "max_questions": args.max_questions,
+        "source_store": args.source_store, "retf_side": args.retf_side,
+    }
+    base.update({k: v for k, v in flags.items() if v is not None})
+    load = dict(base.get("load") or {})
+    if args.dtype:
+        load["dtype"] = args.dtype
+    if args.quant:
+        load["quant"] = args.quant
+    if args.device:
+        load["device"] = args.device
+    base["load"] = load
+    events = dict(base.get("events") or {})
+    if args.event_frames:
+        events["n_frames"] = args.event_frames
+    base["events"] = events
+    so = parse_storage_options(args.storage_option)
+    if so:
+        base["storage_options"] = {**base.get("storage_options", {}), **so}
+    return ExtractConfig.model_validate(base)
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from egpt_core.extraction import run_extraction
+
+    try:
+        cfg = config_from_args(args)
+        summary = run_extraction(cfg)
+    except (ConfigError, BadInputError) as exc:
+        print(f"egpt extract: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(asdict(summary), indent=2))
+        return 0
+    c = summary.counts
+    print(f"store      {summary.store_url}  (fingerprint {summary.store_fingerprint})")
+    print(f"mode       {summary.mode}")
+    print(f"pairs      {summary.pairs_total} in dataset, {summary.pairs_pending} pending, "
+          f"{summary.pairs_processed} processed in {summary.seconds:.1f}s, {summary.shards_committed} shards committed")
+    print(f"counts     ok {c.get('ok', 0)}  failed {c.get('failed', 0)}  skipped {c.get('skipped', 0)}")
+    for reason, n in sorted(summary.reasons.items()):
+        print(f"  {n:5d}  {reason}")
+    return 0
+
+
+def add_extract_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON/YAML file with ExtractConfig fields (flags override)")
+    p.add_argument("--dataset")
+    p.add_argument("--questions", help="questions file (default: the dataset's questions.json)")
+    p.add_argument("--drafter", help="EventGPT checkpoint dir")
+    p.add_argument("--target", help="Video-LLaVA checkpoint dir")
+    p.add_argument("--store", help="store URL")
+    p.add_argument("--mode", choices=["shared_prefix", "independent", "retf"])
+    p.add_argument("--source-store", help="retf: store whose token ids are re-used")
+    p.add_argument("--retf-side", choices=["drafter", "target"])
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--shard-size", type=int)
+    p.add_argument("--max-scenes", type=int)
+    p.add_argument("--max-questions", type=int)
+    p.add_argument("--event-frames", type=int)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quant", choices=["none", "nf4"])
+    p.add_argument("--device")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("extract", help="stage 1-2: extract paired hidden states into a store")
+    add_extract_arguments(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_extract)

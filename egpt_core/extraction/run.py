@@ -1,0 +1,360 @@
+"""Stage 2: paired hidden-state extraction into a store (DESIGN.md §3.3).
+
+Modes:
+- ``shared_prefix`` (default): the target generates greedily (AR, batched, left padded) which gives
+  its tokens and rows; the drafter then runs teacher-forced over the same tokens (one forward per
+  batch). Drafter row t and target row t condition on the same prefix.
+- ``independent``: both generate; rows are paired by position, cut to the shorter length; pairs
+  under ``min_tokens`` are skipped (reproduces the research data).
+- ``retf``: re-extract one side teacher-forced from the token ids of a source store (e.g. a drafter
+  with an L6 LoRA merged), copying the other side's rows.
+
+Work is planned as shards of ``shard_size`` pending pairs; each shard is committed to the store
+atomically, so a rerun resumes after the last committed shard and a complete store does no model
+work. Bad inputs are recorded per pair (status + reason) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from egpt_core.config import ExtractConfig
+from egpt_core.data import Pair, build_pairs, load_questions, load_scenes, read_video_frames
+from egpt_core.data.dataset import QUESTIONS_NAME
+from egpt_core.errors import BadInputError, ConfigError
+from egpt_core.extraction.features import scene_features
+from egpt_core.fingerprint import hash_json
+from egpt_core.fsio import join
+from egpt_core.models.positions import POSITION_CONVENTION
+from egpt_core.store import StoreReader, StoreWriter
+
+log = logging.getLogger(__name__)
+
+EXTRACTION_VERSION = "extract-v1"
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class ExtractSummary:
+    """What an extraction run did (small: safe to return from a Prefect task)."""
+
+    store_url: str
+    store_fingerprint: str
+    mode: str
+    counts: dict[str, int]
+    pairs_total: int
+    pairs_pending: int
+    shards_committed: int
+    pairs_processed: int
+    seconds: float
+    reasons: dict[str, int] = field(default_factory=dict)
+    lm_head_written: bool = False
+    features: dict[str, int] = field(default_factory=dict)
+
+
+def plan_pairs(cfg: ExtractConfig) -> list[Pair]:
+    """All pairs of the dataset (scene order outer, questions inner), restricted to cfg's group."""
+    scenes = load_scenes(cfg.dataset, cfg.storage_options, cfg.max_scenes)
+    questions = load_questions(cfg.questions or join(cfg.dataset, QUESTIONS_NAME), cfg.storage_options,
+                               cfg.max_questions)
+    pairs = build_pairs(scenes, questions)
+    if cfg.group_index is not None:
+        if cfg.group_index >= cfg.shard_groups:
+            raise ConfigError(f"group_index {cfg.group_index} must be < shard_groups {cfg.shard_groups}")
+        pairs = [p for p in pairs if pair_group(p.pair_id, cfg.shard_groups) == cfg.group_index]
+    return pairs
+
+
+def pair_group(pair_id: str, n_groups: int) -> int:
+    """Stable shard group of a pair (independent of dataset order and of pairs added later)."""
+    return int(hashlib.sha1(pair_id.encode()).hexdigest()[:8], 16) % n_groups
+
+
+def store_meta(cfg: ExtractConfig, drafter, target) -> dict:
+    """Manifest metadata; ``compat_key`` pins what every shard of a store must share."""
+    models = {}
+    if drafter is not None:
+        models["drafter"] = {"path": cfg.drafter, "fingerprint": drafter.fingerprint}
+    if target is not None:
+        models["target"] = {"path": cfg.target, "fingerprint": target.fingerprint}
+    hidden = (target or drafter).hidden_size
+    generation = {"max_new_tokens": cfg.max_new_tokens, "min_tokens": cfg.min_tokens, "greedy": True}
+    settings = {
+        "version": EXTRACTION_VERSION, "mode": cfg.mode, "generation": generation,
+        "events": cfg.events.model_dump(mode="json"), "n_video_frames": cfg.n_video_frames,
+        "models": {k: v["fingerprint"] for k, v in models.items()}, "retf_side": cfg.retf_side if cfg.mode == "retf" else None,
+        "load": cfg.load.model_dump(mode="json"),
+    }
+    return {
+        "mode": cfg.mode,
+        "position_convention": POSITION_CONVENTION,
+        "hidden_size": hidden,
+        "dtype": cfg.store_dtype,
+        "models": models,
+        "generation": generation,
+        "events": cfg.events.model_dump(mode="json"),
+        "n_video_frames": cfg.n_video_frames,
+        "dataset": cfg.dataset,
+        "source_store": cfg.source_store if cfg.mode == "retf" else None,
+        "compat_key": hash_json(settings),
+    }
+
+
+def check_vocab_compat(drafter_tok, target_tok) -> None:
+    """Both sides must share the LLaMA/Vicuna vocabulary (the target may append special tokens)."""
+    dv, tv = drafter_tok.get_vocab(), target_tok.get_vocab()
+    n = min(len(dv), len(tv))
+    d_by_id = {i: t for t, i in dv.items() if i < n}
+    t_by_id = {i: t for t, i in tv.items() if i < n}
+    bad = [i for i in range(n) if d_by_id.get(i) != t_by_id.get(i)]
+    if bad:
+        raise ConfigError(
+            f"drafter and target tokenizers differ on {len(bad)} of the first {n} ids (e.g. id {bad[0]}: "
+            f"{d_by_id.get(bad[0])!r} vs {t_by_id.get(bad[0])!r}); shared_prefix/retf need one vocabulary"
+        )
+
+
+def _record(pair: Pair, status: str = "ok", reason: str | None = None) -> dict:
+    return {
+        "pair_id": pair.pair_id, "scene_id": pair.scene.scene_id, "question_idx": pair.question_idx,
+        "question": pair.question, "status": status, "reason": reason,
+        "drafter_prompt_ids": [], "target_prompt_ids": [], "drafter_response_ids": [], "target_response_ids": [],
+        "drafter_text": "", "target_text": "", "length": 0,
+    }
+
+
+class _Inputs:
+    """Per-shard input preparation with a per-scene memo; bad input becomes a recorded reason."""
+
+    def __init__(self, cfg: ExtractConfig, drafter, target, writer, stats: dict):
+        self.cfg, self.drafter, self.target, self.writer, self.stats = cfg, drafter, target, writer, stats
+        self._features: dict[str, torch.Tensor | BadInputError] = {}
+        self._video: dict[str, list | BadInputError] = {}
+
+    def features(self, pair: Pair) -> torch.Tensor:
+        sid = pair.scene.scene_id
+        if sid not in self._features:
+            try:
+                self._features[sid] = scene_features(pair.scene, self.drafter, self.cfg.events, self.writer,
+                                                     self.cfg.storage_options, self.stats)
+            except BadInputError as exc:
+                self._features[sid] = exc
+        val = self._features[sid]
+        if isinstance(val, BadInputError):
+            raise val
+        return val
+
+    def video(self, pair: Pair) -> list:
+        sid = pair.scene.scene_id
+        if sid not in self._video:
+            try:
+                if not pair.scene.video_path:
+                    raise BadInputError(sid, "scene has no video (video_data)")
+                self._video[sid] = read_video_frames(pair.scene.video_path, self.cfg.n_video_frames,
+                                                     self.cfg.storage_options)
+            except BadInputError as exc:
+                self._video[sid] = exc
+        val = self._video[sid]
+        if isinstance(val, BadInputError):
+            raise val
+        return val
+
+
+def _response_status(ids: list[int], eos: int | None, min_tokens: int) -> tuple[str, str | None]:
+    if not ids or (len(ids) == 1 and ids[0] == eos):
+        return "failed", "empty generation"
+    if len(ids) < min_tokens:
+        return "skipped", f"response shorter than min_tokens ({len(ids)} < {min_tokens})"
+    return "ok", None
+
+
+def _extract_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, target, inputs: _Inputs,
+                   source_rows: dict | None) -> tuple[list[dict], list, list]:
+    """Process one batch -> (records, drafter rows, target rows); rows are None for non-ok pairs."""
+    recs = [_record(p) for p in batch]
+    d_rows: list = [None] * len(batch)
+    t_rows: list = [None] * len(batch)
+    live: list[int] = []
+    feats, d_prompts, t_prompts, videos = {}, {}, {}, {}
+    for i, p in enumerate(batch):
+        try:
+            if drafter is not None:
+                feats[i] = inputs.features(p)
+                d_prompts[i] = drafter.prompt_ids(p.question)
+                recs[i]["drafter_prompt_ids"] = [int(x) for x in d_prompts[i]]
+            if target is not None:
+                t_prompts[i], videos[i] = target.prepare(p.question, inputs.video(p))
+                recs[i]["target_prompt_ids"] = t_prompts[i]
+            live.append(i)
+        except BadInputError as exc:
+            recs[i].update(status="failed", reason=str(exc))
+    if not live:
+        return recs, d_rows, t_rows
+
+    if mode == "shared_prefix":
+        ids, rows = target.generate([t_prompts[i] for i in live], [videos[i] for i in live], cfg.max_new_tokens)
+        eos = target.tokenizer.eos_token_id
+        tf_idx = []
+        for j, i in enumerate(live):
+            status, reason = _response_status(ids[j], eos, cfg.min_tokens)
+            recs[i].update(target_response_ids=ids[j], target_text=target.decode(ids[j]), status=status, reason=reason)
+            if status == "ok" and max(ids[j]) >= drafter.model.get_input_embeddings().num_embeddings:
+                recs[i].update(status="failed", reason="target token outside the drafter vocabulary")
+            if recs[i]["status"] == "ok":
+                t_rows[i] = rows[j]
+                tf_idx.append(i)
+        if tf_idx:
+            fed = [recs[i]["target_response_ids"] for i in tf_idx]
+            drows = drafter.teacher_forced([d_prompts[i] for i in tf_idx], fed, [feats[i] for i in tf_idx])
+            for i, r, f in zip(tf_idx, drows, fed):
+                recs[i].update(drafter_response_ids=list(f), drafter_text=drafter.decode(f), length=len(f))
+                d_rows[i] = r
+    elif mode == "independent":
+        t_ids, t_r = target.generate([t_prompts[i] for i in live], [videos[i] for i in live], cfg.max_new_tokens)
+        d_ids, d_r = drafter.generate([d_prompts[i] for i in live], [feats[i] for i in live], cfg.max_new_tokens)
+        for j, i in enumerate(live):
+            recs[i].update(target_response_ids=t_ids[j], target_text=target.decode(t_ids[j]),
+                           drafter_response_ids=d_ids[j], drafter_text=drafter.decode(d_ids[j]))
+            n = min(len(t_ids[j]), len(d_ids[j]))
+            if n < cfg.min_tokens:
+                recs[i].update(status="skipped",
+                               reason=f"aligned length shorter than min_tokens ({n} < {cfg.min_tokens})")
+                continue
+            recs[i]["length"] = n
+            d_rows[i], t_rows[i] = d_r[j][:n], t_r[j][:n]
+    else:  # retf
+        side = cfg.retf_side
+        for i in live:
+            src = source_rows[batch[i].pair_id]
+            for k in ("target_response_ids", "drafter_response_ids", "target_text", "drafter_text",
+                      "target_prompt_ids", "drafter_prompt_ids"):
+                if src.get(k) is not None and (k not in ("drafter_prompt_ids", "target_prompt_ids") or not recs[i][k]):
+                    recs[i][k] = list(src[k]) if isinstance(src[k], list) else src[k]
+            recs[i]["length"] = src["length"]
+        if side == "drafter":
+            fed = [source_rows[batch[i].pair_id]["drafter_response_ids"][: recs[i]["length"]] for i in live]
+            new = drafter.teacher_forced([d_prompts[i] for i in live], fed, [feats[i] for i in live])
+        else:
+            fed = [source_rows[batch[i].pair_id]["target_response_ids"][: recs[i]["length"]] for i in live]
+            new = target.teacher_forced([t_prompts[i] for i in live], fed, [videos[i] for i in live])
+        for j, i in enumerate(live):
+            src = source_rows[batch[i].pair_id]
+            if side == "drafter":
+                d_rows[i], t_rows[i] = new[j], src["target"]
+            else:
+                d_rows[i], t_rows[i] = src["drafter"], new[j]
+    return recs, d_rows, t_rows
+
+
+def load_models(cfg: ExtractConfig):
+    """(drafter, target) needed by cfg.mode; None for a side retf does not recompute."""
+    from egpt_core.models.loading import load_eventgpt, load_videollava
+
+    need_d = cfg.mode != "retf" or cfg.retf_side == "drafter"
+    need_t = cfg.mode != "retf" or cfg.retf_side == "target"
+    drafter = load_eventgpt(cfg.drafter, cfg.load, double_adaptor=cfg.events.double_feature_adaptor,
+                            storage_options=cfg.storage_options) if need_d else None
+    target = load_videollava(cfg.target, cfg.load, storage_options=cfg.storage_options) if need_t else None
+    if drafter is not None and target is not None and cfg.mode != "independent":
+        check_vocab_compat(drafter.tokenizer, target.tokenizer)
+    if drafter is not None and target is not None and drafter.hidden_size != target.hidden_size:
+        raise ConfigError(f"drafter hidden size {drafter.hidden_size} != target hidden size {target.hidden_size}")
+    return drafter, target
+
+
+def run_extraction(cfg: ExtractConfig, progress: Progress | None = None, only_pairs: set[str] | None = None,
+                   models=None) -> ExtractSummary:
+    """Extract every pending pair of cfg's dataset into cfg.store; returns counts (resumable, idempotent)."""
+    t0 = time.perf_counter()
+    if cfg.mode == "retf":
+        source_url = cfg.source_store or ""
+        if not source_url or source_url.rstrip("/") == cfg.store.rstrip("/"):
+            raise ConfigError("retf mode writes a NEW store: set source_store to the store whose token ids are "
+                              "re-used and store to a different URL (stores are never modified after commit)")
+    pairs = plan_pairs(cfg)
+    if only_pairs is not None:
+        pairs = [p for p in pairs if p.pair_id in only_pairs]
+    source = None
+    if cfg.mode == "retf":
+        source = StoreReader(cfg.source_store, cfg.storage_options)
+        ok = set(source.pair_ids(status="ok"))
+        pairs = [p for p in pairs if p.pair_id in ok]
+
+    drafter, target = models if models is not None else load_models(cfg)
+    writer = StoreWriter(cfg.store, store_meta(cfg, drafter, target), cfg.storage_options)
+    committed = writer.committed_pair_ids()
+    pending = [p for p in pairs if p.pair_id not in committed]
+    stats: dict[str, int] = {}
+    lm_written = False
+    if target is not None:
+        lm_written = writer.write_lm_head(target.lm_head_weight(), target.fingerprint) or False
+    elif source is not None:
+        lm_written = _copy_lm_head(source, writer)
+
+    shards = [pending[i : i + cfg.shard_size] for i in range(0, len(pending), cfg.shard_size)]
+    n_done = n_shards = 0
+    bar = tqdm(total=len(pending), desc=f"extract[{cfg.mode}]", unit="pair", disable=None)
+    for shard in shards:
+        inputs = _Inputs(cfg, drafter, target, writer, stats)
+        source_rows = _source_rows(source, shard) if source is not None else None
+        records, d_rows, t_rows = [], [], []
+        for b in range(0, len(shard), cfg.batch_size):
+            batch = shard[b : b + cfg.batch_size]
+            r, d, t = _extract_batch(batch, cfg.mode, cfg, drafter, target, inputs, source_rows)
+            records += r
+            d_rows += d
+            t_rows += t
+            bar.update(len(batch))
+        if writer.commit_shard(records, d_rows, t_rows) is not None:
+            n_shards += 1
+        n_done += len(shard)
+        if progress:
+            progress(n_done / max(len(pending), 1), f"{n_done}/{len(pending)} pairs, {n_shards} shards committed")
+    bar.close()
+    reader = StoreReader(cfg.store, cfg.storage_options)
+    man = reader.manifest
+    reasons = _reason_counts(reader)
+    return ExtractSummary(
+        store_url=cfg.store, store_fingerprint=man.get("store_fingerprint") or man.get("fingerprint") or "",
+        mode=cfg.mode, counts=dict(man.get("counts", {})), pairs_total=len(pairs), pairs_pending=len(pending),
+        shards_committed=n_shards, pairs_processed=n_done, seconds=round(time.perf_counter() - t0, 3),
+        reasons=reasons, lm_head_written=bool(lm_written), features=stats,
+    )
+
+
+def _reason_counts(reader: StoreReader) -> dict[str, int]:
+    table = reader.pairs()
+    out: dict[str, int] = {}
+    for status, reason in zip(table.column("status").to_pylist(), table.column("reason").to_pylist()):
+        if status != "ok":
+            key = f"{status}: {reason}"
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _source_rows(source: StoreReader, shard: list[Pair]) -> dict:
+    out = {}
+    for p in shard:
+        rows = source.get(p.pair_id)
+        rec = {k: getattr(rows, k, None) for k in ("drafter_response_ids", "target_response_ids",
+                                                    "drafter_prompt_ids", "target_prompt_ids")}
+        rec.update(drafter=rows.drafter.float(), target=rows.target.float(), length=int(rows.target.shape[0]))
+        out[p.pair_id] = rec
+    return out
+
+
+def _copy_lm_head(source: StoreReader, writer: StoreWriter) -> bool:
+    try:
+        weight = source.lm_head()
+    except Exception:  # source has none (e.g. research import): nothing to copy
+        return False
+    fp = (source.manifest.get("lm_head") or {}).get("target_fingerprint", "unknown")
+    return bool(writer.write_lm_head(weight, fp))
