@@ -295,7 +295,9 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None, only_pa
     stats: dict[str, int] = {}
     lm_written = False
     if target is not None:
-        lm_written = writer.write_lm_head(target.lm_head_weight(), target.fingerprint) or False
+        head = target.model.get_output_embeddings().weight
+        native = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(head.dtype, "float32")
+        lm_written = writer.write_lm_head(target.lm_head_weight(), target.fingerprint, dtype=native) or False
     elif source is not None:
         lm_written = _copy_lm_head(source, writer)
 

@@ -1,0 +1,53 @@
+"""`egpt render-events FILE --frames N --out DIR [--sensor-size H W]`."""
+
+from __future__ import annotations
+
+import argparse
+import posixpath
+import sys
+
+from egpt_core.errors import BadInputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "render-events",
+        help="render an event file (.npy / .h5) to PNG event frames",
+        description="Split the events into N equal-count slices and write <out>/<stem>_<k>.png per slice.",
+    )
+    p.add_argument("file", help="event file URL or path (.npy EventGPT dict or DSEC HDF5)")
+    p.add_argument("--frames", type=int, default=1, help="number of frames (equal event-count slices)")
+    p.add_argument("--out", required=True, help="output directory URL or path")
+    p.add_argument(
+        "--sensor-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="fixed canvas (height width); default: data-dependent per slice",
+    )
+    p.set_defaults(func=_render_events)
+
+
+def _render_events(args: argparse.Namespace) -> int:
+    from egpt_core.events.io import load_events
+    from egpt_core.events.render import render_event_frames, save_frames_png
+
+    if args.frames < 1:
+        print("egpt render-events: --frames must be >= 1", file=sys.stderr)
+        return 2
+    if args.sensor_size and min(args.sensor_size) < 1:
+        print("egpt render-events: --sensor-size H W must be positive", file=sys.stderr)
+        return 2
+    stem = posixpath.splitext(posixpath.basename(str(args.file).rstrip("/")))[0]
+    try:
+        events = load_events(args.file)
+        frames = render_event_frames(
+            events, args.frames, tuple(args.sensor_size) if args.sensor_size else None
+        )
+    except BadInputError as exc:
+        print(f"egpt render-events: {exc}", file=sys.stderr)
+        return 1
+    for url in save_frames_png(frames, args.out, stem):
+        print(url)
+    return 0

@@ -1,0 +1,134 @@
+"""Event stream -> event frames (reference §2.5), PNG writing, and safe event-image reading.
+
+A frame is a white canvas with each event pixel painted red (p=1) or blue (p=0); the last event at
+a pixel, in storage order, decides its colour (the research per-event loop's semantics).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from egpt_core.errors import BadInputError
+from egpt_core.events.io import EventStream
+from egpt_core.fsio import join, url_to_fs
+
+WHITE = 255
+RED = (255, 0, 0)
+BLUE = (0, 0, 255)
+#: Event images declaring more pixels than this are refused before decoding (decompression bombs).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def slice_bounds(n_events: int, n_frames: int) -> list[tuple[int, int]]:
+    """Equal-count slices in storage order: k*floor(E/n) .. (k+1)*floor(E/n); the last takes the rest."""
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+    step = n_events // n_frames
+    return [(k * step, (k + 1) * step if k < n_frames - 1 else n_events) for k in range(n_frames)]
+
+
+def render_event_frames(
+    events: EventStream, n_frames: int, sensor_size: tuple[int, int] | None = None
+) -> list[np.ndarray]:
+    """``n_frames`` event frames, each [H, W, 3] uint8, from equal-count slices of ``events``.
+
+    Canvas: ``sensor_size`` (H, W) when given (events outside it are bad input); otherwise per
+    slice H = max(y)+1, W = max(x)+1 (research behaviour). A slice with no events (fewer events
+    than frames) gets a white canvas of the sensor size or, without one, of the whole stream's extent.
+    """
+    x, y = np.asarray(events.x), np.asarray(events.y)
+    p = np.asarray(events.p).astype(np.uint8, copy=False)
+    if len(x) and (int(x.min()) < 0 or int(y.min()) < 0):
+        raise BadInputError(events.path, "negative x or y coordinates")
+    if sensor_size is not None:
+        height, width = int(sensor_size[0]), int(sensor_size[1])
+        if height <= 0 or width <= 0:
+            raise ValueError(f"sensor_size must be positive (height, width), got {sensor_size}")
+        if len(x) and (int(x.max()) >= width or int(y.max()) >= height):
+            raise BadInputError(
+                events.path,
+                f"events outside the sensor size {height}x{width} "
+                f"(max x={int(x.max())}, max y={int(y.max())})",
+            )
+    frames = []
+    for start, stop in slice_bounds(len(x), n_frames):
+        xs, ys, ps = x[start:stop], y[start:stop], p[start:stop]
+        if sensor_size is not None:
+            h, w = height, width
+        elif len(xs):
+            h, w = int(ys.max()) + 1, int(xs.max()) + 1
+        elif len(x):
+            h, w = int(y.max()) + 1, int(x.max()) + 1
+        else:
+            raise BadInputError(events.path, "empty event stream (0 events) and no sensor size")
+        frames.append(_paint(xs, ys, ps, h, w))
+    return frames
+
+
+def _paint(x: np.ndarray, y: np.ndarray, p: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[H, W, 3] uint8: white, each touched pixel coloured by the polarity of its LAST event.
+
+    ``np.maximum.at`` gives every pixel the index of its last event (-1 if none); indexing the
+    polarities extended by a sentinel 2 at position -1 turns that into a per-pixel state
+    0 = negative, 1 = positive, 2 = untouched, from which the three colour planes follow.
+    """
+    pixel = y.astype(np.intp)  # widen before multiplying: uint16 * width would wrap around
+    pixel *= width
+    pixel += x
+    last_event = np.full(height * width, -1, dtype=np.intp)
+    np.maximum.at(last_event, pixel, np.arange(len(pixel), dtype=np.intp))
+    del pixel
+    state = np.append(p, np.uint8(2))[last_event]
+    del last_event
+    # red = not negative, green = untouched, blue = not positive
+    planes = np.stack([state != 0, state == 2, state != 1], axis=-1).view(np.uint8) * np.uint8(WHITE)
+    return planes.reshape(height, width, 3)
+
+
+def save_frames_png(
+    frames: list[np.ndarray], out_dir: str, stem: str, storage_options: dict[str, Any] | None = None
+) -> list[str]:
+    """Write ``<out_dir>/<stem>_<k>.png`` for each frame (any fsspec URL); returns their URLs."""
+    from PIL import Image
+
+    fs, root = url_to_fs(out_dir, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    written = []
+    for k, frame in enumerate(frames):
+        url = join(str(out_dir), f"{stem}_{k}.png")
+        with fs.open(join(root, f"{stem}_{k}.png"), "wb") as f:
+            Image.fromarray(np.ascontiguousarray(frame, dtype=np.uint8)).save(f, format="PNG")
+        written.append(url)
+    return written
+
+
+def load_event_image(url: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """A pre-rendered event image as [H, W, 3] uint8 RGB; refuses images declaring > MAX_IMAGE_PIXELS."""
+    from PIL import Image, UnidentifiedImageError
+
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        f = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise BadInputError(url, "file not found") from None
+    with f:
+        try:
+            with Image.open(f) as im:  # reads the header only
+                width, height = im.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise BadInputError(
+                        url,
+                        f"image declares {width}x{height} pixels (> {MAX_IMAGE_PIXELS:,}); refusing to decode",
+                    )
+                rgb = im.convert("RGB")  # decodes
+        except BadInputError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise BadInputError(url, f"decompression bomb: {exc}") from None
+        except UnidentifiedImageError:
+            raise BadInputError(url, "not a readable image") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
+            raise BadInputError(url, f"truncated or corrupt image ({exc})") from None
+    return np.asarray(rgb, dtype=np.uint8)
