@@ -44,3 +44,57 @@ def target(fixtures_dir, fp32):
     from egpt_core.models import load_videollava
 
     return load_videollava(str(fixtures_dir / "videollava"), fp32)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on a loopback port; yields storage_options for it."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto S3 server did not start") from None
+            time.sleep(0.2)
+    options = {"key": "egpt-test-key", "secret": "egpt-test-SECRET-do-not-log", "endpoint_url": endpoint}
+    try:
+        yield options
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket; yields its s3:// URL."""
+    import uuid
+
+    from egpt_core.fsio import url_to_fs
+
+    name = f"egpt-{uuid.uuid4().hex[:12]}"
+    fs, _ = url_to_fs(f"s3://{name}", s3_server)
+    fs.mkdir(name)
+    return f"s3://{name}"
