@@ -103,6 +103,11 @@ class TrainAdapterConfig(_Model):
     early_stopping: int = Field(10, ge=1, description="patience in epochs")
     seed: int = 0
     device: str = "auto"
+    data_cache_gb: float = Field(
+        32.0, ge=0,
+        description="keep the stores' tensor shards in RAM (per process) when they total at most this many GB; "
+        "larger data is read per pair with byte-range reads (global shuffle either way)",
+    )
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -162,6 +167,8 @@ class EvalConfig(_Model):
     adapter_run: str | None = Field(None, description="adapter run directory")
     lora: str | None = Field(None, description="L6 peft adapter directory (evaluated on retf rows)")
     identity: bool = Field(False, description="evaluate raw drafter rows")
+    adapter_which: str = Field("best", description="adapter checkpoint in the run: 'best', 'last' or a .safetensors name")
+    name: str | None = Field(None, description="run name in reports/comparisons; None = derived from the prediction source")
     taus: list[float] = Field(default_factory=lambda: [0.80, 0.85, 0.90, 0.95])
     gammas: list[int] = Field(default_factory=lambda: list(range(1, 9)))
     max_positions: int = Field(50, ge=1, description="per-position statistics up to this position")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from egpt_core.config import ExtractConfig
 from egpt_core.data import Pair, build_pairs, load_questions, load_scenes, read_video_frames
 from egpt_core.data.dataset import QUESTIONS_NAME
-from egpt_core.errors import BadInputError, ConfigError
+from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.extraction.features import scene_features
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import join
@@ -356,7 +356,8 @@ def _source_rows(source: StoreReader, shard: list[Pair]) -> dict:
 def _copy_lm_head(source: StoreReader, writer: StoreWriter) -> bool:
     try:
         weight = source.lm_head()
-    except Exception:  # source has none (e.g. research import): nothing to copy
+    except StoreError:  # source has none (e.g. a research import): nothing to copy
         return False
-    fp = (source.manifest.get("lm_head") or {}).get("target_fingerprint", "unknown")
-    return bool(writer.write_lm_head(weight, fp))
+    info = source.manifest.get("lm_head") or {}
+    fp = info.get("fingerprint") or info.get("target_fingerprint") or "unknown"
+    return bool(writer.write_lm_head(weight, fp, dtype=info.get("dtype")))

@@ -183,8 +183,9 @@ def test_bad_inputs_recorded_and_good_pairs_kept(tmp_path, fixtures_dir, extract
 
 
 def test_incompatible_tokenizers_refused(models):
+    from tokenizers import Tokenizer
+    from tokenizers import models as tkm
     from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models as tkm
 
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tkm.WordLevel({"<unk>": 0, "hello": 1, "x": 2},
                                                                               unk_token="<unk>")))

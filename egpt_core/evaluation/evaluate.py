@@ -1,0 +1,249 @@
+"""Stage 4: evaluate one prediction source (identity | adapter | L6 LoRA) on a store.
+
+Streams the store shard by shard (memory bounded by one shard + one batch), feeds padded batches to
+:class:`~egpt_core.evaluation.metrics.MetricAccumulator` and writes ``metrics.json``, ``report.md``,
+``metrics_summary.png`` and ``per_position.png`` under ``cfg.out``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import posixpath
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from egpt_core.config import EvalConfig, TimingConfig
+from egpt_core.errors import ConfigError, StoreError
+from egpt_core.evaluation.metrics import MetricAccumulator, primary_basis
+from egpt_core.evaluation.plots import write_plots
+from egpt_core.evaluation.report import write_report
+from egpt_core.evaluation.speedup import resolve_timing, speedup_table
+from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
+from egpt_core.fsio import join, redact, url_to_fs
+from egpt_core.store import StoreReader
+
+#: Bumped whenever a metric definition changes (part of the evaluation fingerprint).
+EVAL_VERSION = "eval-1"
+METRICS_SCHEMA = "egpt-eval-metrics/1"
+#: Below this target self-match rate the report warns that stored rows may not be LM-head inputs.
+SELF_MATCH_WARN = 0.99
+
+
+class EvalResult(BaseModel):
+    """What a stage-4 run returns: where its outputs are and the headline scalars."""
+
+    out_url: str
+    name: str
+    metrics: dict[str, Any]
+    n_pairs: int
+    n_positions: int
+
+
+def prediction_mode(cfg: EvalConfig) -> str:
+    """'identity' | 'adapter' | 'lora'; exactly one source must be set (ConfigError otherwise)."""
+    chosen = [m for m, on in (("adapter", bool(cfg.adapter_run)), ("lora", bool(cfg.lora)),
+                              ("identity", cfg.identity)) if on]
+    if len(chosen) != 1:
+        raise ConfigError(
+            "set exactly one prediction source: adapter_run (--adapter RUN), lora (--lora DIR) or "
+            f"identity (--identity); got {chosen or 'none'}")
+    return chosen[0]
+
+
+def default_name(cfg: EvalConfig, mode: str, level: str | None = None) -> str:
+    if cfg.name:
+        return cfg.name
+    if mode == "identity":
+        return "identity"
+    base = posixpath.basename(str(cfg.adapter_run if mode == "adapter" else cfg.lora).rstrip("/")) or mode
+    return f"{level}:{base}" if level else (f"L6:{base}" if mode == "lora" else base)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _batches(shard, batch_size: int):
+    """Padded batches of one shard's ok pairs: (drafter, target, mask, tokens) as [B, S, D] / [B, S]."""
+    table = shard.table
+    cols = table.column_names
+    status = table.column("status").to_pylist() if "status" in cols else ["ok"] * table.num_rows
+    lengths = table.column("length").to_pylist()
+    offsets = table.column("row_offset").to_pylist()
+    ids = table.column("target_response_ids").to_pylist() if "target_response_ids" in cols else [None] * len(lengths)
+    rows = [i for i, (st, n) in enumerate(zip(status, lengths)) if st == "ok" and n and n > 0]
+    D = shard.drafter.shape[1]
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start:start + batch_size]
+        S = max(lengths[i] for i in idx)
+        B = len(idx)
+        drafter = torch.zeros(B, S, D, dtype=torch.float32)
+        target = torch.zeros(B, S, D, dtype=torch.float32)
+        mask = torch.zeros(B, S, dtype=torch.bool)
+        tokens = torch.full((B, S), -1, dtype=torch.long)
+        for j, i in enumerate(idx):
+            o, n = int(offsets[i]), int(lengths[i])
+            drafter[j, :n] = shard.drafter[o:o + n].float()
+            target[j, :n] = shard.target[o:o + n].float()
+            mask[j, :n] = True
+            tid = ids[i]
+            if tid:
+                k = min(n, len(tid))
+                tokens[j, :k] = torch.as_tensor(tid[:k], dtype=torch.long)
+        yield drafter, target, mask, tokens
+
+
+def _speedup_section(metrics: dict[str, Any], timing: TimingConfig | None, note: str) -> dict[str, Any]:
+    basis = metrics.get("acc_len_basis")
+    if timing is None or basis is None:
+        return {"note": note if timing is None else "speedup omitted: no acceptance basis", "by_gamma": None}
+    al = metrics["acceptance_length"][basis]
+    return {
+        "note": note,
+        "basis": f"rounds/{basis}",
+        "timing": timing.model_dump(),
+        "by_gamma": speedup_table(al["rounds"], timing),
+        "by_gamma_sim": speedup_table(al["sim"], timing),
+    }
+
+
+def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = None) -> EvalResult:
+    """Evaluate ``cfg``'s prediction source on ``cfg.store`` and write the outputs under ``cfg.out``."""
+    mode = prediction_mode(cfg)
+    timing, timing_note = resolve_timing(cfg)  # fail fast on a bad timing file, before any work
+    so = cfg.storage_options
+    device = resolve_device(cfg.device)
+    try:
+        reader = StoreReader(cfg.store, storage_options=so)
+    except StoreError as exc:
+        if "no manifest" in str(exc):
+            raise ConfigError(f"store={cfg.store!r} is not a committed store ({exc}); check the URL") from exc
+        raise
+    manifest = reader.manifest
+    hidden = int(reader.hidden_size)
+    store_mode = (reader.meta or {}).get("mode")
+    notes: list[str] = []
+
+    inputs: dict[str, Any] = {
+        "store": cfg.store,
+        "store_fingerprint": reader.fingerprint,
+        "store_counts": reader.counts,
+        "store_mode": store_mode,
+        "hidden_size": hidden,
+        "prediction": mode,
+    }
+    module = acfg = None
+    if mode == "adapter":
+        from egpt_core.adapters import apply_adapter, load_adapter
+
+        module, acfg = load_adapter(cfg.adapter_run, cfg.adapter_which, storage_options=so, device=device)
+        a_hidden = acfg.hidden_size
+        if a_hidden is not None and int(a_hidden) != hidden:
+            raise ConfigError(
+                f"adapter {cfg.adapter_run!r} was trained for hidden size {a_hidden} but store {cfg.store!r} has "
+                f"{hidden}; evaluate it on a store extracted from the same models")
+        inputs.update(adapter_run=cfg.adapter_run, adapter_which=cfg.adapter_which, adapter_level=str(acfg.level),
+                      adapter_config=acfg.model_dump(), adapter_fingerprint=_adapter_fingerprint(cfg))
+        if str(acfg.level) in ("B1", "L5F"):
+            notes.append(f"{acfg.level} takes the target's own hidden states as input: its same-position metrics "
+                         "leak the target and are not a cross-modal alignment result (reference §12.2 P1.3).")
+    elif mode == "lora":
+        fs, path = url_to_fs(cfg.lora, so)
+        if not fs.exists(path):
+            raise ConfigError(f"lora={cfg.lora!r} does not exist: pass the L6 peft adapter directory")
+        if store_mode not in (None, "retf"):
+            raise ConfigError(
+                f"--lora needs a store whose drafter rows were re-extracted teacher-forced with the merged L6 "
+                f"drafter (mode 'retf'); {cfg.store!r} has mode {store_mode!r}. Run `egpt extract --mode retf` "
+                "with the merged drafter first")
+        inputs.update(lora=cfg.lora, lora_fingerprint=dir_fingerprint(cfg.lora, so))
+        notes.append(f"L6: predictions are the store's drafter rows, re-extracted with the LoRA-merged drafter "
+                     f"({cfg.lora}).")
+    else:
+        notes.append("identity: predictions are the raw drafter rows (no adapter).")
+    if store_mode == "independent":
+        notes.append("store mode 'independent': drafter and target rows come from two free-running generations; "
+                     "after the first divergent token they condition on different prefixes, so acceptance "
+                     "(especially the rounds simulation) is not SD acceptance (reference §12.2 P1.1).")
+
+    lm_head = reader.lm_head().float() if manifest.get("lm_head") else None
+    if lm_head is None:
+        inputs["lm_head"] = "absent (token metrics omitted)"
+        notes.append("the store has no target LM head: token metrics omitted; acceptance lengths use the "
+                     "hidden-state proxy cos > τ.")
+    else:
+        if lm_head.shape[1] != hidden:
+            raise ConfigError(f"store LM head is {tuple(lm_head.shape)} but the store's hidden size is {hidden}")
+        inputs["lm_head"] = f"present {list(lm_head.shape)}"
+    name = default_name(cfg, mode, str(acfg.level) if acfg is not None else None)
+
+    acc = MetricAccumulator(cfg.taus, cfg.gammas, cfg.max_positions, lm_head, device=device)
+    n_shards = len(reader.shards) or None
+    for k, shard in enumerate(reader.iter_shards()):
+        for drafter, target, mask, tokens in _batches(shard, cfg.batch_size):
+            if mode == "adapter":
+                with torch.no_grad():
+                    pred = apply_adapter(module, acfg, drafter.to(device), target.to(device), mask.to(device))
+            else:
+                pred = drafter
+            acc.update(pred, target, mask, tokens)
+        if progress is not None:
+            progress((k + 1) / n_shards if n_shards else 0.0, f"evaluated shard {shard.name}")
+    inputs["n_pairs_not_ok"] = sum(v for k, v in reader.counts.items() if k != "ok")
+
+    metrics = acc.result()
+    if metrics["counts"]["n_pairs"] == 0:
+        raise ConfigError(f"store {cfg.store!r} has no pairs with status 'ok' to evaluate")
+    metrics["acc_len_basis"] = primary_basis(metrics)
+    tok = metrics.get("token")
+    if tok and tok.get("target_lm_head_self_match") is not None and tok["target_lm_head_self_match"] < SELF_MATCH_WARN:
+        notes.append(f"only {100 * tok['target_lm_head_self_match']:.1f} % of the target rows re-project (LM head "
+                     "argmax) to the stored target token: the rows may not be LM-head inputs, or the position "
+                     "convention is off (DESIGN.md §3.2).")
+    metrics["speedup"] = sp = _speedup_section(metrics, timing, timing_note)
+    if sp.get("by_gamma"):
+        metrics["summary"]["speedup_basis"] = sp["basis"]
+        for g, d in sp["by_gamma"].items():
+            metrics["summary"][f"speedup_e2e_gamma{g}"] = None if d is None else d["e2e_speedup"]
+            metrics["summary"][f"speedup_decode_gamma{g}"] = None if d is None else d["decode_speedup"]
+
+    cfg_dump = cfg.model_dump(mode="json")
+    cfg_dump["storage_options"] = redact(cfg.storage_options)
+    inputs["config"] = cfg_dump
+    inputs["eval_version"] = EVAL_VERSION
+    inputs["eval_fingerprint"] = hash_json({
+        "version": EVAL_VERSION, "store": inputs["store_fingerprint"], "mode": mode,
+        "adapter": inputs.get("adapter_fingerprint"), "lora": inputs.get("lora_fingerprint"),
+        "taus": cfg.taus, "gammas": cfg.gammas, "max_positions": cfg.max_positions,
+        "timing": sp.get("timing"),
+    })
+    doc = {"schema": METRICS_SCHEMA, "name": name,
+           "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+           "inputs": inputs, "notes": notes, **metrics}
+
+    fs, out_path = url_to_fs(cfg.out, so)
+    fs.makedirs(out_path, exist_ok=True)
+    with fs.open(join(out_path, "metrics.json"), "wt") as f:
+        json.dump(doc, f, indent=2)
+    write_report(doc, cfg.out, so)
+    write_plots(doc, cfg.out, so)
+    if progress is not None:
+        progress(1.0, f"wrote {cfg.out}")
+    return EvalResult(out_url=cfg.out, name=name, metrics=doc["summary"],
+                      n_pairs=doc["counts"]["n_pairs"], n_positions=doc["counts"]["n_positions"])
+
+
+def _adapter_fingerprint(cfg: EvalConfig) -> str | None:
+    which = cfg.adapter_which
+    name = which if which.endswith(".safetensors") else f"{which}.safetensors"
+    try:
+        return file_fingerprint(join(cfg.adapter_run, name), cfg.storage_options)
+    except (OSError, ValueError):
+        return None
+

@@ -1,0 +1,214 @@
+"""Markdown reports: one run's ``report.md`` and the cross-run ``comparison.md`` (+ ``comparison.json``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from egpt_core.fsio import join, url_to_fs
+
+
+def _write_text(url: str, text: str, storage_options: dict | None = None) -> str:
+    fs, path = url_to_fs(url, storage_options)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wt") as f:
+        f.write(text)
+    return url
+
+
+def fmt(v: Any, pct: bool = False, digits: int = 4) -> str:
+    """Numbers for tables: None -> '—', fractions as percentages when ``pct``."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{100 * v:.2f} %" if pct else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_report(m: dict[str, Any]) -> str:
+    """The markdown of one evaluation (``m`` = metrics.json content)."""
+    inp = m.get("inputs", {})
+    cnt = m["counts"]
+    out: list[str] = [f"# Evaluation: {m.get('name', '')}", ""]
+
+    out += ["## Inputs", ""]
+    rows = [
+        ["store", f"`{inp.get('store')}`"],
+        ["store fingerprint", f"`{inp.get('store_fingerprint')}`"],
+        ["store mode", inp.get("store_mode")],
+        ["prediction", inp.get("prediction")],
+    ]
+    if inp.get("adapter_run"):
+        rows += [["adapter run", f"`{inp['adapter_run']}` ({inp.get('adapter_which')})"],
+                 ["adapter level", inp.get("adapter_level")],
+                 ["adapter fingerprint", f"`{inp.get('adapter_fingerprint')}`"]]
+    if inp.get("lora"):
+        rows += [["L6 LoRA", f"`{inp['lora']}` (rows re-extracted teacher-forced with the merged drafter)"],
+                 ["LoRA fingerprint", f"`{inp.get('lora_fingerprint')}`"]]
+    rows += [
+        ["target LM head", inp.get("lm_head")],
+        ["evaluation fingerprint", f"`{inp.get('eval_fingerprint')}`"],
+        ["pairs / positions", f"{cnt['n_pairs']} / {cnt['n_positions']}"],
+        ["pairs skipped (status != ok)", inp.get("n_pairs_not_ok", 0)],
+        ["response length mean / min / max",
+         f"{fmt(cnt['length']['mean'], digits=2)} / {fmt(cnt['length']['min'], digits=0)} / "
+         f"{fmt(cnt['length']['max'], digits=0)}"],
+    ]
+    out += [_table(["input", "value"], rows), ""]
+    for note in m.get("notes", []):
+        out.append(f"> **Note:** {note}")
+    if m.get("notes"):
+        out.append("")
+
+    out += ["## Summary", ""]
+    pooled, pair = m["cos"]["pooled"], m["cos"]["pair_mean"]
+    out += [_table(
+        ["metric", "mean", "std", "min", "max"],
+        [["cos_pooled (over all positions)", fmt(pooled["mean"]), fmt(pooled["std"]), fmt(pooled["min"]),
+          fmt(pooled["max"])],
+         ["cos_pair_mean (mean of per-pair means)", fmt(pair["mean"]), fmt(pair["std"]), fmt(pair["min"]),
+          fmt(pair["max"])]],
+    ), "", f"Pooled cosine median (from the 200-bin histogram): {fmt(pooled.get('median_hist'))}.", ""]
+
+    out += ["## Hidden-state acceptance (cos > τ)", ""]
+    rows = []
+    for t, rate in m["accept"].items():
+        c = m["consecutive"][t]
+        rows.append([t, fmt(rate, pct=True), fmt(c["mean"], digits=2), fmt(c["std"], digits=2),
+                     fmt(c["median"], digits=1), fmt(c["max"], digits=0)])
+    out += [_table(["τ", "accept@τ", "consecutive from 0: mean", "std", "median", "max"], rows), ""]
+
+    tok = m.get("token")
+    out += ["## Token metrics (target LM head)", ""]
+    if tok:
+        ref = {"target_response_ids": "the target's stored response token ids",
+               "argmax_target_lm_head": "argmax of the LM head on the target row (no stored ids)",
+               "mixed": "stored ids where present, else argmax of the target row"}.get(tok["reference"], tok["reference"])
+        out += [_table(["metric", "value"], [
+            ["top-1 (pred argmax == target's next token)", fmt(tok["top1"], pct=True)],
+            ["top-5", fmt(tok["top5"], pct=True)],
+            ["top-10", fmt(tok["top10"], pct=True)],
+            ["argmax_agreement (argmax W·pred == argmax W·target)", fmt(tok["argmax_agreement"], pct=True)],
+            ["token consecutive from 0: mean / median / max",
+             f"{fmt(tok['consecutive']['mean'], digits=2)} / {fmt(tok['consecutive']['median'], digits=1)} / "
+             f"{fmt(tok['consecutive']['max'], digits=0)}"],
+            ["reference token", ref],
+            ["target self-match (argmax W·target == stored id)", fmt(tok["target_lm_head_self_match"], pct=True)],
+        ]), ""]
+    else:
+        out += ["No target LM head in the store: token metrics omitted; acceptance lengths below use the "
+                "hidden-state proxy.", ""]
+
+    basis = m.get("acc_len_basis")
+    out += ["## Acceptance length per draft window γ", ""]
+    if basis:
+        al = m["acceptance_length"][basis]
+        out += [f"Basis: `{basis}`. *sim* = SpecForge Σ_k Π_(j<k) p_j from per-position rates; *empirical* = "
+                "mean over pairs of min(γ, leading run from position 0); *rounds* = simulated SD rounds over the "
+                "whole response (draft from the first unverified position, accept the matching run, +1 "
+                "target token), mean accepted per full-window round.", ""]
+        rows = [[g, fmt(al["sim"][g], digits=3), fmt(al["empirical"][g], digits=3), fmt(al["rounds"][g], digits=3),
+                 fmt(al["tokens_per_round"][g], digits=3), al["rounds_counted"][g]] for g in al["sim"]]
+        out += [_table(["γ", "sim", "empirical", "rounds", "tokens/round (all rounds)", "full rounds"], rows), ""]
+
+    out += ["## Expected speedup", ""]
+    sp = m.get("speedup") or {}
+    if sp.get("by_gamma"):
+        tm = sp["timing"]
+        out += [f"{sp.get('note', '')}. Acceptance basis: `{sp['basis']}`. Timing (ms): drafter prefill "
+                f"{tm['drafter_prefill_ms']}, drafter step {tm['drafter_step_ms']}, target prefill "
+                f"{tm['target_prefill_ms']}, target step {tm['target_step_ms']}, verify/token "
+                f"{tm['verify_ms_per_token']}, adapter {tm['adapter_ms']}; output tokens {tm['output_tokens']}.", ""]
+        rows = []
+        for g, d in sp["by_gamma"].items():
+            sim = (sp.get("by_gamma_sim") or {}).get(g)
+            if d is None:
+                rows.append([g, "—", "—", "—", "—", "—", fmt(sim["e2e_speedup"], digits=3) if sim else "—"])
+                continue
+            rows.append([g, fmt(d["acceptance_length"], digits=3), fmt(d["round_ms"], digits=2),
+                         fmt(d["sd_ms_per_token"], digits=2), fmt(d["decode_speedup"], digits=3),
+                         fmt(d["e2e_speedup"], digits=3), fmt(sim["e2e_speedup"], digits=3) if sim else "—"])
+        out += [_table(["γ", "acc len", "round ms", "SD ms/token", "decode speedup", "e2e speedup",
+                        "e2e speedup (sim acc len)"], rows), ""]
+    else:
+        out += [sp.get("note", "speedup omitted: no timing given"), ""]
+
+    out += ["## Per position (first 20)", ""]
+    pp = m["per_position"]
+    taus = list(pp["accept"])
+    header = ["t", "pairs", "mean cos"] + [f"acc@{t}" for t in taus]
+    if "token_top1" in pp:
+        header.append("token top-1")
+    rows = []
+    for i in pp["position"][:20]:
+        r = [i, pp["count"][i], fmt(pp["cos_mean"][i])] + [fmt(pp["accept"][t][i], pct=True) for t in taus]
+        if "token_top1" in pp:
+            r.append(fmt(pp["token_top1"][i], pct=True))
+        rows.append(r)
+    out += [_table(header, rows), ""]
+    out += ["![summary](metrics_summary.png)", "", "![per position](per_position.png)", ""]
+    return "\n".join(out)
+
+
+def write_report(m: dict[str, Any], out_url: str, storage_options: dict | None = None) -> str:
+    return _write_text(join(out_url, "report.md"), render_report(m), storage_options)
+
+
+# --------------------------------------------------------------------------------------------------
+COMPARE_COLUMNS: list[tuple[str, str, bool]] = [
+    ("cos_pooled", "cos_pooled", False),
+    ("cos_pair_mean", "cos_pair_mean", False),
+    ("accept@0.90", "accept@0.90", True),
+    ("token_top1", "top-1", True),
+    ("token_top5", "top-5", True),
+    ("acc_len_sim_gamma5", "acc_len sim γ=5", False),
+    ("acc_len_rounds_gamma5", "acc_len rounds γ=5", False),
+    ("speedup_e2e_gamma5", "e2e speedup γ=5", False),
+]
+
+
+def comparison_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for i, m in enumerate(results):
+        s = m.get("summary", m)
+        row = {"name": m.get("name") or f"run{i}"}
+        for key, _, _ in COMPARE_COLUMNS:
+            row[key] = s.get(key)
+        row["acc_len_basis"] = s.get("acc_len_basis")
+        row["speedup_basis"] = s.get("speedup_basis")
+        row["n_pairs"] = s.get("n_pairs")
+        row["store_fingerprint"] = (m.get("inputs") or {}).get("store_fingerprint")
+        rows.append(row)
+    return rows
+
+
+def compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: dict | None = None) -> str:
+    """Write ``comparison.md`` and ``comparison.json`` (one row per run) under ``out_url``; return the markdown."""
+    rows = comparison_rows(results)
+    header = ["run"] + [label for _, label, _ in COMPARE_COLUMNS] + ["pairs", "acc-len basis"]
+    table = [[r["name"]] + [fmt(r[k], pct=pct, digits=3) for k, _, pct in COMPARE_COLUMNS]
+             + [fmt(r["n_pairs"]), r["acc_len_basis"] or "—"] for r in rows]
+    md = ["# Comparison", "", _table(header, table), ""]
+    stores = {r["store_fingerprint"] for r in rows}
+    if len(stores) > 1:
+        md += ["> **Note:** the runs were evaluated on different stores (fingerprints "
+               + ", ".join(f"`{s}`" for s in sorted(map(str, stores))) + "); their numbers are not comparable.", ""]
+    md += ["*sim* = SpecForge simulated acceptance length from per-position rates (from position 0); *rounds* = "
+           "simulated SD rounds over the whole response; speedup uses the rounds acceptance length and the "
+           "measured timing (— when no timing was given).", ""]
+    text = "\n".join(md)
+    _write_text(join(out_url, "comparison.md"), text, storage_options)
+    _write_text(join(out_url, "comparison.json"), json.dumps({"runs": rows}, indent=2), storage_options)
+    return text

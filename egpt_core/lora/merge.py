@@ -1,0 +1,90 @@
+"""Merge an L6 LoRA into the drafter and write a plain EventGPT checkpoint.
+
+The base is loaded in full precision (bf16/fp16/fp32 — never 4-bit: merging into NF4 weights would
+need dequantise-merge-requantise and adds rounding), the adapter is merged with peft's
+``merge_and_unload`` and the result is saved in the same on-disk format the loader reads:
+``config.json`` (``model_type`` ``EventChat_llama``), safetensors weights without the visual tower,
+the CLIP tower directory copied beside them (``mm_visual_tower`` names it) and the tokenizer. So
+``load_eventgpt(out_dir)`` loads it and ``egpt extract --mode retf --drafter OUT`` re-extracts rows.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+from egpt_core.config import ModelLoadConfig
+from egpt_core.errors import ConfigError
+from egpt_core.fingerprint import dir_fingerprint
+from egpt_core.lora import checkpoint as ck
+
+EXPORT_FORMAT = "egpt-lora-merged/1"
+
+
+def resolve_adapter_dir(lora_dir: str, storage_options: dict | None = None) -> Path:
+    """A local peft adapter directory for ``lora_dir`` (an adapter dir, or a run dir -> its best/)."""
+    local = ck.local_dir(lora_dir, storage_options)
+    if (local / "adapter_config.json").is_file():
+        return local
+    for sub in ("best", "adapter"):
+        if (local / sub / "adapter_config.json").is_file():
+            return local / sub
+    raise ConfigError(f"{lora_dir} is not a peft adapter directory (no adapter_config.json, no best/ or adapter/)")
+
+
+def _base_dtype(base_dir: Path) -> str:
+    raw = json.loads((base_dir / "config.json").read_text())
+    dt = str(raw.get("dtype") or raw.get("torch_dtype") or "float32")
+    return dt if dt in ("float32", "bfloat16", "float16") else "float32"
+
+
+def export_drafter(lora_dir: str, out_dir: str, base: str | None = None, dtype: str | None = None,
+                   storage_options: dict | None = None) -> str:
+    """Merge the LoRA at ``lora_dir`` into ``base`` (default: the drafter it was trained on) -> ``out_dir``.
+
+    ``dtype`` defaults to the base checkpoint's dtype. Returns ``out_dir``.
+    """
+    from peft import PeftModel
+
+    from egpt_core.models import load_eventgpt
+    from egpt_core.models.loading import _find_clip_dir, local_checkpoint
+
+    adapter = resolve_adapter_dir(lora_dir, storage_options)
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    prov_path = adapter / "egpt_lora.json"
+    prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    base = base or prov.get("drafter") or acfg.get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{lora_dir}: no base drafter recorded; pass base")
+    base_dir = local_checkpoint(base, storage_options)
+    dtype = dtype or _base_dtype(base_dir)
+    double = bool((prov.get("events") or {}).get("double_feature_adaptor", False))
+    drafter = load_eventgpt(str(base_dir), ModelLoadConfig(dtype=dtype, quant="none", device="cpu"),
+                            double_adaptor=double)
+    with warnings.catch_warnings():  # peft still asks transformers 5 for is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = PeftModel.from_pretrained(drafter.model, str(adapter), is_trainable=False)
+        merged = peft_model.merge_and_unload()
+    merged.eval()
+
+    raw_cfg = json.loads((base_dir / "config.json").read_text())
+    clip_src = _find_clip_dir(base_dir, raw_cfg.get("mm_visual_tower"), None)
+    clip_name = Path(str(raw_cfg.get("mm_visual_tower") or clip_src.name)).name
+
+    tmp = ck.staging_dir(out_dir)
+    merged.config.clip_config = None  # the tower is read from its own directory, as in the base
+    merged.config.mm_visual_tower = clip_name
+    sd = {k: v.contiguous() for k, v in merged.state_dict().items() if not k.startswith("model.visual_tower.")}
+    merged.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+    shutil.copytree(clip_src, tmp / clip_name, dirs_exist_ok=True)
+    drafter.tokenizer.save_pretrained(str(tmp))
+    ck.write_json(str(tmp / "egpt_export.json"), {
+        "format": EXPORT_FORMAT, "base": str(base), "lora": str(lora_dir),
+        "adapter_fingerprint": dir_fingerprint(str(adapter), suffixes=(".json", ".safetensors")),
+        "dtype": dtype, "lora_provenance": prov,
+    })
+    ck.put_dir(tmp, out_dir, storage_options)
+    del merged, peft_model
+    return str(out_dir)

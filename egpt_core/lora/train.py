@@ -1,0 +1,790 @@
+"""Stage 3b — L6: LoRA on the drafter's decoder so its teacher-forced rows approach the target's rows.
+
+Per pair the drafter runs teacher-forced over its stored prompt ids (with the -200 event sentinel)
+and the response ids it was fed at extraction (shared_prefix: the target's tokens), with the scene's
+cached event features. Rows are taken by the position convention (`EventGPTDrafter.tf_hidden` +
+`gather_rows`: row t = position P-1+t, the state that predicts g_t) — not the research "last T
+positions" slice (bug B3). The loss compares them with the stored target rows:
+
+    loss = mse_weight * MSE + cos_weight * (1 - cos) + ce_weight * CE(W_target · row_t, g_t)
+
+with W_target the frozen target LM head from the store and g_t the target's token t (exactly
+aligned). LoRA (peft) adapts only the language model's q/k/v/o projections, selected by a module
+path regex, so the CLIP tower carries none (bug B8); the reported trainable count is the number of
+parameters that actually received a gradient in the first backward.
+
+Run directory (``cfg.out``): ``config.json`` (written at start), ``checkpoint/`` (resume point, each
+epoch), ``best/`` and ``adapter/`` (peft ``save_pretrained`` folders, safetensors; best val loss and
+final), ``history.json``, ``training_curves.png``, ``metrics.json``, ``features/`` (event features
+the store's cache lacked).
+
+Data parallel: launched under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes a strided share of
+every accumulation group's micro-batches, LoRA gradients are summed with ``all_reduce`` before the
+optimizer step (gloo on CPU, nccl on CUDA) and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import random
+import re
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from egpt_core.config import EventRenderConfig, LoraTrainConfig
+from egpt_core.errors import ConfigError
+from egpt_core.fingerprint import hash_json
+from egpt_core.fsio import join, redact
+from egpt_core.lora import checkpoint as ck
+from egpt_core.models.positions import POSITION_CONVENTION, gather_rows
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+#: LoRA targets: the language model's attention projections only (module path, matched in full).
+DECODER_ATTN_REGEX = r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"
+#: where a LoRA layer may live once peft has wrapped the model
+_LORA_PLACEMENT = re.compile(r"(base_model\.model\.)?model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj")
+TAUS = (0.80, 0.85, 0.90, 0.95)
+_SUM_KEYS = ("n", "sq", "cos", "ce", "match", *(f"acc{int(round(t * 100))}" for t in TAUS))
+
+
+def accept_key(tau: float) -> str:
+    return f"accept_{int(round(tau * 100))}"
+
+
+# --------------------------------------------------------------------------------------------------
+# result
+# --------------------------------------------------------------------------------------------------
+class LoraResult(BaseModel):
+    """What an L6 run produced (small: safe to return from a Prefect task)."""
+
+    out: str
+    adapter_dir: str
+    best_dir: str
+    best_epoch: int
+    best_val_loss: float
+    initial_val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    trainable_params: int
+    declared_trainable_params: int
+    lora_modules: int
+    n_train_pairs: int
+    n_val_pairs: int
+    metrics: dict[str, Any]
+    resumed_from_epoch: int | None = None
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class LoraSample:
+    """One ok pair: what the drafter is fed and what its rows are compared with."""
+
+    pair_id: str
+    scene_id: str
+    question: str
+    prompt_ids: list[int]  # drafter prompt, with the -200 sentinel
+    fed_ids: list[int]  # response ids the drafter is teacher-forced on (g_0..g_{L-1})
+    target_ids: list[int]  # target token t <-> row t
+    length: int
+    src: int = 0  # index of the store it came from (0 = train store, 1 = val store)
+
+
+def load_samples(reader, pair_ids: Sequence[str] | None = None, src: int = 0, drafter=None) -> list[LoraSample]:
+    """Ok pairs of a store (all, or ``pair_ids`` in that order) with their token ids."""
+    cols = ["pair_id", "scene_id", "question", "drafter_prompt_ids", "drafter_response_ids",
+            "target_response_ids", "length"]
+    rows = {r["pair_id"]: r for r in reader.pairs(status="ok", columns=cols).to_pylist()}
+    ids = list(rows) if pair_ids is None else list(pair_ids)
+    out = []
+    for pid in ids:
+        r = rows[pid]
+        n = int(r["length"])
+        prompt = list(r["drafter_prompt_ids"] or [])
+        if not prompt:
+            if drafter is None:
+                raise ConfigError(f"pair {pid} in {reader.url} has no drafter prompt ids")
+            prompt = drafter.prompt_ids(r["question"])
+        fed = list(r["drafter_response_ids"] or [])[:n]
+        tgt = list(r["target_response_ids"] or [])[:n]
+        if len(fed) < n or len(tgt) < n:
+            raise ConfigError(f"pair {pid} in {reader.url}: {len(fed)} drafter / {len(tgt)} target token ids for "
+                              f"{n} rows; L6 needs the token ids persisted at extraction (bug B4)")
+        out.append(LoraSample(pid, r["scene_id"], r["question"], prompt, fed, tgt, n, src))
+    return out
+
+
+def split_by_scene(samples: Sequence[LoraSample], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of sample indices by scene: no scene on both sides."""
+    scenes = sorted({s.scene_id for s in samples})
+    if len(scenes) < 2:
+        raise ConfigError(f"a seeded val split needs >= 2 scenes, the store has {len(scenes)}; set val_store")
+    rng = random.Random(seed)
+    rng.shuffle(scenes)
+    n_val = min(len(scenes) - 1, max(1, round(len(scenes) * val_fraction)))
+    val_scenes = set(scenes[:n_val])
+    train = [i for i, s in enumerate(samples) if s.scene_id not in val_scenes]
+    val = [i for i, s in enumerate(samples) if s.scene_id in val_scenes]
+    return train, val
+
+
+class _FeatureCache:
+    """`get_features`/`put_features` over the stores' caches (read-only) and the run's own cache."""
+
+    def __init__(self, readers: Sequence, run_url: str | None, storage_options: dict | None, write: bool):
+        self.readers, self.run_url, self.so, self.write = list(readers), run_url, storage_options, write
+        self._mem: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get_features(self, key: str) -> dict[str, torch.Tensor] | None:
+        if key in self._mem:
+            return self._mem[key]
+        for r in self.readers:
+            got = r.get_features(key)
+            if got is not None:
+                return got
+        if self.run_url:
+            data = ck.read_bytes(join(self.run_url, "features", f"{key}.safetensors"), self.so)
+            if data is not None:
+                from safetensors.torch import load
+
+                return dict(load(data))
+        return None
+
+    def put_features(self, key: str, tensors, metadata=None) -> None:
+        if isinstance(tensors, torch.Tensor):
+            tensors = {"features": tensors}
+        if self.run_url and self.write:
+            from safetensors.torch import save
+
+            ck.write_bytes(join(self.run_url, "features", f"{key}.safetensors"),
+                           save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}), self.so)
+        else:
+            self._mem[key] = {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+class FeatureSource:
+    """Pooled event features per scene, keyed exactly as extraction keys them.
+
+    Lookup order: the stores' ``features/`` caches, the run's ``features/``, else computed from the
+    dataset (`egpt_core.extraction.features.scene_features`) and cached in the run directory. Loaded
+    features are kept in a small LRU.
+    """
+
+    def __init__(self, drafter, render: EventRenderConfig, readers: Sequence, dataset_urls: Sequence[str],
+                 run_url: str | None = None, storage_options: dict | None = None, write: bool = True,
+                 lru: int = 64):
+        self.drafter, self.render, self.so = drafter, render, storage_options
+        self.cache = _FeatureCache(readers, run_url, storage_options, write)
+        self.dataset_urls = [u for u in dict.fromkeys(dataset_urls) if u]
+        self._scenes: dict[str, Any] | None = None
+        self._keys: dict[str, str] = {}
+        self._lru: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lru_size = lru
+        self.stats: dict[str, int] = {}
+
+    def _scene(self, scene_id: str):
+        from egpt_core.data import load_scenes
+
+        if self._scenes is None:
+            self._scenes = {}
+            problems = []
+            for url in self.dataset_urls:
+                try:
+                    for s in load_scenes(url, self.so):
+                        self._scenes.setdefault(s.scene_id, s)
+                except Exception as exc:  # an unreadable dataset: try the next, report below
+                    problems.append(f"{url}: {exc}")
+            if not self._scenes:
+                raise ConfigError("L6 needs the dataset to key/compute event features; none readable "
+                                  f"(tried {self.dataset_urls or 'nothing: set dataset'}; {problems})")
+        if scene_id not in self._scenes:
+            raise ConfigError(f"scene {scene_id!r} is not in the dataset(s) {self.dataset_urls}; set dataset")
+        return self._scenes[scene_id]
+
+    def get(self, scene_id: str) -> torch.Tensor:
+        from egpt_core.extraction.features import feature_key, scene_features
+
+        if scene_id in self._lru:
+            self._lru.move_to_end(scene_id)
+            return self._lru[scene_id]
+        scene = self._scene(scene_id)
+        if scene_id not in self._keys:
+            self._keys[scene_id] = feature_key(scene, self.drafter, self.render, self.so)
+        got = self.cache.get_features(self._keys[scene_id])
+        if got is not None:
+            feats = got["features"].float()
+            self.stats["cached"] = self.stats.get("cached", 0) + 1
+        else:
+            feats = scene_features(scene, self.drafter, self.render, self.cache, self.so).float()
+            self.stats["computed"] = self.stats.get("computed", 0) + 1
+        self._lru[scene_id] = feats
+        while len(self._lru) > self._lru_size:
+            self._lru.popitem(last=False)
+        return feats
+
+
+# --------------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------------
+def lora_modules(model) -> list[str]:
+    """Names of the modules that carry a LoRA adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    return [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def check_lora_placement(model) -> list[str]:
+    """Every LoRA module must be a decoder-layer q/k/v/o projection (never the CLIP tower, bug B8)."""
+    names = lora_modules(model)
+    bad = [n for n in names if not _LORA_PLACEMENT.fullmatch(n)]
+    if bad or not names:
+        raise ConfigError(f"LoRA modules outside the decoder's q/k/v/o projections: {bad[:5]}" if bad
+                          else "no LoRA module was created (target regex matched nothing)")
+    return names
+
+
+def expected_trainable_params(model_config, rank: int) -> int:
+    """layers x sum over q/k/v/o of r * (d_in + d_out)."""
+    d = model_config.hidden_size
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or d // heads
+    kv = getattr(model_config, "num_key_value_heads", None) or heads
+    q, kvd, o = (d, heads * head_dim), (d, kv * head_dim), (heads * head_dim, d)
+    per_layer = sum(rank * (a + b) for a, b in (q, kvd, kvd, o))
+    return model_config.num_hidden_layers * per_layer
+
+
+def apply_lora(drafter, cfg: LoraTrainConfig):
+    """Freeze the drafter, prepare it for k-bit training when quantised, add decoder-only LoRA.
+
+    Returns the peft model; ``drafter.model`` is modified in place (LoRA layers injected), so the
+    drafter's own TF forward (`tf_hidden`) runs through the adapters.
+    """
+    model = drafter.model
+    model.requires_grad_(False)
+    gc_kwargs = {"use_reentrant": False}
+    with warnings.catch_warnings():  # transformers 5 renamed gradient -> activation checkpointing; peft uses the old names
+        warnings.simplefilter("ignore", FutureWarning)
+        return _apply_lora(model, cfg, gc_kwargs)
+
+
+def _apply_lora(model, cfg: LoraTrainConfig, gc_kwargs: dict):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.load.quant == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    if cfg.gradient_checkpointing and not getattr(model, "is_activation_checkpointing", False):
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if cfg.gradient_checkpointing:
+        # the embedding is frozen: make the spliced inputs_embeds require grad under checkpointing
+        model.enable_input_require_grads()
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=DECODER_ATTN_REGEX)
+    torch.manual_seed(cfg.seed)  # LoRA A init
+    peft_model = get_peft_model(model, lcfg)
+    peft_model.peft_config["default"].base_model_name_or_path = cfg.drafter
+    check_lora_placement(peft_model)
+    return peft_model
+
+
+def trainable_parameters(peft_model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+
+
+def param_groups(named: Sequence[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for n, p in named:
+        (no_decay if (p.ndim < 2 or n.endswith(".bias") or "norm" in n.lower()) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, warmup: int, base: float, min_lr: float) -> float:
+    """Linear warmup over ``warmup`` optimizer steps, then cosine from ``base`` to ``min_lr``."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------------
+# forward + loss
+# --------------------------------------------------------------------------------------------------
+def tf_rows(drafter, samples: Sequence[LoraSample], features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Teacher-forced drafter rows [L_i, D] (grad-enabled) by the position convention."""
+    hidden, starts, plens = drafter.tf_hidden([s.prompt_ids for s in samples], [s.fed_ids for s in samples],
+                                              list(features))
+    return gather_rows(hidden, starts, plens, [s.length for s in samples])
+
+
+def loss_and_sums(pred: torch.Tensor, target: torch.Tensor, target_ids: torch.Tensor,
+                  lm_head: torch.Tensor | None, cfg: LoraTrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """pred/target [N, D] (rows of all pairs, concatenated), target_ids [N].
+
+    Returns the micro-batch loss (means over its positions) and pooled sums for metrics.
+    """
+    pred = pred.float()
+    n = pred.shape[0]
+    sq = (pred - target).pow(2).sum()
+    cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
+    loss = cfg.mse_weight * sq / (n * pred.shape[1]) + cfg.cos_weight * (1.0 - cos.mean())
+    sums = {"n": torch.tensor(float(n)), "sq": sq.detach().cpu(), "cos": cos.detach().sum().cpu()}
+    for tau in TAUS:
+        sums[f"acc{int(round(tau * 100))}"] = (cos.detach() > tau).sum().float().cpu()
+    if lm_head is not None:
+        logits = pred @ lm_head.t()
+        ce = F.cross_entropy(logits, target_ids, reduction="sum")
+        if cfg.ce_weight:
+            loss = loss + cfg.ce_weight * ce / n
+        sums["ce"] = ce.detach().cpu()
+        sums["match"] = (logits.detach().argmax(-1) == target_ids).sum().float().cpu()
+    else:
+        sums["ce"] = torch.tensor(float("nan"))
+        sums["match"] = torch.tensor(float("nan"))
+    return loss, sums
+
+
+def summarize(sums: dict[str, float], cfg: LoraTrainConfig, d: int) -> dict[str, float]:
+    """Pooled-over-positions metrics from summed parts."""
+    n = max(float(sums["n"]), 1.0)
+    mse = float(sums["sq"]) / (n * d)
+    cos = float(sums["cos"]) / n
+    ce = float(sums["ce"]) / n
+    out = {"loss": cfg.mse_weight * mse + cfg.cos_weight * (1.0 - cos) + (cfg.ce_weight * ce if cfg.ce_weight else 0.0),
+           "mse": mse, "cos_loss": 1.0 - cos, "cos_sim": cos, "ce": ce, "token_match": float(sums["match"]) / n,
+           "positions": int(n)}
+    for tau in TAUS:
+        out[accept_key(tau)] = float(sums[f"acc{int(round(tau * 100))}"]) / n
+    return out
+
+
+def _zero_sums() -> dict[str, torch.Tensor]:
+    return {k: torch.zeros((), dtype=torch.float64) for k in _SUM_KEYS}
+
+
+def _add(acc: dict[str, torch.Tensor], s: dict[str, torch.Tensor]) -> None:
+    for k in _SUM_KEYS:
+        acc[k] += s[k].double()
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed
+# --------------------------------------------------------------------------------------------------
+class _Dist:
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, owns: bool = False):
+        self.rank, self.world, self.local_rank, self.owns = rank, world, local_rank, owns
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def setup(cls) -> _Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        owns = False
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(local)
+            dist.init_process_group(backend=backend)
+            owns = True
+        return cls(rank, world, local, owns)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+    def broadcast_object(self, obj):
+        if self.world <= 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def teardown(self) -> None:
+        if self.owns:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------------------
+def plot_curves(history: list[dict[str, Any]], url: str, storage_options: dict | None = None,
+                initial_val: dict[str, float] | None = None) -> None:
+    """training_curves.png: loss parts, cosine, accept@tau and token match per epoch (epoch 0 = untrained)."""
+    if not history:
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    ep = [h["epoch"] for h in history]
+    val_ep, val = ep, history
+    if initial_val:
+        val_ep, val = [0, *ep], [{f"val_{k}": v for k, v in initial_val.items()}, *history]
+    fig = Figure(figsize=(16, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots(1, 4)
+    ax[0].plot(ep, [h["train_loss"] for h in history], label="train loss")
+    ax[0].plot(val_ep, [h["val_loss"] for h in val], label="val loss")
+    ax[0].plot(val_ep, [h["val_mse"] for h in val], "--", label="val mse")
+    ax[0].plot(val_ep, [h["val_ce"] for h in val], ":", label="val ce")
+    for side, xs, hs in (("train", ep, history), ("val", val_ep, val)):
+        ax[1].plot(xs, [h[f"{side}_cos_sim"] for h in hs], label=side)
+        ax[3].plot(xs, [h[f"{side}_token_match"] for h in hs], label=side)
+    for tau in TAUS:
+        ax[2].plot(val_ep, [h[f"val_{accept_key(tau)}"] for h in val], label=f"cos > {tau:.2f}")
+    titles = ("loss", "cosine similarity (pooled)", "val accept@tau (pooled)", "token match (target LM head)")
+    for a, t in zip(ax, titles):
+        a.set_title(t)
+        a.set_xlabel("epoch (0 = untrained LoRA)")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    ax[2].set_ylim(0, 1)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    ck.write_bytes(url, buf.getvalue(), storage_options)
+
+
+def save_adapter(peft_model, url: str, provenance: dict[str, Any], storage_options: dict | None = None) -> None:
+    """peft ``save_pretrained`` (safetensors) + ``egpt_lora.json`` into the directory ``url``."""
+    tmp = ck.staging_dir(url)
+    peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    ck.write_json(str(tmp / "egpt_lora.json"), provenance)
+    ck.put_dir(tmp, url, storage_options)
+
+
+_NON_SEMANTIC = {"out", "storage_options", "epochs"}
+
+
+def config_fingerprint(cfg: LoraTrainConfig) -> str:
+    """What a resumed run must share with the checkpoint it continues (epochs may be raised)."""
+    return hash_json(cfg.model_dump(mode="json", exclude=_NON_SEMANTIC))
+
+
+def _safe_dump(cfg: LoraTrainConfig) -> dict[str, Any]:
+    dump = cfg.model_dump(mode="json")
+    dump["storage_options"] = redact(dump.get("storage_options"))
+    return dump
+
+
+# --------------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------------
+def train_lora(cfg: LoraTrainConfig, progress: Progress | None = None, resume: bool = True) -> LoraResult:
+    """Train an L6 LoRA on the drafter from a store; resumes from ``cfg.out/checkpoint`` when present."""
+    ctx = _Dist.setup()
+    try:
+        return _Trainer(cfg, progress, resume, ctx).run()
+    finally:
+        ctx.teardown()
+
+
+class _Trainer:
+    def __init__(self, cfg: LoraTrainConfig, progress: Progress | None, resume: bool, ctx: _Dist):
+        self.cfg, self.progress, self.resume, self.ctx = cfg, progress, resume, ctx
+        self.so = cfg.storage_options
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _open(self):
+        from egpt_core.store import StoreReader
+
+        cfg = self.cfg
+        self.reader = StoreReader(cfg.store, self.so)
+        self.val_reader = StoreReader(cfg.val_store, self.so) if cfg.val_store else None
+        readers = [self.reader] + ([self.val_reader] if self.val_reader else [])
+        d = self.reader.hidden_size
+        if self.val_reader is not None and self.val_reader.hidden_size != d:
+            raise ConfigError(f"val store hidden size {self.val_reader.hidden_size} != train store {d}")
+        self.readers = readers
+        meta = self.reader.meta
+        conv = meta.get("position_convention")
+        if conv and conv != POSITION_CONVENTION:
+            raise ConfigError(f"store {cfg.store} uses position convention {conv!r}, not {POSITION_CONVENTION!r}")
+        self.render = EventRenderConfig(**(meta.get("events") or {}))
+        if self.val_reader is not None:
+            vr = EventRenderConfig(**(self.val_reader.meta.get("events") or {}))
+            if vr != self.render:
+                raise ConfigError("train and val stores render events differently; their features are not comparable")
+
+    def _load_model(self):
+        from egpt_core.models import load_eventgpt
+
+        load = self.cfg.load
+        if self.ctx.world > 1 and torch.cuda.is_available():
+            load = load.model_copy(update={"device": f"cuda:{self.ctx.local_rank}"})
+        self.drafter = load_eventgpt(self.cfg.drafter, load, double_adaptor=self.render.double_feature_adaptor,
+                                     storage_options=self.so)
+        if self.drafter.hidden_size != self.reader.hidden_size:
+            raise ConfigError(f"drafter hidden size {self.drafter.hidden_size} != store hidden size "
+                              f"{self.reader.hidden_size}")
+        self.device = self.drafter.device
+
+    def _data(self):
+        cfg = self.cfg
+        train = load_samples(self.reader, src=0, drafter=self.drafter)
+        if self.val_reader is not None:
+            val = load_samples(self.val_reader, src=1, drafter=self.drafter)
+            overlap = {s.scene_id for s in train} & {s.scene_id for s in val}
+            if overlap:
+                log.warning("%d scene(s) are in both the train and the val store (e.g. %s)", len(overlap),
+                            sorted(overlap)[0])
+        else:
+            ti, vi = split_by_scene(train, cfg.val_fraction, cfg.seed)
+            train, val = [train[i] for i in ti], [train[i] for i in vi]
+        if not train or not val:
+            raise ConfigError(f"L6 needs train and val pairs (have {len(train)} / {len(val)} ok pairs)")
+        self.train, self.val = train, val
+        vocab = self.drafter.model.get_input_embeddings().num_embeddings
+        for s in train + val:
+            if max(s.fed_ids) >= vocab:
+                raise ConfigError(f"pair {s.pair_id}: a fed token id is outside the drafter vocabulary ({vocab})")
+        self.lm_head = None
+        try:
+            self.lm_head = self.reader.lm_head().to(self.device, torch.float32)
+        except Exception as exc:
+            if cfg.ce_weight:
+                raise ConfigError(f"ce_weight={cfg.ce_weight} needs the target LM head in {cfg.store}: {exc}") from exc
+        if self.lm_head is not None and self.lm_head.shape[1] != self.reader.hidden_size:
+            raise ConfigError(f"LM head {tuple(self.lm_head.shape)} does not match hidden size {self.reader.hidden_size}")
+        dataset_urls = [cfg.dataset or "", self.reader.meta.get("dataset") or ""]
+        if self.val_reader is not None:
+            dataset_urls.append(self.val_reader.meta.get("dataset") or "")
+        self.features = FeatureSource(self.drafter, self.render, self.readers, dataset_urls,
+                                      run_url=cfg.out, storage_options=self.so, write=self.ctx.main)
+        # every scene's features before LoRA / k-bit preparation (same numerics as extraction)
+        for sid in dict.fromkeys(s.scene_id for s in train + val):
+            self.features.get(sid)
+
+    def _batch(self, samples: Sequence[LoraSample]):
+        feats = [self.features.get(s.scene_id) for s in samples]
+        tgt = torch.cat([self.readers[s.src].get(s.pair_id).target[: s.length].float() for s in samples])
+        ids = torch.tensor([t for s in samples for t in s.target_ids], dtype=torch.long)
+        return feats, tgt.to(self.device), ids.to(self.device)
+
+    def _forward(self, samples: Sequence[LoraSample]):
+        feats, tgt, ids = self._batch(samples)
+        rows = tf_rows(self.drafter, samples, feats)
+        return loss_and_sums(torch.cat(rows), tgt, ids, self.lm_head, self.cfg)
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.peft.eval()
+        acc = _zero_sums()
+        mb = self.cfg.micro_batch
+        batches = [self.val[i : i + mb] for i in range(0, len(self.val), mb)]
+        for b in batches[self.ctx.rank :: self.ctx.world]:
+            _, sums = self._forward(b)
+            _add(acc, sums)
+        vec = self.ctx.all_reduce(torch.stack([acc[k] for k in _SUM_KEYS]))
+        return summarize(dict(zip(_SUM_KEYS, vec.tolist())), self.cfg, self.reader.hidden_size)
+
+    # -- main --------------------------------------------------------------------------------------
+    def run(self) -> LoraResult:
+        t0 = time.perf_counter()
+        cfg, ctx = self.cfg, self.ctx
+        self._open()
+        state = None
+        if self.resume:
+            loaded = ck.load_checkpoint(cfg.out, self.so)
+            if loaded is not None:
+                state, lora_w, opt_t = loaded
+                if state.get("config_fingerprint") != config_fingerprint(cfg):
+                    raise ConfigError(f"{cfg.out} holds a checkpoint of a different L6 config; use a new out "
+                                      "directory (or resume=False to overwrite it)")
+        if ctx.main:
+            if state is None:  # a fresh start never continues a stale checkpoint left in cfg.out later
+                ck.remove(join(cfg.out, ck.CHECKPOINT_DIR, "state.json"), self.so)
+            ck.write_json(join(cfg.out, "config.json"), _safe_dump(cfg), self.so)
+        ctx.barrier()
+        self._load_model()
+        self._data()
+        self.peft = apply_lora(self.drafter, cfg)
+        named = trainable_parameters(self.peft)
+        params = [p for _, p in named]
+        self.declared = sum(p.numel() for p in params)
+        self.lora_names = lora_modules(self.peft)
+        opt = torch.optim.AdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr)
+
+        mb, ga = cfg.micro_batch, cfg.grad_accum
+        n_micro = math.ceil(len(self.train) / mb)
+        steps_per_epoch = math.ceil(n_micro / ga)
+        total_steps = steps_per_epoch * cfg.epochs
+        d = self.reader.hidden_size
+
+        resumed_from = None
+        if state is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.peft, lora_w)
+            ck.optimizer_from_flat(opt, opt_t, state["optimizer"])
+            ck.rng_from_flat(opt_t, state["rng"])
+            resumed_from = int(state["epoch"])
+            log.info("resuming %s after epoch %d", cfg.out, resumed_from)
+        else:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            initial = self.validate()
+            state = {"epoch": 0, "step": 0, "best_val_loss": initial["loss"], "best_epoch": 0, "bad_epochs": 0,
+                     "history": [], "initial_val": initial, "trainable_params": None, "done": False,
+                     "stopped_early": False, "config_fingerprint": config_fingerprint(cfg),
+                     "n_train": len(self.train), "n_val": len(self.val)}
+            if ctx.main:  # the untrained LoRA (B = 0) is the baseline "best"
+                self._save(self.peft, "best", state)
+        step = int(state["step"])
+        bar = tqdm(total=total_steps, initial=min(step, total_steps), desc="train-lora", unit="step",
+                   disable=None if ctx.main else True)
+        epoch = int(state["epoch"])
+        while not state["done"] and epoch < cfg.epochs:
+            epoch += 1
+            te = time.perf_counter()
+            self.peft.train()
+            order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+            micro = [[self.train[i] for i in order[j : j + mb].tolist()] for j in range(0, len(order), mb)]
+            groups = [micro[j : j + ga] for j in range(0, len(micro), ga)]
+            acc = _zero_sums()
+            for group in groups:
+                for mbatch in group[ctx.rank :: ctx.world]:
+                    loss, sums = self._forward(mbatch)
+                    (loss / len(group)).backward()
+                    _add(acc, sums)
+                    if state["trainable_params"] is None:
+                        state["trainable_params"] = sum(p.numel() for p in params if p.grad is not None)
+                if ctx.world > 1:
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        ctx.all_reduce(p.grad)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                lr = lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                if self.progress:
+                    self.progress(min(step / total_steps, 1.0), f"epoch {epoch}/{cfg.epochs} step {step}/{total_steps}")
+            tr_vec = ctx.all_reduce(torch.stack([acc[k] for k in _SUM_KEYS]))
+            train_m = summarize(dict(zip(_SUM_KEYS, tr_vec.tolist())), cfg, d)
+            val_m = self.validate()
+            entry = {"epoch": epoch, "step": step, "lr": lr, "seconds": round(time.perf_counter() - te, 3),
+                     **{f"train_{k}": v for k, v in train_m.items()}, **{f"val_{k}": v for k, v in val_m.items()}}
+            state["history"].append(entry)
+            state["epoch"], state["step"] = epoch, step
+            improved = val_m["loss"] < state["best_val_loss"]
+            if improved:
+                state.update(best_val_loss=val_m["loss"], best_epoch=epoch, bad_epochs=0)
+            else:
+                state["bad_epochs"] += 1
+            if state["bad_epochs"] >= cfg.early_stopping:
+                state.update(done=True, stopped_early=epoch < cfg.epochs)
+            if epoch >= cfg.epochs:
+                state["done"] = True
+            bar.set_postfix(loss=f"{train_m['loss']:.4f}", val=f"{val_m['loss']:.4f}", cos=f"{val_m['cos_sim']:.3f}")
+            if ctx.main:
+                if improved:
+                    self._save(self.peft, "best", state)
+                ck.write_json(join(cfg.out, "history.json"), state["history"], self.so)
+                plot_curves(state["history"], join(cfg.out, "training_curves.png"), self.so, state["initial_val"])
+                from peft import get_peft_model_state_dict
+
+                ck.save_checkpoint(cfg.out, get_peft_model_state_dict(self.peft), opt, state, self.so)
+            ctx.barrier()
+            if self.progress:
+                self.progress(min(step / total_steps, 1.0),
+                              f"epoch {epoch}/{cfg.epochs}: val loss {val_m['loss']:.4f} cos {val_m['cos_sim']:.3f}")
+        bar.close()
+        return self._finish(state, resumed_from, time.perf_counter() - t0)
+
+    def _provenance(self, state: dict) -> dict[str, Any]:
+        return {"format": ck.FORMAT, "drafter": self.cfg.drafter, "drafter_fingerprint": self.drafter.fingerprint,
+                "store": self.cfg.store, "store_fingerprint": self.reader.fingerprint,
+                "val_store": self.cfg.val_store, "events": self.render.model_dump(mode="json"),
+                "position_convention": POSITION_CONVENTION, "target_modules": DECODER_ATTN_REGEX,
+                "rank": self.cfg.rank, "alpha": self.cfg.alpha, "epoch": state["epoch"],
+                "trainable_params": state.get("trainable_params")}
+
+    def _save(self, peft_model, which: str, state: dict) -> None:
+        save_adapter(peft_model, join(self.cfg.out, which), self._provenance(state), self.so)
+
+    def _finish(self, state: dict, resumed_from: int | None, seconds: float) -> LoraResult:
+        cfg = self.cfg
+        hist = state["history"]
+        best = next((h for h in hist if h["epoch"] == state["best_epoch"]), None)
+        trainable = state.get("trainable_params")
+        if trainable is None:  # no step ran in this process: measure with one backward
+            self.peft.train()
+            loss, _ = self._forward(self.train[: cfg.micro_batch])
+            loss.backward()
+            trainable = sum(p.numel() for _, p in trainable_parameters(self.peft) if p.grad is not None)
+            self.peft.zero_grad(set_to_none=True)
+            state["trainable_params"] = trainable
+        metrics = {
+            "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"], "best": best,
+            "final": hist[-1] if hist else None, "initial_val": state["initial_val"],
+            "epochs_run": len(hist), "stopped_early": state["stopped_early"],
+            "trainable_params": trainable, "declared_trainable_params": self.declared,
+            "lora_modules": len(self.lora_names), "n_train_pairs": len(self.train), "n_val_pairs": len(self.val),
+            "train_scenes": len({s.scene_id for s in self.train}), "val_scenes": len({s.scene_id for s in self.val}),
+            "store_fingerprint": self.reader.fingerprint, "position_convention": POSITION_CONVENTION,
+            "features": dict(self.features.stats), "world_size": self.ctx.world,
+        }
+        if self.ctx.main:
+            self._save(self.peft, "adapter", state)
+            ck.write_json(join(cfg.out, "history.json"), hist, self.so)
+            plot_curves(hist, join(cfg.out, "training_curves.png"), self.so, state["initial_val"])
+            ck.write_json(join(cfg.out, "metrics.json"), metrics, self.so)
+        self.ctx.barrier()
+        return LoraResult(
+            out=cfg.out, adapter_dir=join(cfg.out, "adapter"), best_dir=join(cfg.out, "best"),
+            best_epoch=int(state["best_epoch"]), best_val_loss=float(state["best_val_loss"]),
+            initial_val_loss=float(state["initial_val"]["loss"]), epochs_run=len(hist),
+            stopped_early=bool(state["stopped_early"]), trainable_params=int(trainable),
+            declared_trainable_params=int(self.declared), lora_modules=len(self.lora_names),
+            n_train_pairs=len(self.train), n_val_pairs=len(self.val), metrics=metrics,
+            resumed_from_epoch=resumed_from, seconds=round(seconds, 3),
+        )
