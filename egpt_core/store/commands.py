@@ -1,0 +1,165 @@
+"""`egpt inspect` and `egpt import-research`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from egpt_core.errors import BadInputError, ConfigError, StoreError
+
+
+def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
+    """``k=v`` pairs -> dict; values are JSON when they parse (true, 3, {...}), else strings;
+    dotted keys nest (``client_kwargs.region_name=eu-west-1``)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--storage-option {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        try:
+            val: Any = json.loads(raw)
+        except ValueError:
+            val = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = val
+    return out
+
+
+def store_summary(url: str, storage_options: dict | None = None, verify: bool = False) -> dict:
+    """What `egpt inspect` reports, as a plain dict (manifest only, plus an optional verify)."""
+    from egpt_core.store.reader import StoreReader
+
+    r = StoreReader(url, storage_options)
+    m = r.manifest
+    meta = m["meta"]
+    out = {
+        "url": url,
+        "schema_version": m["schema_version"],
+        "fingerprint": m["fingerprint"],
+        "pairs": {**m["counts"], "total": m["totals"]["pairs"]},
+        "reasons": m.get("reasons", {}),
+        "shards": len(m["shards"]),
+        "rows": m["totals"]["rows"],
+        "tokens": m["totals"]["tokens"],
+        "bytes": m["totals"]["bytes"],
+        "dtype": meta.get("dtype"),
+        "hidden_size": meta.get("hidden_size"),
+        "mode": meta.get("mode"),
+        "position_convention": meta.get("position_convention"),
+        "compat_key": meta.get("compat_key"),
+        "models": meta.get("models"),
+        "model_fingerprints": meta.get("model_fingerprints"),
+        "dataset_fingerprint": meta.get("dataset_fingerprint"),
+        "config_fingerprint": meta.get("config_fingerprint"),
+        "notes": meta.get("notes"),
+        "lm_head": m.get("lm_head"),
+        "created": m.get("created"),
+        "updated": m.get("updated"),
+    }
+    if verify:
+        out["verify"] = r.verify(raise_on_error=False)
+    return out
+
+
+def _human(n: int) -> str:
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{x:.1f} {unit}" if unit != "B" else f"{int(x)} B"
+        x /= 1024
+    return str(n)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        s = store_summary(args.url, parse_storage_options(args.storage_option), verify=args.verify)
+    except (StoreError, ConfigError) as exc:
+        print(f"egpt inspect: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(s, indent=2, sort_keys=True))
+    else:
+        p = s["pairs"]
+        lines = [
+            f"store        {s['url']}",
+            f"fingerprint  {s['fingerprint']}  (schema v{s['schema_version']})",
+            f"pairs        {p['total']}: ok {p['ok']}, failed {p['failed']}, skipped {p['skipped']}",
+        ]
+        for reason, n in sorted(s["reasons"].items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {n:>8d}  {reason}")
+        lines += [
+            f"shards       {s['shards']}",
+            f"rows         {s['rows']}   tokens {s['tokens']}",
+            f"bytes        {s['bytes']} ({_human(s['bytes'])})",
+            f"dtype        {s['dtype']}   hidden size {s['hidden_size']}",
+            f"mode         {s['mode']}",
+            f"models       {json.dumps(s['models'])}",
+            f"fingerprints model {json.dumps(s['model_fingerprints'])} dataset {s['dataset_fingerprint']} "
+            f"config {s['config_fingerprint']}",
+            f"lm head      {'none' if not s['lm_head'] else str(s['lm_head']['shape']) + ' ' + s['lm_head']['dtype']}",
+            f"updated      {s['updated']}",
+        ]
+        if s.get("notes"):
+            lines.append(f"notes        {s['notes']}")
+        if "verify" in s:
+            v = s["verify"]
+            lines.append(f"verify       {v['files']} files, " + ("OK" if not v["problems"] else "; ".join(v["problems"])))
+        print("\n".join(lines))
+    if "verify" in s and s["verify"]["problems"]:
+        return 1
+    return 0
+
+
+def cmd_import_research(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from egpt_core.store.research_import import import_research
+
+    bar = tqdm(total=1000, desc="import-research", disable=args.quiet,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+    state = {"n": 0}
+
+    def progress(frac: float, msg: str) -> None:
+        n = int(round(frac * 1000))
+        if n > state["n"]:
+            bar.update(n - state["n"])
+            state["n"] = n
+        bar.set_postfix_str(msg)
+
+    try:
+        summary = import_research(
+            args.dir, args.url, parse_storage_options(args.storage_option), shard_size=args.shard_size,
+            dtype=args.dtype, lm_head_url=args.lm_head, progress=progress,
+        )
+    except (StoreError, ConfigError, BadInputError) as exc:
+        bar.close()
+        print(f"egpt import-research: {exc}", file=sys.stderr)
+        return 2
+    bar.close()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("inspect", help="summarise a hidden-state store (manifest only)")
+    p.add_argument("url", help="store URL (path, file://, memory://, s3://)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256 (reads all data)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="K=V",
+                   help="fsspec option, repeatable (e.g. endpoint_url=http://minio:9000, anon=true)")
+    p.set_defaults(func=cmd_inspect)
+
+    q = subparsers.add_parser("import-research", help="import research chunk_*.pt hidden states into a store")
+    q.add_argument("dir", help="research directory holding index.json and chunks/")
+    q.add_argument("url", help="store URL to create or extend")
+    q.add_argument("--shard-size", type=int, default=256, help="pairs per store shard (default 256)")
+    q.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="store dtype")
+    q.add_argument("--lm-head", default=None, help="research vl_lm_head.pt to store as the target LM head")
+    q.add_argument("--storage-option", action="append", default=[], metavar="K=V", help="fsspec option, repeatable")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_import_research)

@@ -1,0 +1,553 @@
+"""The store's manifest, schema, path safety, atomic writes and the commit lock (DESIGN.md §3.4).
+
+``manifest.json`` is the commit point of a store: a shard exists for readers only once the manifest
+names it. Everything here works on any fsspec filesystem; local disks get real atomic primitives
+(``O_CREAT|O_EXCL`` lock, write-to-temp + ``os.replace``), object stores get whole-object PUTs and a
+best-effort create-if-absent lock (a conditional PUT where the backend supports one).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+from egpt_core.errors import ConfigError, StoreError
+from egpt_core.fingerprint import hash_json
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+FORMAT = "egpt-hidden-state-store"
+MANIFEST = "manifest.json"
+LOCK = "_lock"
+LM_HEAD = "target_lm_head.safetensors"
+PAIRS_DIR = "pairs"
+TENSORS_DIR = "tensors"
+FEATURES_DIR = "features"
+TMP_MARK = ".tmp-"
+
+#: DESIGN.md §3.2, recorded in every manifest. Equal to egpt_core.models.positions.POSITION_CONVENTION
+#: (a test checks it); not imported from there because egpt_core.models pulls in transformers.
+POSITION_CONVENTION = "row t = final post-norm hidden state at input position P-1+t (predicts g_t)"
+
+#: Meta fields that define a store: a writer whose meta differs in one of them is refused.
+DEFINING_FIELDS = ("hidden_size", "dtype", "mode", "position_convention", "compat_key")
+
+STATUSES = ("ok", "failed", "skipped")
+
+#: One row per pair (CONTRACTS.md PairRecord) + the shard it lives in.
+PAIR_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("scene_id", pa.string()),
+        ("question_idx", pa.int64()),
+        ("question", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("drafter_prompt_ids", pa.list_(pa.int32())),
+        ("target_prompt_ids", pa.list_(pa.int32())),
+        ("drafter_response_ids", pa.list_(pa.int32())),
+        ("target_response_ids", pa.list_(pa.int32())),
+        ("drafter_text", pa.string()),
+        ("target_text", pa.string()),
+        ("length", pa.int64()),
+        ("row_offset", pa.int64()),
+        ("shard", pa.string()),
+    ]
+)
+PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
+TOKEN_COLUMNS = ("drafter_prompt_ids", "target_prompt_ids", "drafter_response_ids", "target_response_ids")
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+_CANON = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+#: safetensors header dtype codes of the dtypes a store may hold
+ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
+
+
+# ------------------------------------------------------------------------------------------------
+# small helpers
+# ------------------------------------------------------------------------------------------------
+def canonical_dtype(dtype: Any) -> str:
+    """'bfloat16' | 'float16' | 'float32' from a string alias or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _CANON:
+            return _CANON[dtype]
+    elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _CANON[_DTYPES[dtype.lower().removeprefix("torch.")]]
+    raise ConfigError(f"store dtype {dtype!r} is not supported; use 'bfloat16', 'float16' or 'float32'")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[canonical_dtype(name)]
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def shard_name(pair_ids: list[str]) -> str:
+    """Deterministic 12-hex shard name: the same pair set always gets the same name."""
+    return hashlib.sha256("\n".join(sorted(pair_ids)).encode()).hexdigest()[:12]
+
+
+def pairs_path(name: str) -> str:
+    return f"{PAIRS_DIR}/shard-{name}.parquet"
+
+
+def tensors_path(name: str) -> str:
+    return f"{TENSORS_DIR}/shard-{name}.safetensors"
+
+
+def features_path(key: str) -> str:
+    check_feature_key(key)
+    return f"{FEATURES_DIR}/{key}.safetensors"
+
+
+def check_feature_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY_RE.match(key) or ".." in key:
+        raise ValueError(
+            f"feature key {key!r} is not allowed: use 1-200 characters from [A-Za-z0-9._=-], "
+            "starting with a letter or digit, no '..'"
+        )
+    return key
+
+
+def safe_relpath(rel: Any, what: str, store: str, under: str | None = None) -> str:
+    """Return ``rel`` if it is a plain relative path inside the store, else raise StoreError."""
+    problem = None
+    if not isinstance(rel, str) or not rel:
+        problem = "is empty or not a string"
+    elif "://" in rel or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", rel):
+        problem = "is a URL"
+    elif rel.startswith(("/", "~")) or "\\" in rel:
+        problem = "is an absolute path"
+    elif any(part in ("", ".", "..") for part in rel.split("/")):
+        problem = "contains '..', '.' or an empty component"
+    elif under is not None and not rel.startswith(under.rstrip("/") + "/"):
+        problem = f"is not under {under}/"
+    if problem:
+        raise StoreError(
+            f"{store}: {what} path {rel!r} {problem}; only relative paths inside {store} are accepted. "
+            "Refusing to read it (the file naming it is corrupt or was tampered with)."
+        )
+    return rel
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_local_tmp(path: str, data: bytes) -> str:
+    """Write ``data`` to a unique temporary sibling of ``path`` (fsynced); return the temp path."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Make ``path`` hold ``data`` all at once: temp + rename locally, one whole PUT elsewhere."""
+    if is_local_fs(fs):
+        tmp = write_local_tmp(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            _silent_remove(tmp)
+            raise
+        _fsync_dir(os.path.dirname(path))
+    else:
+        put_whole(fs, path, data)
+
+
+_OBJECT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oss", "r2"}
+
+
+def put_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """One whole-object PUT (readers see the old object or the new one, never a part)."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & _OBJECT_PROTOCOLS:  # filesystems with real directories
+        parent = path.rsplit("/", 1)[0]
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def _silent_remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
+    """Whole file, or None when it does not exist."""
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+
+
+_ST_CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64",
+             torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise to the safetensors format, byte-for-byte deterministic.
+
+    ``safetensors.torch.save`` keeps ``__metadata__`` in a Rust HashMap whose order changes between
+    processes, so equal inputs may give different bytes; a store must hash reproducibly.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    blobs, off = [], 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_CODES:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
+        t = t.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    hj = json.dumps(header, separators=(",", ":")).encode()
+    hj += b" " * (-len(hj) % 8)
+    return len(hj).to_bytes(8, "little") + hj + b"".join(blobs)
+
+
+# ------------------------------------------------------------------------------------------------
+# manifest
+# ------------------------------------------------------------------------------------------------
+def new_manifest(meta: dict) -> dict:
+    ts = now_iso()
+    m = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": "",
+        "meta": meta,
+        "shards": [],
+        "counts": {s: 0 for s in STATUSES},
+        "reasons": {},
+        "totals": {"pairs": 0, "rows": 0, "tokens": 0, "bytes": 0},
+        "lm_head": None,
+        "created": ts,
+        "updated": ts,
+    }
+    refresh_manifest(m)
+    return m
+
+
+def refresh_manifest(m: dict) -> dict:
+    """Recompute counts, totals and the store fingerprint from the shard list."""
+    counts = {s: 0 for s in STATUSES}
+    reasons: dict[str, int] = {}
+    totals = {"pairs": 0, "rows": 0, "tokens": 0, "bytes": 0}
+    for sh in m["shards"]:
+        for s in STATUSES:
+            counts[s] += int(sh["counts"].get(s, 0))
+        for r, n in sh.get("reasons", {}).items():
+            reasons[r] = reasons.get(r, 0) + int(n)
+        for k in totals:
+            totals[k] += int(sh[k])
+    m["counts"], m["reasons"], m["totals"] = counts, dict(sorted(reasons.items())), totals
+    m["fingerprint"] = store_fingerprint(m)
+    return m
+
+
+def store_fingerprint(m: dict) -> str:
+    """Changes whenever the store's content changes (meta, committed shards, LM head)."""
+    return hash_json(
+        {
+            "schema_version": m["schema_version"],
+            "meta": m["meta"],
+            "shards": sorted((s["name"], s["sha256"]["pairs"], s["sha256"]["tensors"]) for s in m["shards"]),
+            "lm_head": (m.get("lm_head") or {}).get("sha256"),
+        }
+    )
+
+
+def dump_manifest(m: dict) -> bytes:
+    return (json.dumps(m, indent=2, sort_keys=True) + "\n").encode()
+
+
+def parse_manifest(data: bytes, store: str) -> dict:
+    """Parse and validate a manifest; every path it names must stay inside the store."""
+    try:
+        m = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"store {store}: manifest.json is not valid JSON ({exc})") from exc
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise StoreError(f"store {store}: manifest.json is not an {FORMAT} manifest")
+    ver = m.get("schema_version")
+    if not isinstance(ver, int) or ver > SCHEMA_VERSION:
+        raise StoreError(
+            f"store {store}: manifest schema_version {ver!r} is not supported by this version "
+            f"(reads <= {SCHEMA_VERSION}); upgrade egpt-pipeline"
+        )
+    for key in ("meta", "shards"):
+        if key not in m:
+            raise StoreError(f"store {store}: manifest.json lacks {key!r}")
+    meta = m["meta"]
+    if not isinstance(meta, dict) or "hidden_size" not in meta or "dtype" not in meta:
+        raise StoreError(f"store {store}: manifest meta must hold hidden_size and dtype")
+    seen = set()
+    for sh in m["shards"]:
+        if not isinstance(sh, dict):
+            raise StoreError(f"store {store}: manifest shard entry {sh!r} is not an object")
+        name = sh.get("name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            safe_relpath(name, "shard name", store)  # names a '..' / absolute / URL problem if any
+            raise StoreError(f"store {store}: shard name {name!r} is not a plain shard name")
+        if name in seen:
+            raise StoreError(f"store {store}: shard {name!r} is listed twice in the manifest")
+        seen.add(name)
+        files = sh.get("files") or {}
+        sh["files"] = {
+            "pairs": safe_relpath(files.get("pairs", pairs_path(name)), f"shard {name} pairs", store, PAIRS_DIR),
+            "tensors": safe_relpath(
+                files.get("tensors", tensors_path(name)), f"shard {name} tensors", store, TENSORS_DIR
+            ),
+        }
+        if not isinstance(sh.get("sha256"), dict):
+            raise StoreError(f"store {store}: shard {name!r} has no sha256 entry")
+    if m.get("lm_head"):
+        m["lm_head"]["path"] = safe_relpath(m["lm_head"].get("path", LM_HEAD), "lm_head", store)
+    return m
+
+
+def load_manifest(fs: fsspec.AbstractFileSystem, root: str, store: str) -> dict | None:
+    path = f"{root}/{MANIFEST}"
+    if not is_local_fs(fs):
+        fs.invalidate_cache(root)
+    data = read_bytes(fs, path)
+    return None if data is None else parse_manifest(data, store)
+
+
+def check_compatible(existing: dict, new: dict, store: str) -> None:
+    """ConfigError naming the first defining field whose value differs."""
+    for f in DEFINING_FIELDS:
+        if f in new and existing.get(f) != new[f]:
+            raise ConfigError(
+                f"store {store} is incompatible: meta field {f!r} is {existing.get(f)!r} in the store "
+                f"but {new[f]!r} for this writer. Write to a new store URL, or use settings that match "
+                "the store."
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# the commit lock
+# ------------------------------------------------------------------------------------------------
+_MEMORY_GUARD = threading.Lock()  # memory:// lives in this process: make create-if-absent atomic
+
+
+def _holder_is_dead(holder: dict) -> bool:
+    """True when the lock's writer ran on this host and its process no longer exists (kill -9)."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by someone else
+        return False
+    return False
+
+
+class StoreLock:
+    """Exclusive ``_lock`` object in the store root, held while the manifest is read-modified-written.
+
+    Local disks: ``os.open(O_CREAT | O_EXCL)`` (atomic, also on NFS v3+). Other filesystems: a
+    conditional create where supported (S3 ``If-None-Match``), else exists-check + PUT, confirmed by
+    re-reading our unique token. A lock older than ``stale_s`` (its writer crashed) is broken.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, store: str, *, timeout_s: float = 600.0,
+                 stale_s: float = 600.0):
+        self.fs, self.root, self.store = fs, root, store
+        self.path = f"{root}/{LOCK}"
+        self.timeout_s, self.stale_s = timeout_s, stale_s
+        self.token = ""
+
+    # -- acquisition --------------------------------------------------------------------------
+    def acquire(self) -> None:
+        self.token = uuid.uuid4().hex
+        payload = json.dumps(
+            {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        ).encode()
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.005
+        while True:
+            if self._try_create(payload):
+                return
+            holder = self._holder()
+            if holder is not None and (_holder_is_dead(holder)
+                                       or time.time() - holder.get("time", time.time()) > self.stale_s):
+                log.warning("breaking stale store lock %s held by %s", self.path, holder)
+                self._break(holder)
+                continue
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"store {self.store}: could not acquire the commit lock {LOCK} within "
+                    f"{self.timeout_s:.0f}s (held by {holder}). If no writer is running, delete {LOCK}."
+                )
+            time.sleep(delay * (0.5 + uuid.uuid4().int % 1000 / 1000))
+            delay = min(delay * 2, 0.25)
+
+    def _try_create(self, payload: bytes) -> bool:
+        fs = self.fs
+        if is_local_fs(fs):
+            os.makedirs(self.root, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                os.write(fd, payload)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return True
+        if isinstance(fs, MemoryFileSystem):
+            with _MEMORY_GUARD:
+                if fs.exists(self.path):
+                    return False
+                fs.pipe_file(self.path, payload)
+                return True
+        fs.invalidate_cache(self.root)
+        try:
+            fs.pipe_file(self.path, payload, mode="create")
+        except TypeError:  # backend without exclusive create: best effort
+            if fs.exists(self.path):
+                return False
+            fs.pipe_file(self.path, payload)
+        except FileExistsError:
+            return False
+        except OSError:
+            fs.invalidate_cache(self.root)
+            if fs.exists(self.path):
+                return False
+            raise
+        time.sleep(0.05)  # let a racing PUT land, then confirm that ours won
+        return read_bytes(fs, self.path) == payload
+
+    def _holder(self) -> dict | None:
+        if is_local_fs(self.fs):
+            try:
+                with open(self.path, "rb") as f:
+                    raw = f.read()
+                mtime = os.path.getmtime(self.path)
+            except FileNotFoundError:
+                return None
+        else:
+            raw = read_bytes(self.fs, self.path)
+            if raw is None:
+                return None
+            try:
+                mtime = self.fs.modified(self.path).timestamp()
+            except Exception:  # backend without modification times
+                mtime = time.time()
+        try:
+            info = json.loads(raw)
+            if not isinstance(info, dict):
+                raise ValueError
+        except ValueError:
+            # a writer died between creating and filling the lock: age it by mtime
+            info = {"token": None, "time": mtime, "raw": raw[:64].decode(errors="replace")}
+        if not isinstance(info.get("time"), int | float):
+            info["time"] = mtime
+        return info
+
+    def _break(self, holder: dict) -> None:
+        if is_local_fs(self.fs):
+            aside = f"{self.path}.stale-{self.token}"
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                return  # someone else broke it
+            try:
+                with open(aside, "rb") as f:
+                    got = json.loads(f.read() or b"{}")
+            except ValueError:
+                got = {"token": None}
+            if got.get("token") != holder.get("token"):
+                # we raced and moved a fresh lock aside: put it back if the slot is still free
+                try:
+                    os.link(aside, self.path)
+                except OSError:
+                    pass
+            _silent_remove(aside)
+        else:
+            cur = self._holder()
+            if cur is not None and cur.get("token") == holder.get("token"):
+                try:
+                    self.fs.rm_file(self.path)
+                except FileNotFoundError:
+                    pass
+
+    # -- release ------------------------------------------------------------------------------
+    def release(self) -> None:
+        holder = self._holder()
+        if holder is None or holder.get("token") != self.token:
+            log.warning("store lock %s was broken while held (stale timeout %.0fs)", self.path, self.stale_s)
+            return
+        if is_local_fs(self.fs):
+            _silent_remove(self.path)
+        else:
+            try:
+                self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> StoreLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,216 @@
+"""Import the research pipeline's chunked hidden states into a store.
+
+Research layout (``reference/upstream_research_pipeline.md`` §5.5-5.7): a directory with
+``index.json`` and ``chunks/chunk_<start:06d>.pt`` torch pickles holding padded fp32
+``egpt_hidden``/``vl_hidden`` [n, S, D], ``seq_lens`` int64 [n] and ``metadata`` (list of dicts).
+Chunks are loaded with ``torch.load(weights_only=True)``: a pickle holding anything but tensors and
+plain containers is refused. The research format has no token ids, so those lists stay empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from egpt_core.errors import BadInputError, StoreError
+from egpt_core.fingerprint import file_fingerprint, hash_json
+from egpt_core.fsio import url_to_fs
+from egpt_core.store import manifest as mf
+from egpt_core.store.writer import StoreWriter
+
+DEFAULT_SHARD_SIZE = 256
+_REQUIRED = ("egpt_hidden", "vl_hidden", "seq_lens", "metadata")
+
+
+def research_pair_id(sample_idx: int, question: str) -> str:
+    return f"research-{int(sample_idx):06d}|q{hashlib.sha1(question.encode()).hexdigest()[:8]}"
+
+
+def research_scene_id(sample_idx: int) -> str:
+    return f"research-{int(sample_idx):06d}"
+
+
+def _load_index(fs, root: str, dir_url: str) -> tuple[dict, list[str]]:
+    raw = mf.read_bytes(fs, f"{root}/index.json")
+    if raw is None:
+        raise BadInputError(f"{dir_url}/index.json", "missing: not a research chunk directory")
+    try:
+        index = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{dir_url}/index.json", f"not valid JSON ({exc})") from exc
+    chunks = index.get("chunks") if isinstance(index, dict) else None
+    if not isinstance(chunks, list) or not chunks:
+        raise BadInputError(f"{dir_url}/index.json", "lists no chunks")
+    paths = []
+    for c in chunks:
+        rel = c.get("path") if isinstance(c, dict) else None
+        mf.safe_relpath(rel, "index.json chunk", dir_url)
+        paths.append(rel if "/" in rel else f"chunks/{rel}")
+    return index, paths
+
+
+def load_research_chunk(fs, path: str, url: str) -> dict:
+    """``torch.load(weights_only=True)`` of one chunk; StoreError if the pickle is not plain data."""
+    try:
+        if mf.is_local_fs(fs):
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # legacy (non-zip) torch.save format cannot be mmapped
+                if "mmap" not in str(exc):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            obj = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise BadInputError(url, "chunk listed in index.json is missing") from exc
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(
+            f"{url}: refused to load: the pickle holds objects other than tensors and plain containers "
+            f"(torch.load weights_only=True: {first})"
+        ) from exc
+    except Exception as exc:  # truncated zip, wrong format...
+        raise BadInputError(url, f"not a readable torch chunk ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict) or any(k not in obj for k in _REQUIRED):
+        raise BadInputError(url, f"chunk must be a dict with {', '.join(_REQUIRED)}")
+    eg, vl, sl, md = (obj[k] for k in _REQUIRED)
+    if not (isinstance(eg, torch.Tensor) and isinstance(vl, torch.Tensor) and isinstance(sl, torch.Tensor)):
+        raise BadInputError(url, "egpt_hidden, vl_hidden and seq_lens must be tensors")
+    if eg.dim() != 3 or eg.shape != vl.shape or sl.dim() != 1 or sl.shape[0] != eg.shape[0]:
+        raise BadInputError(
+            url, f"shapes egpt_hidden {tuple(eg.shape)}, vl_hidden {tuple(vl.shape)}, seq_lens {tuple(sl.shape)} "
+            "are not [n, S, D], [n, S, D], [n]"
+        )
+    if not isinstance(md, list) or len(md) != eg.shape[0] or not all(isinstance(x, dict) for x in md):
+        raise BadInputError(url, f"metadata must be a list of {eg.shape[0]} dicts")
+    return obj
+
+
+def _pair(md: dict, L: int, S: int, url: str, i: int) -> dict:
+    try:
+        sample_idx = int(md["sample_idx"])
+        question = str(md["question"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadInputError(url, f"metadata[{i}] lacks sample_idx/question ({exc})") from exc
+    rec: dict[str, Any] = {
+        "pair_id": research_pair_id(sample_idx, question),
+        "scene_id": research_scene_id(sample_idx),
+        "question_idx": int(md.get("question_idx", -1)),
+        "question": question,
+        "drafter_text": str(md.get("egpt_text") or ""),
+        "target_text": str(md.get("vl_text") or ""),
+        "status": "ok",
+        "length": L,
+    }
+    if md.get("seq_len") is not None and int(md["seq_len"]) != L:
+        rec.update(status="failed", reason=f"metadata seq_len {md['seq_len']} != seq_lens {L}")
+    elif L > S:
+        rec.update(status="failed", reason=f"seq_len {L} exceeds the chunk's padded length {S}")
+    elif L < 1:
+        rec.update(status="skipped", reason="empty aligned sequence")
+    return rec
+
+
+def import_research(dir_url: str, store_url: str, storage_options: dict | None = None,
+                    shard_size: int = DEFAULT_SHARD_SIZE, *, dtype: str = "bfloat16",
+                    lm_head_url: str | None = None,
+                    progress: Callable[[float, str], None] | None = None) -> dict:
+    """Import a research chunk directory into the store at ``store_url``; resumable and idempotent.
+
+    ``lm_head_url``: optional research ``vl_lm_head.pt`` (``{"lm_head_weight": [V, D]}``).
+    Returns a summary: chunks, pairs seen, imported (new pairs committed), already committed,
+    duplicates, shards written, per-status counts of the new pairs, hidden size.
+    """
+    if shard_size < 1:
+        raise ValueError("shard_size must be >= 1")
+    fs, root = url_to_fs(dir_url, storage_options)
+    root = root.rstrip("/")
+    index, paths = _load_index(fs, root, dir_url)
+    cfg = index.get("config") or {}
+    summary: dict[str, Any] = {
+        "store": store_url, "chunks": len(paths), "pairs_seen": 0, "imported": 0, "already_committed": 0,
+        "duplicates": 0, "shards": 0, "counts": {s: 0 for s in mf.STATUSES}, "hidden_size": None,
+    }
+    writer: StoreWriter | None = None
+    committed: set[str] = set()
+    seen: set[str] = set()
+    pending: list[tuple[dict, torch.Tensor | None, torch.Tensor | None]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        info = writer.commit_shard([p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending])
+        if info is not None:
+            summary["shards"] += 1
+            summary["imported"] += info.pairs
+            for s, n in info.counts.items():
+                summary["counts"][s] += n
+        pending.clear()
+
+    for ci, rel in enumerate(paths):
+        url = f"{dir_url.rstrip('/')}/{rel}"
+        chunk = load_research_chunk(fs, f"{root}/{rel}", url)
+        eg, vl, sl, md = (chunk[k] for k in _REQUIRED)
+        n, S, D = eg.shape
+        if writer is None:
+            hd = cfg.get("hidden_dim")
+            if hd is not None and int(hd) != D:
+                raise BadInputError(url, f"hidden size {D} != index.json config hidden_dim {hd}")
+            meta = {
+                "hidden_size": int(D),
+                "dtype": dtype,
+                "mode": "independent",
+                "position_convention": mf.POSITION_CONVENTION,
+                "compat_key": "research-import:" + hash_json(cfg),
+                "dataset_fingerprint": hash_json({"config": cfg, "chunks": index.get("chunks")}),
+                "notes": "imported from research format",
+                "source": {"format": "research-chunks", "config": cfg},
+            }
+            writer = StoreWriter(store_url, meta, storage_options)
+            committed = writer.committed_pair_ids()
+            summary["hidden_size"] = int(D)
+        elif D != writer.hidden_size:
+            raise BadInputError(url, f"hidden size {D} differs from earlier chunks ({writer.hidden_size})")
+        lens = sl.tolist()
+        for i in range(n):
+            summary["pairs_seen"] += 1
+            rec = _pair(md[i], int(lens[i]), S, url, i)
+            pid = rec["pair_id"]
+            if pid in committed:
+                summary["already_committed"] += 1
+                continue
+            if pid in seen:
+                summary["duplicates"] += 1
+                continue
+            seen.add(pid)
+            L = rec["length"]
+            if rec["status"] == "ok":
+                pending.append((rec, eg[i, :L], vl[i, :L]))
+            else:
+                pending.append((rec, None, None))
+            if len(pending) >= shard_size:
+                flush()
+                if progress:
+                    progress((ci + (i + 1) / n) / len(paths), f"{summary['imported']} pairs imported")
+        del chunk, eg, vl
+        if progress:
+            progress((ci + 1) / len(paths), f"chunk {ci + 1}/{len(paths)}")
+    flush()
+    if lm_head_url:
+        lfs, lpath = url_to_fs(lm_head_url, storage_options)
+        try:
+            obj = torch.load(io.BytesIO(lfs.cat_file(lpath)), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise StoreError(f"{lm_head_url}: refused to load: not a plain tensor pickle") from exc
+        w = obj.get("lm_head_weight") if isinstance(obj, dict) else obj
+        if not isinstance(w, torch.Tensor):
+            raise BadInputError(lm_head_url, "expected {'lm_head_weight': Tensor[V, D]}")
+        writer.write_lm_head(w, file_fingerprint(lm_head_url, storage_options))
+        summary["lm_head"] = list(w.shape)
+    return summary

@@ -1,0 +1,511 @@
+"""StoreWriter: commits shards of pairs to a hidden-state store (DESIGN.md §3.4).
+
+Invariants kept here:
+
+* shard files reach their final names before the manifest names them, and the manifest (the commit
+  point) is rewritten whole, under the store lock;
+* a shard's name is a hash of its sorted pair ids, so an interrupted and redone shard gets the same
+  name and replaces its own orphan;
+* under the lock the writer re-reads the manifest and drops pairs another writer committed
+  meanwhile, so a pair is in exactly one committed shard;
+* final-name files are only created while the lock is held, so a committed shard is never
+  overwritten by a racing writer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import safetensors.torch as st
+import torch
+
+from egpt_core.errors import ConfigError, StoreError
+from egpt_core.fingerprint import hash_json
+from egpt_core.fsio import url_to_fs
+from egpt_core.store import manifest as mf
+
+log = logging.getLogger(__name__)
+
+NON_FINITE = "non-finite hidden state"
+_RECORD_FIELDS = set(mf.PAIR_COLUMNS)
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+@dataclass
+class ShardInfo:
+    """One committed shard, as recorded in the manifest."""
+
+    name: str
+    pairs: int
+    rows: int
+    tokens: int
+    bytes: int
+    files: dict[str, str]
+    file_bytes: dict[str, int]
+    sha256: dict[str, str]
+    counts: dict[str, int]
+    reasons: dict[str, int] = field(default_factory=dict)
+    meta_fingerprint: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Entry:
+    rec: dict
+    drafter: torch.Tensor | None
+    target: torch.Tensor | None
+
+
+@dataclass
+class _Serialized:
+    name: str
+    pairs_bytes: bytes
+    tensors_bytes: bytes
+    info: ShardInfo
+    tmp: dict[str, str] = field(default_factory=dict)  # local temp files, by kind
+
+
+# ------------------------------------------------------------------------------------------------
+# features (shared by writer and reader)
+# ------------------------------------------------------------------------------------------------
+def _put_features(fs, root: str, key: str, tensors: torch.Tensor | dict[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> str:
+    rel = mf.features_path(key)
+    if isinstance(tensors, torch.Tensor):
+        tensors = {"features": tensors}
+    if not tensors or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"put_features({key!r}): give a tensor or a non-empty dict of tensors")
+    data = mf.safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                   metadata={str(k): str(v) for k, v in (metadata or {}).items()} or None)
+    mf.atomic_put(fs, f"{root}/{rel}", data)
+    return rel
+
+
+def _get_features(fs, root: str, key: str) -> dict[str, torch.Tensor] | None:
+    data = mf.read_bytes(fs, f"{root}/{mf.features_path(key)}")
+    if data is None:
+        return None
+    try:
+        return dict(st.load(data))
+    except Exception as exc:  # safetensors raises its own error types
+        raise StoreError(f"features/{key}.safetensors is not a readable safetensors file: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------------
+# the writer
+# ------------------------------------------------------------------------------------------------
+class StoreWriter:
+    """Append shards of pairs to the store at ``url`` (any fsspec URL).
+
+    ``meta`` must give ``hidden_size`` and ``dtype`` ('bfloat16' | 'float16' | 'float32'), unless the
+    store exists already; recognised further keys: ``mode``, ``position_convention`` (default
+    :data:`POSITION_CONVENTION`), ``compat_key`` (any string that must match for writers to share a
+    store, e.g. a hash of model fingerprints + generation config), ``dataset_fingerprint``,
+    ``model_fingerprints``, ``config_fingerprint``, ``models``, ``notes``. On an existing store a
+    differing defining field (:data:`DEFINING_FIELDS`) raises :class:`ConfigError`.
+    """
+
+    def __init__(self, url: str, meta: dict, storage_options: dict | None = None, *,
+                 lock_timeout_s: float = 600.0, stale_lock_s: float = 600.0):
+        self.url = str(url)
+        self.storage_options = storage_options
+        self.fs, root = url_to_fs(self.url, storage_options)
+        self.root = root.rstrip("/")
+        self.local = mf.is_local_fs(self.fs)
+        self._lock_args = {"timeout_s": lock_timeout_s, "stale_s": stale_lock_s}
+        self.meta = self._normalize_meta(meta)
+        self._committed: dict[str, list[tuple[str, str]]] = {}  # shard -> [(pair_id, status)]
+        self._committed_ids: set[str] = set()
+        m = self._load()
+        if m is None:  # a new store: create its manifest (under the lock: another writer may race us)
+            with self._lock():
+                m = self._load()
+                if m is None:
+                    self._require_meta(("hidden_size", "dtype"))
+                    self.meta.setdefault("position_convention", mf.POSITION_CONVENTION)
+                    self._save(mf.new_manifest(dict(self.meta)))
+                    m = self._load()
+        mf.check_compatible(m["meta"], self.meta, self.url)
+        for f in mf.DEFINING_FIELDS:  # inherit what this writer did not say
+            if f not in self.meta and f in m["meta"]:
+                self.meta[f] = m["meta"][f]
+        self.hidden_size = int(self.meta["hidden_size"])
+        self.dtype = mf.torch_dtype(self.meta["dtype"])
+
+    # -- meta ------------------------------------------------------------------------------------
+    def _normalize_meta(self, meta: dict) -> dict:
+        if not isinstance(meta, dict):
+            raise ConfigError(f"store {self.url}: meta must be a dict, got {type(meta).__name__}")
+        out = dict(meta)
+        if "dtype" in out:
+            out["dtype"] = mf.canonical_dtype(out["dtype"])
+        if "hidden_size" in out:
+            hs = out["hidden_size"]
+            if isinstance(hs, bool) or not isinstance(hs, int) or hs < 1:
+                raise ConfigError(f"store {self.url}: meta hidden_size must be a positive int, got {hs!r}")
+        try:
+            json.dumps(out)
+        except TypeError as exc:
+            raise ConfigError(f"store {self.url}: meta must be JSON-serialisable ({exc})") from exc
+        return out
+
+    def _require_meta(self, fields: Sequence[str]) -> None:
+        missing = [f for f in fields if f not in self.meta]
+        if missing:
+            raise ConfigError(f"store {self.url} is new: meta must give {', '.join(missing)}")
+
+    # -- io helpers --------------------------------------------------------------------------------
+    def _lock(self) -> mf.StoreLock:
+        return mf.StoreLock(self.fs, self.root, self.url, **self._lock_args)
+
+    def _load(self) -> dict | None:
+        return mf.load_manifest(self.fs, self.root, self.url)
+
+    def _save(self, m: dict) -> None:
+        m["updated"] = mf.now_iso()
+        mf.refresh_manifest(m)
+        mf.atomic_put(self.fs, f"{self.root}/{mf.MANIFEST}", mf.dump_manifest(m))
+
+    def _abs(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def _sync_committed(self, m: dict) -> None:
+        """Learn the pair ids of shards committed since we last looked (pair_id column only)."""
+        names = [s["name"] for s in m["shards"]]
+        if set(self._committed) - set(names):  # manifest rewritten behind our back: start over
+            self._committed.clear()
+        for sh in m["shards"]:
+            if sh["name"] in self._committed:
+                continue
+            path = self._abs(sh["files"]["pairs"])
+            try:
+                with self.fs.open(path, "rb") as f:
+                    t = pq.read_table(f, columns=["pair_id", "status"])
+            except FileNotFoundError as exc:
+                raise StoreError(f"store {self.url}: committed shard file {sh['files']['pairs']} is missing") from exc
+            self._committed[sh["name"]] = list(zip(t.column("pair_id").to_pylist(), t.column("status").to_pylist()))
+        self._committed_ids = {p for rows in self._committed.values() for p, _ in rows}
+
+    def committed_pair_ids(self, status: str | None = None) -> set[str]:
+        """Pair ids already committed (any status, or only ``status``): reads the manifest and the
+        parquet ``pair_id``/``status`` columns of shards not seen before; never tensors."""
+        m = self._load()
+        if m is None:
+            return set()
+        self._sync_committed(m)
+        if status is None:
+            return set(self._committed_ids)
+        return {p for rows in self._committed.values() for p, s in rows if s == status}
+
+    # -- validation and serialisation --------------------------------------------------------------
+    def _normalize_record(self, rec: dict, i: int) -> dict:
+        if not isinstance(rec, dict):
+            raise ValueError(f"record {i} is not a dict")
+        unknown = set(rec) - _RECORD_FIELDS
+        if unknown:
+            raise ValueError(f"record {i}: unknown fields {sorted(unknown)}; allowed: {list(mf.PAIR_COLUMNS)}")
+        pid = rec.get("pair_id")
+        if not isinstance(pid, str) or not pid:
+            raise ValueError(f"record {i}: pair_id must be a non-empty string, got {pid!r}")
+        status = rec.get("status", "ok")
+        if status not in mf.STATUSES:
+            raise ValueError(f"pair {pid}: status must be one of {mf.STATUSES}, got {status!r}")
+        reason = rec.get("reason")
+        if reason is not None:
+            reason = str(reason)
+        if status != "ok" and not reason:
+            reason = "unspecified"
+        out: dict[str, Any] = {
+            "pair_id": pid,
+            "scene_id": str(rec.get("scene_id") or ""),
+            "question_idx": int(rec["question_idx"]) if rec.get("question_idx") is not None else -1,
+            "question": str(rec.get("question") or ""),
+            "status": status,
+            "reason": reason,
+            "drafter_text": str(rec.get("drafter_text") or ""),
+            "target_text": str(rec.get("target_text") or ""),
+            "length": int(rec.get("length") or 0),
+        }
+        for col in mf.TOKEN_COLUMNS:
+            ids = rec.get(col)
+            if ids is None:
+                ids = []
+            elif hasattr(ids, "tolist"):
+                ids = ids.tolist()
+            ids = [int(x) for x in ids]
+            if ids and (min(ids) < _INT32[0] or max(ids) > _INT32[1]):
+                raise ValueError(f"pair {pid}: {col} holds ids outside int32")
+            out[col] = ids
+        return out
+
+    def _prepare(self, records: Sequence[dict], drafter: Sequence, target: Sequence) -> list[_Entry]:
+        if not (len(records) == len(drafter) == len(target)):
+            raise ValueError(
+                f"commit_shard: {len(records)} records but {len(drafter)} drafter and {len(target)} target tensors"
+            )
+        entries, seen = [], set()
+        D = self.hidden_size
+        for i, (raw, d, t) in enumerate(zip(records, drafter, target)):
+            rec = self._normalize_record(raw, i)
+            pid = rec["pair_id"]
+            if pid in seen:
+                raise ValueError(f"commit_shard: pair {pid} appears twice in one shard")
+            seen.add(pid)
+            if rec["status"] != "ok":
+                rec["length"] = 0
+                entries.append(_Entry(rec, None, None))
+                continue
+            if "length" not in raw and isinstance(d, torch.Tensor):
+                rec["length"] = int(d.shape[0])  # length may be left to the tensors
+            L = rec["length"]
+            for side, x in (("drafter", d), ("target", t)):
+                if not isinstance(x, torch.Tensor) or x.dim() != 2:
+                    raise ValueError(f"pair {pid}: {side} must be a 2-D tensor [length, D], got {_shape(x)}")
+                if x.shape[1] != D:
+                    raise ConfigError(
+                        f"pair {pid}: {side} hidden size {x.shape[1]} != store hidden_size {D} ({self.url})"
+                    )
+                if x.shape[0] != L or L < 1:
+                    raise ValueError(
+                        f"pair {pid}: {side} has {x.shape[0]} rows but record length is {L} (must match, >= 1)"
+                    )
+            d = d.detach().to("cpu", self.dtype).contiguous()
+            t = t.detach().to("cpu", self.dtype).contiguous()
+            if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(t).all())):
+                rec.update(status="failed", reason=NON_FINITE, length=0)
+                entries.append(_Entry(rec, None, None))
+                continue
+            entries.append(_Entry(rec, d, t))
+        return entries
+
+    def _serialize(self, entries: list[_Entry]) -> _Serialized:
+        name = mf.shard_name([e.rec["pair_id"] for e in entries])
+        rows, offsets, off = [], [0], 0
+        counts = {s: 0 for s in mf.STATUSES}
+        reasons: dict[str, int] = {}
+        tokens = 0
+        for e in entries:
+            r = dict(e.rec, row_offset=off, shard=name)
+            rows.append(r)
+            off += r["length"]
+            offsets.append(off)
+            counts[r["status"]] += 1
+            if r["status"] != "ok":
+                reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+            tokens += len(r["drafter_response_ids"]) + len(r["target_response_ids"])
+        table = pa.Table.from_pylist(rows, schema=mf.PAIR_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        pairs_bytes = buf.getvalue()
+        empty = torch.zeros(0, self.hidden_size, dtype=self.dtype)
+        oks = [e for e in entries if e.drafter is not None]
+        tensors = {
+            "drafter": torch.cat([e.drafter for e in oks]) if oks else empty,
+            "target": torch.cat([e.target for e in oks]) if oks else empty.clone(),
+            "offsets": torch.tensor(offsets, dtype=torch.int64),
+        }
+        tensors_bytes = mf.safetensors_bytes(
+            tensors,
+            metadata={"format": mf.FORMAT, "schema_version": str(mf.SCHEMA_VERSION), "shard": name,
+                      "pairs": str(len(entries)), "dtype": mf.canonical_dtype(self.dtype)},
+        )
+        files = {"pairs": mf.pairs_path(name), "tensors": mf.tensors_path(name)}
+        info = ShardInfo(
+            name=name,
+            pairs=len(entries),
+            rows=off,
+            tokens=tokens,
+            bytes=len(pairs_bytes) + len(tensors_bytes),
+            files=files,
+            file_bytes={"pairs": len(pairs_bytes), "tensors": len(tensors_bytes)},
+            sha256={"pairs": mf.sha256_hex(pairs_bytes), "tensors": mf.sha256_hex(tensors_bytes)},
+            counts=counts,
+            reasons=dict(sorted(reasons.items())),
+            meta_fingerprint=hash_json(self.meta),
+        )
+        return _Serialized(name, pairs_bytes, tensors_bytes, info)
+
+    # -- placing files -------------------------------------------------------------------------------
+    def _stage(self, s: _Serialized) -> None:
+        """Local disks: write both files under temporary names before taking the lock."""
+        if self.local:
+            s.tmp = {
+                "pairs": mf.write_local_tmp(self._abs(s.info.files["pairs"]), s.pairs_bytes),
+                "tensors": mf.write_local_tmp(self._abs(s.info.files["tensors"]), s.tensors_bytes),
+            }
+
+    def _unstage(self, s: _Serialized) -> None:
+        for p in s.tmp.values():
+            mf._silent_remove(p)
+        s.tmp = {}
+
+    def _place(self, s: _Serialized) -> None:
+        """Under the lock: rename temp files (local) or PUT each file whole (object stores)."""
+        if self.local:
+            for kind in ("tensors", "pairs"):
+                os.replace(s.tmp[kind], self._abs(s.info.files[kind]))
+            s.tmp = {}
+            for d in (mf.PAIRS_DIR, mf.TENSORS_DIR):
+                mf._fsync_dir(self._abs(d))
+        else:
+            for kind, data in (("tensors", s.tensors_bytes), ("pairs", s.pairs_bytes)):
+                mf.put_whole(self.fs, self._abs(s.info.files[kind]), data)
+
+    def _before_manifest(self, name: str) -> None:
+        """Test hook: runs after a shard's files are in place, before the manifest names it."""
+
+    # -- commit ------------------------------------------------------------------------------------
+    def commit_shard(self, records: Sequence[dict], drafter: Sequence[torch.Tensor | None],
+                     target: Sequence[torch.Tensor | None]) -> ShardInfo | None:
+        """Validate, write and commit one shard; return its info, or None if every pair in it was
+        already committed (by us or by another writer)."""
+        entries = self._prepare(records, drafter, target)
+        entries = [e for e in entries if e.rec["pair_id"] not in self._committed_ids]
+        if not entries:
+            return None
+        s = self._serialize(entries)
+        self._stage(s)
+        try:
+            with self._lock():
+                m = self._load()
+                if m is None:
+                    raise StoreError(f"store {self.url}: manifest.json disappeared while writing")
+                mf.check_compatible(m["meta"], self.meta, self.url)
+                self._sync_committed(m)
+                fresh = [e for e in entries if e.rec["pair_id"] not in self._committed_ids]
+                if not fresh:
+                    return None
+                if len(fresh) != len(entries):
+                    log.info("shard %s: %d of %d pairs were committed by another writer; rewriting",
+                             s.name, len(entries) - len(fresh), len(entries))
+                    self._unstage(s)
+                    s = self._serialize(fresh)
+                    self._stage(s)
+                self._place(s)
+                self._before_manifest(s.name)
+                for f, v in self.meta.items():  # non-defining meta: the latest writer's values
+                    if f not in mf.DEFINING_FIELDS:
+                        m["meta"][f] = v
+                m["shards"].append(s.info.to_dict())
+                self._save(m)
+                self._committed[s.name] = [(e.rec["pair_id"], e.rec["status"]) for e in fresh]
+                self._committed_ids.update(e.rec["pair_id"] for e in fresh)
+                return s.info
+        finally:
+            self._unstage(s)
+
+    # -- LM head ------------------------------------------------------------------------------------
+    def write_lm_head(self, weight: torch.Tensor, fingerprint: str, dtype: str | None = None) -> dict:
+        """Store the target's LM head ``[V, D]`` (key ``weight``); idempotent for the same fingerprint,
+        ConfigError if the store already holds another target's head."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != self.hidden_size:
+            raise ConfigError(
+                f"lm head must be [V, {self.hidden_size}] (store hidden_size), got {_shape(weight)}"
+            )
+        w = weight.detach().to("cpu", mf.torch_dtype(dtype or self.meta["dtype"])).contiguous()
+        data = mf.safetensors_bytes({"weight": w}, metadata={"format": mf.FORMAT, "fingerprint": str(fingerprint)})
+        info = {
+            "path": mf.LM_HEAD,
+            "shape": list(w.shape),
+            "dtype": mf.canonical_dtype(w.dtype),
+            "target_fingerprint": str(fingerprint),
+            "bytes": len(data),
+            "sha256": mf.sha256_hex(data),
+        }
+        path = self._abs(mf.LM_HEAD)
+        tmp = mf.write_local_tmp(path, data) if self.local else None
+        try:
+            with self._lock():
+                m = self._load()
+                old = m.get("lm_head")
+                if old and old.get("target_fingerprint") != info["target_fingerprint"]:
+                    raise ConfigError(
+                        f"store {self.url} already holds the LM head of target {old.get('target_fingerprint')!r}; "
+                        f"refusing to replace it with {info['target_fingerprint']!r} (use a new store)"
+                    )
+                if old and self.fs.exists(path):
+                    return old
+                if tmp:
+                    os.replace(tmp, path)
+                    tmp = None
+                else:
+                    mf.put_whole(self.fs, path, data)
+                m["lm_head"] = info
+                self._save(m)
+                return info
+        finally:
+            if tmp:
+                mf._silent_remove(tmp)
+
+    # -- features -----------------------------------------------------------------------------------
+    def put_features(self, key: str, tensors: torch.Tensor | dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> str:
+        """Cache event features under ``features/<key>.safetensors`` (atomic); returns the path."""
+        return _put_features(self.fs, self.root, key, tensors, metadata)
+
+    def get_features(self, key: str) -> dict[str, torch.Tensor] | None:
+        return _get_features(self.fs, self.root, key)
+
+    def has_features(self, key: str) -> bool:
+        return self.fs.exists(f"{self.root}/{mf.features_path(key)}")
+
+    # -- garbage collection ----------------------------------------------------------------------------
+    def gc(self, min_tmp_age_s: float = 3600.0, dry_run: bool = False) -> list[str]:
+        """Remove shard files the manifest does not name (orphans of crashed commits) and temporary
+        files older than ``min_tmp_age_s`` (younger ones may belong to a running writer)."""
+        removed = []
+        with self._lock():
+            m = self._load() or {"shards": [], "lm_head": None}
+            keep = {p for sh in m["shards"] for p in sh["files"].values()}
+            keep.add(mf.MANIFEST)
+            if m.get("lm_head"):
+                keep.add(m["lm_head"]["path"])
+            for d in (mf.PAIRS_DIR, mf.TENSORS_DIR, mf.FEATURES_DIR, ""):
+                for rel, age in self._list(d):
+                    if rel in keep or rel == mf.LOCK:
+                        continue
+                    base = rel.rsplit("/", 1)[-1]
+                    is_tmp = mf.TMP_MARK in base or base.startswith(f"{mf.LOCK}.stale-")
+                    if d == mf.FEATURES_DIR or d == "":
+                        if not is_tmp:
+                            continue  # features and unknown root files are not shard orphans
+                    if is_tmp and age < min_tmp_age_s:
+                        continue
+                    removed.append(rel)
+                    if not dry_run:
+                        self.fs.rm_file(self._abs(rel))
+        return sorted(removed)
+
+    def _list(self, d: str) -> list[tuple[str, float]]:
+        base = self._abs(d) if d else self.root
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        out, now = [], time.time()
+        for e in entries:
+            if e.get("type") != "file":
+                continue
+            rel = e["name"].rstrip("/")[len(self.root) + 1:] if e["name"].startswith(self.root) else e["name"]
+            rel = rel.lstrip("/")
+            mtime = e.get("mtime") or e.get("LastModified") or e.get("created")
+            if hasattr(mtime, "timestamp"):
+                mtime = mtime.timestamp()
+            age = now - float(mtime) if mtime else float("inf")
+            out.append((rel, age))
+        return out
+
+
+def _shape(x: Any) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
