@@ -139,33 +139,29 @@ class _Inputs:
         self._features: dict[str, torch.Tensor | BadInputError] = {}
         self._video: dict[str, list | BadInputError] = {}
 
-    def features(self, pair: Pair) -> torch.Tensor:
-        sid = pair.scene.scene_id
-        if sid not in self._features:
+    @staticmethod
+    def _memo(cache: dict, key: str, compute: Callable[[], object]):
+        """Compute once per scene; a BadInputError is remembered and re-raised for each pair."""
+        if key not in cache:
             try:
-                self._features[sid] = scene_features(pair.scene, self.drafter, self.cfg.events, self.writer,
-                                                     self.cfg.storage_options, self.stats)
+                cache[key] = compute()
             except BadInputError as exc:
-                self._features[sid] = exc
-        val = self._features[sid]
-        if isinstance(val, BadInputError):
-            raise val
-        return val
+                cache[key] = exc
+        if isinstance(cache[key], BadInputError):
+            raise cache[key]
+        return cache[key]
+
+    def features(self, pair: Pair) -> torch.Tensor:
+        return self._memo(self._features, pair.scene.scene_id, lambda: scene_features(
+            pair.scene, self.drafter, self.cfg.events, self.writer, self.cfg.storage_options, self.stats))
 
     def video(self, pair: Pair) -> list:
-        sid = pair.scene.scene_id
-        if sid not in self._video:
-            try:
-                if not pair.scene.video_path:
-                    raise BadInputError(sid, "scene has no video (video_data)")
-                self._video[sid] = read_video_frames(pair.scene.video_path, self.cfg.n_video_frames,
-                                                     self.cfg.storage_options)
-            except BadInputError as exc:
-                self._video[sid] = exc
-        val = self._video[sid]
-        if isinstance(val, BadInputError):
-            raise val
-        return val
+        def read() -> list:
+            if not pair.scene.video_path:
+                raise BadInputError(pair.scene.scene_id, "scene has no video (video_data)")
+            return read_video_frames(pair.scene.video_path, self.cfg.n_video_frames, self.cfg.storage_options)
+
+        return self._memo(self._video, pair.scene.scene_id, read)
 
 
 def _response_status(ids: list[int], eos: int | None, min_tokens: int) -> tuple[str, str | None]:
