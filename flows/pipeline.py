@@ -1,0 +1,83 @@
+"""The `pipeline` flow: extract, train each configured adapter and/or L6, evaluate each (and the
+raw drafter), compare. `train_and_evaluate` is shared with the nightly flow."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from egpt_core.config import PipelineConfig
+from egpt_core.fsio import join
+from flows.extract import extract_stage
+from flows.plan import adapter_configs, eval_config, lora_config, retf_config
+from tasks.evaluate import compare_task, evaluate_task
+from tasks.extract import summarize_store
+from tasks.refs import EvalRef, LoraRef, PipelineResult, StoreRef
+from tasks.runtime import url_name
+from tasks.train import export_drafter_task, train_adapter_task, train_lora_task
+
+
+def l6_stage(cfg: PipelineConfig, stores: list[StoreRef], test: StoreRef) -> tuple[LoraRef, EvalRef]:
+    """L6: train the LoRA, merge it into the drafter, re-extract the test store's drafter rows with
+    the merged drafter (retf, into a new store), evaluate those rows."""
+    so = cfg.extract.storage_options
+    train_store = next((s for s in stores if s.url == cfg.lora.store), None) or summarize_store(cfg.lora.store, so)
+    lora = train_lora_task(lora_config(cfg, {train_store.url: train_store.fingerprint}))
+    drafter = export_drafter_task(lora.adapter_dir, join(lora.run_url, "merged-drafter"), so)
+    retf_store = extract_stage(retf_config(cfg.extract, test, drafter.path, drafter.fingerprint))
+    run = evaluate_task(eval_config(cfg, retf_store, "L6", lora=lora.adapter_dir))
+    return lora.model_copy(update={"merged_drafter": drafter}), run
+
+
+def train_and_evaluate(cfg: PipelineConfig, stores: list[StoreRef], notes: list[str] | None = None) -> PipelineResult:
+    """Identity, every adapter and L6 evaluated on the test store (default: the first store), compared."""
+    test = summarize_store(cfg.test_store, cfg.extract.storage_options) if cfg.test_store else stores[0]
+    result = PipelineResult(stores=stores, runs=[])
+    if cfg.evaluate_identity:
+        result.runs.append(evaluate_task(eval_config(cfg, test, "identity", identity=True)))
+    for name, adapter_cfg in adapter_configs(cfg, stores):
+        adapter = train_adapter_task(adapter_cfg)
+        result.adapters.append(adapter)
+        result.runs.append(evaluate_task(eval_config(cfg, test, name, adapter_run=adapter.run_url)))
+    if cfg.lora is not None:
+        result.lora, l6_run = l6_stage(cfg, stores, test)
+        result.runs.append(l6_run)
+    if result.runs:
+        result.comparison = compare_task(result.runs, join(cfg.out, "comparison"), cfg.extract.storage_options)
+    create_markdown_artifact(key="pipeline-report", markdown=report_markdown(result, notes or []),
+                             description=f"outputs under {cfg.out}")
+    return result
+
+
+def report_markdown(result: PipelineResult, notes: list[str]) -> str:
+    """The run's report: stores, output locations, the comparison table (no credentials)."""
+    lines = ["# Pipeline report", "", *[f"- {n}" for n in notes], "", "## Stores", "",
+             "| store | fingerprint | mode | ok | failed | skipped | shards | LM head |", "|---|---|---|---|---|---|---|---|"]
+    for s in result.stores:
+        c = s.counts
+        lines.append(f"| `{s.url}` | `{s.fingerprint}` | {s.mode} | {c.get('ok', 0)} | {c.get('failed', 0)} | "
+                     f"{c.get('skipped', 0)} | {s.shards} | {'yes' if s.lm_head else 'no'} |")
+    lines += ["", "## Outputs", ""]
+    lines += [f"- adapter {a.level}: `{a.run_url}` (best val loss {a.best_val_loss:.4f})" for a in result.adapters]
+    if result.lora:
+        lines.append(f"- L6 LoRA: `{result.lora.adapter_dir}`; merged drafter: "
+                     f"`{result.lora.merged_drafter.path if result.lora.merged_drafter else '-'}`")
+    lines += [f"- evaluation {r.name}: `{r.out_url}` ({r.n_pairs} pairs)" for r in result.runs]
+    if result.comparison:
+        lines += [f"- comparison: `{result.comparison.out_url}`", "", result.comparison.markdown]
+    return "\n".join(lines)
+
+
+def _run_name() -> str:
+    cfg = flow_run.parameters["cfg"]
+    stages = [str(a.adapter.level) for a in cfg.adapters] + (["L6"] if cfg.lora else [])
+    return f"pipeline-{url_name(cfg.extract.store)}-{'+'.join(stages) or 'identity'}"
+
+
+@flow(name="pipeline", flow_run_name=_run_name, log_prints=True)
+def pipeline(cfg: PipelineConfig, extract_deployment: str | None = None) -> PipelineResult:
+    """Extract ``cfg.extract`` (fanned out over ``extract_deployment`` when it has shard groups),
+    train each configured adapter and/or L6, evaluate each and the raw drafter, compare."""
+    store = extract_stage(cfg.extract, extract_deployment)
+    return train_and_evaluate(cfg, [store])

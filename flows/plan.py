@@ -1,0 +1,74 @@
+"""How a pipeline derives each stage's config from its PipelineConfig (plain functions, no Prefect).
+
+Every output location is content-addressed: an adapter run lives in
+``<out>/adapters/<level>-<hash of its settings + its stores' fingerprints>``, an evaluation in
+``<out>/eval/<name>-<hash of store fingerprint + prediction>``, an L6 run in ``<out>/lora/L6-<hash>``,
+a re-extracted store at ``<source store>-retf-<drafter fingerprint>``. So changed inputs never
+overwrite or resume an older run, and a cache hit always points at files made from those inputs.
+"""
+
+from __future__ import annotations
+
+from egpt_core.config import EvalConfig, ExtractConfig, LoraTrainConfig, PipelineConfig, TrainAdapterConfig
+from egpt_core.fingerprint import hash_json
+from egpt_core.fsio import join
+from tasks.refs import StoreRef
+
+#: settings that do not change what is trained (and the location we assign ourselves)
+_NOT_IDENTITY = {"out", "storage_options", "device"}
+
+
+def derived_store_url(base: str, tag: str, fingerprint: str) -> str:
+    """A new store beside ``base`` named by what made it different (e.g. a drafter fingerprint)."""
+    return f"{str(base).rstrip('/')}-{tag}-{fingerprint[:12]}"
+
+
+def _run_id(settings, fingerprints: dict[str, str]) -> str:
+    return hash_json({"settings": settings.model_dump(mode="json", exclude=_NOT_IDENTITY),
+                      "inputs": fingerprints})[:10]
+
+
+def adapter_configs(cfg: PipelineConfig, stores: list[StoreRef]) -> list[tuple[str, TrainAdapterConfig]]:
+    """(display name, config) per configured adapter; ``train`` defaults to the extracted stores."""
+    out, seen = [], {}
+    for a in cfg.adapters:
+        level = str(a.adapter.level)
+        seen[level] = seen.get(level, 0) + 1
+        name = level if seen[level] == 1 else f"{level}-{seen[level]}"
+        a = a.model_copy(update={"train": a.train or [s.url for s in stores],
+                                 "storage_options": a.storage_options or cfg.extract.storage_options})
+        fps = {s.url: s.fingerprint for s in stores if s.url in a.train or s.url == a.val}
+        out.append((name, a.model_copy(update={"out": join(cfg.out, "adapters", f"{level}-{_run_id(a, fps)}")})))
+    return out
+
+
+def lora_config(cfg: PipelineConfig, store_fingerprints: dict[str, str]) -> LoraTrainConfig:
+    lora = cfg.lora.model_copy(update={"storage_options": cfg.lora.storage_options or cfg.extract.storage_options})
+    return lora.model_copy(update={"out": join(cfg.out, "lora", f"L6-{_run_id(lora, store_fingerprints)}")})
+
+
+def eval_config(cfg: PipelineConfig, store: StoreRef, name: str, **prediction) -> EvalConfig:
+    """EvalConfig for one prediction source (identity=True | adapter_run=URL | lora=DIR) on ``store``."""
+    run_id = hash_json({"store": store.fingerprint, "prediction": prediction})[:10]
+    return EvalConfig(store=store.url, out=join(cfg.out, "eval", f"{name}-{run_id}"), name=name, timing=cfg.timing,
+                      storage_options=cfg.extract.storage_options, **prediction)
+
+
+def retf_config(cfg: ExtractConfig, source: StoreRef, drafter: str, drafter_fingerprint: str) -> ExtractConfig:
+    """Re-extract ``source``'s drafter rows teacher-forced with ``drafter`` into a new store."""
+    same_dataset = source.dataset in (None, cfg.dataset)
+    return cfg.model_copy(update={
+        "mode": "retf", "retf_side": "drafter", "drafter": drafter, "source_store": source.url,
+        "store": derived_store_url(source.url, "retf", drafter_fingerprint), "group_index": None,
+        "dataset": cfg.dataset if same_dataset else source.dataset,
+        "questions": cfg.questions if same_dataset else None,
+        "max_scenes": cfg.max_scenes if same_dataset else None,
+        "max_questions": cfg.max_questions if same_dataset else None,
+    })
+
+
+def group_configs(cfg: ExtractConfig) -> list[ExtractConfig]:
+    """One config per shard group (just cfg when it names one group or has a single group)."""
+    if cfg.group_index is not None or cfg.shard_groups == 1:
+        return [cfg]
+    return [cfg.model_copy(update={"group_index": g}) for g in range(cfg.shard_groups)]

@@ -1,0 +1,154 @@
+"""Cache keys keyed on fingerprints of what a task reads, plus a stage version (DESIGN.md §3.5).
+
+Never `INPUTS` alone (two tasks with equal arguments would share a key), never tensors, never
+storage options: a key is ``<stage>-<hash>`` of the stage's version and a small JSON document of
+fingerprints (dataset files, checkpoints, store manifests) and the config's ``model_dump`` without
+``storage_options``. Bump a stage's entry in STAGE_VERSIONS when its task changes what it writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+
+from egpt_core.config import ExtractConfig
+from egpt_core.data.dataset import MANIFEST_NAME, QUESTIONS_NAME
+from egpt_core.errors import EgptError
+from egpt_core.evaluation.evaluate import EVAL_VERSION
+from egpt_core.extraction.features import FEATURES_VERSION
+from egpt_core.extraction.run import EXTRACTION_VERSION
+from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
+from egpt_core.fsio import is_local, join
+from egpt_core.models.loading import checkpoint_fingerprint
+from egpt_core.store import StoreReader
+
+log = logging.getLogger(__name__)
+
+#: Bump the task part when a task's behaviour changes; egpt_core's own versions are appended.
+STAGE_VERSIONS = {
+    "features": f"tasks-1/{FEATURES_VERSION}",
+    "extract": f"tasks-1/{EXTRACTION_VERSION}",
+    "train-adapter": "tasks-1",
+    "train-lora": "tasks-1",
+    "export-drafter": "tasks-1",
+    "evaluate": f"tasks-1/{EVAL_VERSION}",
+}
+
+#: what never goes into key material (credentials, and where the same work runs)
+NOT_KEY_MATERIAL = {"storage_options"}
+
+
+@dataclass(kw_only=True)
+class FingerprintPolicy(CachePolicy):
+    """Key = stage + STAGE_VERSIONS[stage] + ``material(inputs)`` (fingerprints, config dump).
+
+    If the material cannot be computed (a file is missing, a store is unreadable) the call is not
+    cached (``None``) and the task itself reports the problem.
+    """
+
+    stage: str = ""
+    material: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        try:
+            material = self.material(inputs) if self.material else {}
+        except (OSError, ValueError, EgptError) as exc:
+            log.warning("%s: not cached, cannot fingerprint its inputs (%s)", self.stage, exc)
+            return None
+        return f"{self.stage}-{hash_json({'stage': self.stage, 'version': STAGE_VERSIONS[self.stage], **material})}"
+
+
+# --------------------------------------------------------------------------------------------------
+# fingerprints of inputs
+# --------------------------------------------------------------------------------------------------
+def config_material(cfg) -> dict[str, Any]:
+    """A config's settings as key material: everything but storage options."""
+    return cfg.model_dump(mode="json", exclude=NOT_KEY_MATERIAL)
+
+
+def dataset_fingerprint(cfg: ExtractConfig) -> str:
+    """The dataset's manifest + questions files (which pairs exist; per-file content is the store's job)."""
+    manifest = cfg.dataset if str(cfg.dataset).endswith(".json") else join(cfg.dataset, MANIFEST_NAME)
+    questions = cfg.questions or join(cfg.dataset, QUESTIONS_NAME)  # as plan_pairs reads it
+    return hash_json([file_fingerprint(u, cfg.storage_options) for u in (manifest, questions)])
+
+
+def model_fingerprint(url: str, storage_options: dict | None = None) -> str:
+    """A checkpoint directory's fingerprint (local: config + weights + tokenizer files)."""
+    if is_local(url):
+        return checkpoint_fingerprint(str(url).removeprefix("file://"))
+    return dir_fingerprint(url, storage_options)
+
+
+def store_fingerprint(url: str, storage_options: dict | None = None) -> str:
+    """A committed store's manifest fingerprint (changes with every committed shard)."""
+    return StoreReader(url, storage_options).fingerprint
+
+
+def needs_drafter(cfg: ExtractConfig) -> bool:
+    return cfg.mode != "retf" or cfg.retf_side == "drafter"
+
+
+def needs_target(cfg: ExtractConfig) -> bool:
+    return cfg.mode != "retf" or cfg.retf_side == "target"
+
+
+# --------------------------------------------------------------------------------------------------
+# per-stage key material (argument names are the tasks')
+# --------------------------------------------------------------------------------------------------
+def features_material(inputs: dict[str, Any]) -> dict[str, Any]:
+    cfg: ExtractConfig = inputs["cfg"]
+    return {"dataset": dataset_fingerprint(cfg), "drafter": model_fingerprint(cfg.drafter, cfg.storage_options),
+            "config": cfg.model_dump(mode="json", include={"store", "dataset", "drafter", "events", "load"}),
+            "scenes": hash_json(sorted(inputs["scene_ids"]))}
+
+
+def extract_material(inputs: dict[str, Any]) -> dict[str, Any]:
+    cfg: ExtractConfig = inputs["cfg"]
+    so = cfg.storage_options
+    only = inputs.get("only_pairs")
+    return {
+        "dataset": dataset_fingerprint(cfg),
+        "drafter": model_fingerprint(cfg.drafter, so) if needs_drafter(cfg) else None,
+        "target": model_fingerprint(cfg.target, so) if needs_target(cfg) else None,
+        "source_store": store_fingerprint(cfg.source_store, so) if cfg.mode == "retf" and cfg.source_store else None,
+        "config": config_material(cfg),
+        "only_pairs": None if only is None else hash_json(sorted(only)),
+    }
+
+
+def train_adapter_material(inputs: dict[str, Any]) -> dict[str, Any]:
+    cfg = inputs["cfg"]
+    stores = list(cfg.train) + ([cfg.val] if cfg.val else [])
+    return {"stores": {u: store_fingerprint(u, cfg.storage_options) for u in stores}, "config": config_material(cfg)}
+
+
+def train_lora_material(inputs: dict[str, Any]) -> dict[str, Any]:
+    cfg = inputs["cfg"]
+    so = cfg.storage_options
+    stores = [cfg.store] + ([cfg.val_store] if cfg.val_store else [])
+    return {"stores": {u: store_fingerprint(u, so) for u in stores}, "drafter": model_fingerprint(cfg.drafter, so),
+            "config": config_material(cfg)}
+
+
+def export_drafter_material(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {"lora": dir_fingerprint(inputs["lora_dir"], inputs.get("storage_options")), "out": inputs["out_dir"]}
+
+
+def evaluate_material(inputs: dict[str, Any]) -> dict[str, Any]:
+    cfg = inputs["cfg"]
+    so = cfg.storage_options
+    prediction = None
+    if cfg.adapter_run:
+        which = cfg.adapter_which if cfg.adapter_which.endswith(".safetensors") else f"{cfg.adapter_which}.safetensors"
+        prediction = file_fingerprint(join(cfg.adapter_run, which), so)
+    elif cfg.lora:
+        prediction = dir_fingerprint(cfg.lora, so)
+    return {"store": store_fingerprint(cfg.store, so), "prediction": prediction,
+            "timing_file": file_fingerprint(cfg.timing_file, so) if cfg.timing_file else None,
+            "config": config_material(cfg)}
+

@@ -1,0 +1,103 @@
+"""What every task shares: the retry rule, the GPU concurrency slot and the progress artifact."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterator
+
+from prefect import get_client, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+from prefect.tasks import exponential_backoff
+from pydantic import ValidationError
+
+from egpt_core.errors import BadInputError, ConfigError, StoreError
+
+#: the global concurrency limit (`prefect gcl create gpu --limit N`) that GPU sections occupy
+GPU_LIMIT = "gpu"
+
+#: errors that a retry cannot fix: bad data, wrong settings, a corrupt store
+NOT_RETRIED = (BadInputError, ConfigError, StoreError, ValidationError)
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry I/O hiccups, OOM, S3 5xx; never bad input or config."""
+    try:
+        state.result()
+    except NOT_RETRIED:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+#: retries for the expensive stages: 3 more attempts after 10 s, 20 s, 40 s (± jitter)
+RETRY = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=10),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_transient,
+}
+
+
+def gpu_limit_exists() -> bool:
+    """True when the API server has the `gpu` global concurrency limit."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Hold one slot of the `gpu` limit when the server defines it (strict: never run unlimited by
+    accident); without the limit (demo, tests) run directly and say so."""
+    logger = get_run_logger()
+    if gpu_limit_exists():
+        start = time.monotonic()
+        with concurrency(GPU_LIMIT, occupy=1, strict=True):
+            logger.info("holding a '%s' slot (waited %.1fs)", GPU_LIMIT, time.monotonic() - start)
+            yield
+    else:
+        logger.info("no '%s' concurrency limit on this server: running without a GPU slot", GPU_LIMIT)
+        yield
+
+
+class ProgressArtifact:
+    """A ``progress(fraction, message)`` callback for egpt_core that updates a Prefect progress
+    artifact and logs, at most every ``min_interval_s`` (always at 100 %)."""
+
+    def __init__(self, description: str, min_interval_s: float = 2.0):
+        self.description = description
+        self.min_interval_s = min_interval_s
+        self.logger = get_run_logger()
+        self.artifact_id = create_progress_artifact(progress=0.0, description=description)
+        self._last = 0.0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if fraction < 1.0 and now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        self.logger.info("%s: %3.0f%% %s", self.description, 100 * fraction, message)
+        try:
+            update_progress_artifact(self.artifact_id, progress=round(100 * min(max(fraction, 0.0), 1.0), 1),
+                                     description=f"{self.description}: {message}")
+        except Exception as exc:  # the UI's progress bar is not worth failing a GPU stage for
+            self.logger.warning("could not update the progress artifact: %s", exc)
+
+
+def artifact_key(*parts: str) -> str:
+    """An artifact key (lowercase letters, digits, dashes) from free text."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")[:100] or "artifact"
+
+
+def url_name(url: str) -> str:
+    """The last component of a store/run URL: a short, credential-free label for run names."""
+    name = str(url).rstrip("/").rsplit("/", 1)[-1]
+    return name.rsplit("@", 1)[-1] or "store"
