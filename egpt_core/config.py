@@ -169,6 +169,10 @@ class EvalConfig(_Model):
     identity: bool = Field(False, description="evaluate raw drafter rows")
     adapter_which: str = Field("best", description="adapter checkpoint in the run: 'best', 'last' or a .safetensors name")
     name: str | None = Field(None, description="run name in reports/comparisons; None = derived from the prediction source")
+    split: Literal["all", "val"] = Field("all", description="'val' = only the validation scenes of the seeded split "
+                                                            "by scene (when there is no separate test store)")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
     taus: list[float] = Field(default_factory=lambda: [0.80, 0.85, 0.90, 0.95])
     gammas: list[int] = Field(default_factory=lambda: list(range(1, 9)))
     max_positions: int = Field(50, ge=1, description="per-position statistics up to this position")
@@ -190,6 +194,9 @@ class PipelineConfig(_Model):
     adapters: list[TrainAdapterConfig] = Field(default_factory=list)
     lora: LoraTrainConfig | None = None
     evaluate_identity: bool = True
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="without test_store: share of scenes held out "
+                                "from training (adapters, L6) and evaluated")
+    split_seed: int = 0
     out: str = Field("egpt_runs", description="where runs, evaluations and the report go")
     timing: TimingConfig | None = None
 

@@ -7,6 +7,7 @@ never logged.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from typing import Any
 
@@ -17,6 +18,7 @@ from fsspec.core import url_to_fs as _url_to_fs
 def normalize_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """Map the project's flat ``endpoint_url`` convenience onto s3fs's ``client_kwargs``."""
     opts = dict(storage_options or {})
+    _remember_secrets(opts)
     if str(url).startswith(("s3://", "s3a://")) and "endpoint_url" in opts:
         ck = dict(opts.get("client_kwargs") or {})
         ck.setdefault("endpoint_url", opts.pop("endpoint_url"))
@@ -40,9 +42,53 @@ def is_local(url: str) -> bool:
     return "://" not in u or u.startswith("file://")
 
 
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+_secrets: frozenset[str] = frozenset()
+_base_record_factory = None
+
+
+def _remember_secrets(options: dict[str, Any]) -> None:
+    """Credentials passed in storage options are scrubbed from every log record created afterwards.
+
+    Third-party DEBUG logging would otherwise carry them (botocore logs each request's headers,
+    the access key id inside ``Authorization: ... Credential=<key>/...``).
+    """
+    global _secrets, _base_record_factory
+    found = set()
+
+    def walk(d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v)
+            elif isinstance(v, str) and len(v) >= 8 and any(w in str(k).lower() for w in _SECRET_WORDS):
+                found.add(v)
+
+    walk(options)
+    if not found - _secrets:
+        return
+    _secrets = frozenset(_secrets | found)
+    if _base_record_factory is None:
+        _base_record_factory = logging.getLogRecordFactory()
+        logging.setLogRecordFactory(_scrubbing_record_factory)
+
+
+def _scrubbing_record_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    record = _base_record_factory(*args, **kwargs)
+    secrets = _secrets
+    try:
+        msg = record.getMessage()
+    except Exception:  # a malformed record: leave it to logging's own error handling
+        return record
+    if any(sec in msg for sec in secrets):
+        for sec in secrets:
+            msg = msg.replace(sec, "***")
+        record.msg, record.args = msg, None
+    return record
+
+
 def redact(options: dict[str, Any] | None) -> dict[str, Any]:
     """A copy of storage options safe to log: secrets replaced by '***'."""
-    secret_words = ("key", "secret", "token", "password", "credential", "session")
+    secret_words = _SECRET_WORDS
     out: dict[str, Any] = {}
     for k, v in (options or {}).items():
         if isinstance(v, dict):

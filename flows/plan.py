@@ -37,6 +37,8 @@ def adapter_configs(cfg: PipelineConfig, stores: list[StoreRef]) -> list[tuple[s
         name = level if seen[level] == 1 else f"{level}-{seen[level]}"
         a = a.model_copy(update={"train": a.train or [s.url for s in stores],
                                  "storage_options": a.storage_options or cfg.extract.storage_options})
+        if a.val is None:  # validate on the scenes the evaluation holds out (never on the test store)
+            a = a.model_copy(update={"val_fraction": cfg.val_fraction, "seed": cfg.split_seed})
         fps = {s.url: s.fingerprint for s in stores if s.url in a.train or s.url == a.val}
         out.append((name, a.model_copy(update={"out": join(cfg.out, "adapters", f"{level}-{_run_id(a, fps)}")})))
     return out
@@ -44,14 +46,17 @@ def adapter_configs(cfg: PipelineConfig, stores: list[StoreRef]) -> list[tuple[s
 
 def lora_config(cfg: PipelineConfig, store_fingerprints: dict[str, str]) -> LoraTrainConfig:
     lora = cfg.lora.model_copy(update={"storage_options": cfg.lora.storage_options or cfg.extract.storage_options})
+    if lora.val_store is None:  # validate on the scenes the evaluation holds out (never on the test store)
+        lora = lora.model_copy(update={"val_fraction": cfg.val_fraction, "seed": cfg.split_seed})
     return lora.model_copy(update={"out": join(cfg.out, "lora", f"L6-{_run_id(lora, store_fingerprints)}")})
 
 
 def eval_config(cfg: PipelineConfig, store: StoreRef, name: str, **prediction) -> EvalConfig:
     """EvalConfig for one prediction source (identity=True | adapter_run=URL | lora=DIR) on ``store``."""
-    run_id = hash_json({"store": store.fingerprint, "prediction": prediction})[:10]
+    split = {} if cfg.test_store else {"split": "val", "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
+    run_id = hash_json({"store": store.fingerprint, "prediction": prediction, "split": split})[:10]
     return EvalConfig(store=store.url, out=join(cfg.out, "eval", f"{name}-{run_id}"), name=name, timing=cfg.timing,
-                      storage_options=cfg.extract.storage_options, **prediction)
+                      storage_options=cfg.extract.storage_options, **split, **prediction)
 
 
 def retf_config(cfg: ExtractConfig, source: StoreRef, drafter: str, drafter_fingerprint: str) -> ExtractConfig:

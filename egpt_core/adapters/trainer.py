@@ -42,6 +42,7 @@ from egpt_core.adapters.losses import (
 )
 from egpt_core.adapters.modules import adapter_inputs, count_parameters, create_adapter
 from egpt_core.config import TrainAdapterConfig
+from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import join, redact
@@ -234,10 +235,7 @@ def _prepare_data(cfg: TrainAdapterConfig) -> _Split:
                 f"cannot split validation by scene: the train store(s) hold {len(all_train_scenes)} scene(s); "
                 "give a --val store or more scenes"
             )
-        order = list(all_train_scenes)
-        random.Random(cfg.seed).shuffle(order)
-        n_val_sc = min(max(1, round(cfg.val_fraction * len(order))), len(order) - 1)
-        val_set = set(order[:n_val_sc])
+        _, val_set = split_scenes(all_train_scenes, cfg.val_fraction, cfg.seed)
         parts = [(r, [i for i, s in zip(ids, sc) if s not in val_set], [i for i, s in zip(ids, sc) if s in val_set])
                  for r, (ids, sc, _) in zip(readers, per_store)]
         train_scenes, val_scenes = sorted(set(all_train_scenes) - val_set), sorted(val_set)

@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel
 
 from egpt_core.config import EvalConfig, TimingConfig
+from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError, StoreError
 from egpt_core.evaluation.metrics import MetricAccumulator, primary_basis
 from egpt_core.evaluation.plots import write_plots
@@ -69,11 +70,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _batches(shard, batch_size: int):
-    """Padded batches of one shard's ok pairs: (drafter, target, mask, tokens) as [B, S, D] / [B, S]."""
+def _batches(shard, batch_size: int, scenes: set[str] | None = None):
+    """Padded batches of one shard's ok pairs (only ``scenes`` when given): (drafter, target, mask,
+    tokens) as [B, S, D] / [B, S]."""
     table = shard.table
     cols = table.column_names
     status = table.column("status").to_pylist() if "status" in cols else ["ok"] * table.num_rows
+    if scenes is not None:
+        status = [st if sc in scenes else "excluded" for st, sc in zip(status, table.column("scene_id").to_pylist())]
     lengths = table.column("length").to_pylist()
     offsets = table.column("row_offset").to_pylist()
     ids = table.column("target_response_ids").to_pylist() if "target_response_ids" in cols else [None] * len(lengths)
@@ -183,10 +187,17 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
         inputs["lm_head"] = f"present {list(lm_head.shape)}"
     name = default_name(cfg, mode, str(acfg.level) if acfg is not None else None)
 
+    scenes = None
+    if cfg.split == "val":
+        all_scenes = reader.pairs(status="ok", columns=["scene_id"]).column("scene_id").to_pylist()
+        _, scenes = split_scenes(all_scenes, cfg.val_fraction, cfg.split_seed)
+        inputs["split"] = {"val_fraction": cfg.val_fraction, "seed": cfg.split_seed, "val_scenes": len(scenes)}
+        notes.append(f"evaluated on the {len(scenes)} validation scenes of the seeded split by scene "
+                     f"(fraction {cfg.val_fraction}, seed {cfg.split_seed}); training never saw them.")
     acc = MetricAccumulator(cfg.taus, cfg.gammas, cfg.max_positions, lm_head, device=device)
     n_shards = len(reader.shards) or None
     for k, shard in enumerate(reader.iter_shards()):
-        for drafter, target, mask, tokens in _batches(shard, cfg.batch_size):
+        for drafter, target, mask, tokens in _batches(shard, cfg.batch_size, scenes):
             if mode == "adapter":
                 with torch.no_grad():
                     pred = apply_adapter(module, acfg, drafter.to(device), target.to(device), mask.to(device))
@@ -221,6 +232,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
         "version": EVAL_VERSION, "store": inputs["store_fingerprint"], "mode": mode,
         "adapter": inputs.get("adapter_fingerprint"), "lora": inputs.get("lora_fingerprint"),
         "taus": cfg.taus, "gammas": cfg.gammas, "max_positions": cfg.max_positions,
+        "split": [cfg.split, cfg.val_fraction, cfg.split_seed],
         "timing": sp.get("timing"),
     })
     doc = {"schema": METRICS_SCHEMA, "name": name,

@@ -44,6 +44,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from egpt_core.config import EventRenderConfig, LoraTrainConfig
+from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import join, redact
@@ -132,14 +133,8 @@ def load_samples(reader, pair_ids: Sequence[str] | None = None, src: int = 0, dr
 
 
 def split_by_scene(samples: Sequence[LoraSample], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of sample indices by scene: no scene on both sides."""
-    scenes = sorted({s.scene_id for s in samples})
-    if len(scenes) < 2:
-        raise ConfigError(f"a seeded val split needs >= 2 scenes, the store has {len(scenes)}; set val_store")
-    rng = random.Random(seed)
-    rng.shuffle(scenes)
-    n_val = min(len(scenes) - 1, max(1, round(len(scenes) * val_fraction)))
-    val_scenes = set(scenes[:n_val])
+    """Seeded split of sample indices by scene (egpt_core.data.split): no scene on both sides."""
+    _, val_scenes = split_scenes([s.scene_id for s in samples], val_fraction, seed)
     train = [i for i, s in enumerate(samples) if s.scene_id not in val_scenes]
     val = [i for i, s in enumerate(samples) if s.scene_id in val_scenes]
     return train, val
@@ -664,6 +659,8 @@ class _Trainer:
             ck.rng_from_flat(opt_t, state["rng"])
             resumed_from = int(state["epoch"])
             log.info("resuming %s after epoch %d", cfg.out, resumed_from)
+            if state["done"] and not state.get("stopped_early") and resumed_from < cfg.epochs:
+                state["done"] = False  # epochs raised after the run finished (the fingerprint allows it): go on
         else:
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)

@@ -45,7 +45,7 @@ def test_pipeline_end_to_end(first_run, states_by_name):
     assert store.counts == {"ok": 12, "failed": 0, "skipped": 0} and store.lm_head and store.mode == "shared_prefix"
     assert [r.name for r in result.runs] == ["identity", "L1", "L4", "L6"]
     for run in result.runs:
-        assert (Path(run.out_url) / "metrics.json").is_file() and run.n_pairs == 12
+        assert (Path(run.out_url) / "metrics.json").is_file() and run.n_pairs == 3  # the held-out scene: 1 of 4 (seeded split by scene)
     l6 = json.loads((Path(result.runs[-1].out_url) / "metrics.json").read_text())
     assert l6["inputs"]["store_mode"] == "retf" and "-retf-" in l6["inputs"]["store"]
     assert result.lora.merged_drafter and (Path(result.lora.merged_drafter.path) / "config.json").is_file()

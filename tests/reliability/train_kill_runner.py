@@ -1,0 +1,105 @@
+"""Run adapter or L6 training in a subprocess and SIGKILL it at a named point (test_training_kill.py).
+
+usage: python train_kill_runner.py adapter|lora CONFIG_JSON POINT
+
+adapter points (epoch numbers are 1-based):
+  after-epoch   the progress callback reports epoch 2 done (its checkpoint is committed)
+  torn-weights  mid-write of epoch 3's last.safetensors (a torn temp file is left; nothing renamed)
+  torn-commit   epoch 3's last.safetensors + last_optim.safetensors renamed into place, then mid-write
+                of last_state.json (the commit point)
+lora points:
+  mid-epoch     right after the first optimizer step of epoch 2
+  torn-weights  mid-write of epoch 2's checkpoint/lora.safetensors
+  torn-commit   epoch 2's checkpoint/lora.safetensors + optim.safetensors in place, then mid-write of
+                checkpoint/state.json
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # as tests/conftest.py: same kernels, same bits
+
+calls: dict[str, int] = {}
+TORN_SUFFIX = ".tmp-killed00"
+
+
+def die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def torn_write_hook(module, name: str, nth: int):
+    """Patch ``module.write_bytes``: the ``nth`` write of a file named ``name`` leaves half its bytes in
+    a temp file (as a crash mid-write does) and the process dies."""
+    original = module.write_bytes
+
+    def write_bytes(url, data, storage_options=None):
+        if str(url).endswith("/" + name):
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == nth:
+                path = str(url).removeprefix("file://")
+                with open(path + TORN_SUFFIX, "wb") as f:
+                    f.write(data[: len(data) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                die()
+        return original(url, data, storage_options)
+
+    module.write_bytes = write_bytes
+
+
+def run_adapter(cfg_json: str, point: str) -> None:
+    from egpt_core.adapters import checkpoint as ck
+    from egpt_core.adapters import train_adapter
+    from egpt_core.config import TrainAdapterConfig
+
+    cfg = TrainAdapterConfig.model_validate_json(cfg_json)
+    progress = None
+    if point == "after-epoch":
+        def progress(frac, msg):
+            if msg.startswith("epoch 2/"):
+                die()
+    elif point == "torn-weights":
+        torn_write_hook(ck, "last.safetensors", 3)
+    elif point == "torn-commit":
+        torn_write_hook(ck, "last_state.json", 3)
+    else:
+        raise SystemExit(f"unknown adapter point {point}")
+    train_adapter(cfg, progress=progress, resume=False)
+
+
+def run_lora(cfg_json: str, point: str) -> None:
+    from egpt_core.config import LoraTrainConfig
+    from egpt_core.lora import checkpoint as ck
+    from egpt_core.lora import train_lora
+
+    cfg = LoraTrainConfig.model_validate_json(cfg_json)
+    progress = None
+    if point == "mid-epoch":
+        def progress(frac, msg):
+            if msg.startswith("epoch 2/") and " step " in msg:
+                die()
+    elif point == "torn-weights":
+        torn_write_hook(ck, "lora.safetensors", 2)
+    elif point == "torn-commit":
+        torn_write_hook(ck, "state.json", 2)
+    else:
+        raise SystemExit(f"unknown lora point {point}")
+    train_lora(cfg, progress=progress, resume=False)
+
+
+def main() -> None:
+    kind, cfg_file, point = sys.argv[1:4]
+    cfg_json = open(cfg_file).read()
+    {"adapter": run_adapter, "lora": run_lora}[kind](cfg_json, point)
+    print("completed without being killed")
+
+
+if __name__ == "__main__":
+    main()
