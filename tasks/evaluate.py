@@ -20,7 +20,8 @@ from tasks.runtime import RETRY, ProgressArtifact, artifact_key, gpu_slot, url_n
 
 
 @task(name="evaluate", task_run_name=lambda: f"evaluate-{url_name(task_run.parameters['cfg'].out)}",
-      tags=["gpu"], cache_policy=FingerprintPolicy(stage="evaluate", material=evaluate_material), **RETRY)
+      tags=["gpu"], cache_policy=FingerprintPolicy(stage="evaluate", material=evaluate_material), result_serializer="json",
+      **RETRY)
 def evaluate_task(cfg: EvalConfig) -> EvalRef:
     """Evaluate cfg's prediction source (identity | adapter | L6) on cfg.store; writes metrics.json,
     report.md and plots under cfg.out and publishes the headline metrics as a table."""

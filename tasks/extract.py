@@ -47,7 +47,8 @@ def _extract_run_name() -> str:
 
 
 @task(name="features", task_run_name=_features_run_name, tags=["gpu"],
-      cache_policy=FingerprintPolicy(stage="features", material=features_material), **RETRY)
+      cache_policy=FingerprintPolicy(stage="features", material=features_material), result_serializer="json",
+      **RETRY)
 def compute_features(cfg: ExtractConfig, scene_ids: list[str]) -> FeaturesRef:
     """Stage 1: pooled event features for a shard of scenes, cached under the store's `features/`."""
     wanted = set(scene_ids)
@@ -75,7 +76,8 @@ def compute_features(cfg: ExtractConfig, scene_ids: list[str]) -> FeaturesRef:
 
 
 @task(name="extract", task_run_name=_extract_run_name, tags=["gpu"],
-      cache_policy=FingerprintPolicy(stage="extract", material=extract_material), **RETRY)
+      cache_policy=FingerprintPolicy(stage="extract", material=extract_material), result_serializer="json",
+      **RETRY)
 def extract_group(cfg: ExtractConfig, only_pairs: list[str] | None = None) -> GroupRef:
     """Stage 2 for one shard group (every pair when ``cfg.group_index`` is None), resuming after the
     last committed shard; writes the target LM head too. ``only_pairs`` restricts it (nightly)."""

@@ -22,7 +22,8 @@ from tasks.runtime import RETRY, ProgressArtifact, gpu_slot, url_name
 
 
 @task(name="train-adapter", task_run_name=lambda: f"train-{url_name(task_run.parameters['cfg'].out)}",
-      tags=["gpu"], cache_policy=FingerprintPolicy(stage="train-adapter", material=train_adapter_material), **RETRY)
+      tags=["gpu"], cache_policy=FingerprintPolicy(stage="train-adapter", material=train_adapter_material), result_serializer="json",
+      **RETRY)
 def train_adapter_task(cfg: TrainAdapterConfig) -> AdapterRef:
     """Train one adapter level into ``cfg.out`` (resumes a crashed run from its last checkpoint)."""
     progress = ProgressArtifact(f"train {cfg.adapter.level} -> {url_name(cfg.out)}")
@@ -37,7 +38,8 @@ def train_adapter_task(cfg: TrainAdapterConfig) -> AdapterRef:
 
 
 @task(name="train-lora", task_run_name=lambda: f"train-{url_name(task_run.parameters['cfg'].out)}",
-      tags=["gpu"], cache_policy=FingerprintPolicy(stage="train-lora", material=train_lora_material), **RETRY)
+      tags=["gpu"], cache_policy=FingerprintPolicy(stage="train-lora", material=train_lora_material), result_serializer="json",
+      **RETRY)
 def train_lora_task(cfg: LoraTrainConfig) -> LoraRef:
     """Train the L6 LoRA on the drafter into ``cfg.out`` (resumes from its checkpoint/)."""
     progress = ProgressArtifact(f"train L6 LoRA r{cfg.rank} -> {url_name(cfg.out)}")
@@ -50,7 +52,8 @@ def train_lora_task(cfg: LoraTrainConfig) -> LoraRef:
 
 
 @task(name="export-drafter", task_run_name="export-drafter",
-      cache_policy=FingerprintPolicy(stage="export-drafter", material=export_drafter_material), **RETRY)
+      cache_policy=FingerprintPolicy(stage="export-drafter", material=export_drafter_material), result_serializer="json",
+      **RETRY)
 def export_drafter_task(lora_dir: str, out_dir: str, storage_options: dict | None = None) -> DrafterRef:
     """Merge the L6 LoRA into its base drafter (on the CPU, full precision) and write a plain
     EventGPT checkpoint to ``out_dir``."""
