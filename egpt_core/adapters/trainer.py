@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from egpt_core import runfiles as rf
 from egpt_core.adapters import checkpoint as ck
 from egpt_core.adapters.losses import (
     DEFAULT_TAUS,
@@ -417,7 +418,7 @@ def plot_curves(history: list[dict[str, Any]], url: str, storage_options: dict |
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    ck.write_bytes(url, buf.getvalue(), storage_options)
+    rf.write_bytes(url, buf.getvalue(), storage_options)
 
 
 def config_fingerprint(cfg: TrainAdapterConfig) -> str:
@@ -488,7 +489,7 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
     history: list[dict[str, Any]] = []
     start_epoch, best_loss, best_epoch, patience, finished = 0, float("inf"), 0, 0, False
     loaded = ck.load_train_state(cfg.out, so) if resume else None
-    if loaded is None and resume and ck.exists(join(cfg.out, "last_state.json"), so):
+    if loaded is None and resume and rf.exists(join(cfg.out, "last_state.json"), so):
         log.warning("%s: last checkpoint is incomplete (crash while writing); starting from scratch", cfg.out)
     if loaded is not None:
         state, weights, tensors = loaded
@@ -497,7 +498,7 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
                 f"{cfg.out} holds a run with a different configuration (fingerprint {state.get('config_fingerprint')}"
                 f" != {fp}); use another --out or resume=False to overwrite it")
         adapter.load_state_dict(weights, strict=True)
-        ck.optimizer_from_flat(opt, tensors, state["optimizer"])
+        rf.optimizer_from_flat(opt, tensors, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _restore_rng(tensors, state, ctx, cfg.seed)
         history = list(state["history"])
@@ -508,8 +509,8 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
             return _result_from_state(cfg, state)
 
     if ctx.main and loaded is None:
-        ck.remove(join(cfg.out, "last_state.json"), so)  # a stale commit point must not outlive a restart
-        ck.write_json(join(cfg.out, "config.json"), {
+        rf.remove(join(cfg.out, "last_state.json"), so)  # a stale commit point must not outlive a restart
+        rf.write_json(join(cfg.out, "config.json"), {
             "task": "train_adapter", "config": _safe_dump(cfg), "config_fingerprint": fp,
             "data_fingerprints": data.fingerprints, "level": level, "hidden_size": d, "param_count": n_params,
             "n_train_pairs": data.n_train, "n_val_pairs": data.n_val,
@@ -591,13 +592,13 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
         finished = stop or epoch + 1 == cfg.epochs
 
         # ---- checkpoint (rank 0 writes; RNG of every rank is kept) -------------------------------
-        rng = ck.rng_to_flat()
+        rng = rf.rng_to_flat()
         rng_all = _gather_rng(rng, ctx)
         if ctx.main:
             if improved:
                 ck.save_adapter_weights(join(cfg.out, "best.safetensors"), adapter, acfg, d, epoch + 1, so)
             ck.save_adapter_weights(join(cfg.out, "last.safetensors"), adapter, acfg, d, epoch + 1, so)
-            ck.write_json(join(cfg.out, "history.json"), history, so)
+            rf.write_json(join(cfg.out, "history.json"), history, so)
             rng_tensors, rng_info = rng_all
             state = {
                 "epoch": epoch + 1, "best_val_loss": best_loss, "best_epoch": best_epoch, "patience": patience,
@@ -627,7 +628,7 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
                          metrics=dict(best_entry), n_train_pairs=data.n_train, n_val_pairs=data.n_val,
                          param_count=n_params)
     if ctx.main:
-        ck.write_json(join(cfg.out, "result.json"), result.model_dump(), so)
+        rf.write_json(join(cfg.out, "result.json"), result.model_dump(), so)
     ctx.barrier()
     return result
 
@@ -686,4 +687,4 @@ def _restore_rng(tensors: dict[str, torch.Tensor], state: dict[str, Any], ctx: _
     if not mine or info is None:  # resumed with more ranks than were saved
         torch.manual_seed(seed + 7919 * ctx.rank + 104729 * int(state["epoch"]))
         return
-    ck.rng_from_flat(mine, info)
+    rf.rng_from_flat(mine, info)

@@ -15,17 +15,17 @@ import shutil
 import warnings
 from pathlib import Path
 
+from egpt_core import runfiles as rf
 from egpt_core.config import ModelLoadConfig
 from egpt_core.errors import ConfigError
 from egpt_core.fingerprint import dir_fingerprint
-from egpt_core.lora import checkpoint as ck
 
 EXPORT_FORMAT = "egpt-lora-merged/1"
 
 
 def resolve_adapter_dir(lora_dir: str, storage_options: dict | None = None) -> Path:
     """A local peft adapter directory for ``lora_dir`` (an adapter dir, or a run dir -> its best/)."""
-    local = ck.local_dir(lora_dir, storage_options)
+    local = rf.local_dir(lora_dir, storage_options)
     if (local / "adapter_config.json").is_file():
         return local
     for sub in ("best", "adapter"):
@@ -73,18 +73,18 @@ def export_drafter(lora_dir: str, out_dir: str, base: str | None = None, dtype: 
     clip_src = _find_clip_dir(base_dir, raw_cfg.get("mm_visual_tower"), None)
     clip_name = Path(str(raw_cfg.get("mm_visual_tower") or clip_src.name)).name
 
-    tmp = ck.staging_dir(out_dir)
+    tmp = rf.staging_dir(out_dir)
     merged.config.clip_config = None  # the tower is read from its own directory, as in the base
     merged.config.mm_visual_tower = clip_name
     sd = {k: v.contiguous() for k, v in merged.state_dict().items() if not k.startswith("model.visual_tower.")}
     merged.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
     shutil.copytree(clip_src, tmp / clip_name, dirs_exist_ok=True)
     drafter.tokenizer.save_pretrained(str(tmp))
-    ck.write_json(str(tmp / "egpt_export.json"), {
+    rf.write_json(str(tmp / "egpt_export.json"), {
         "format": EXPORT_FORMAT, "base": str(base), "lora": str(lora_dir),
         "adapter_fingerprint": dir_fingerprint(str(adapter), suffixes=(".json", ".safetensors")),
         "dtype": dtype, "lora_provenance": prov,
     })
-    ck.put_dir(tmp, out_dir, storage_options)
+    rf.put_dir(tmp, out_dir, storage_options)
     del merged, peft_model
     return str(out_dir)

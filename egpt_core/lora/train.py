@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from egpt_core import runfiles as rf
 from egpt_core.config import EventRenderConfig, LoraTrainConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError
@@ -155,7 +156,7 @@ class _FeatureCache:
             if got is not None:
                 return got
         if self.run_url:
-            data = ck.read_bytes(join(self.run_url, "features", f"{key}.safetensors"), self.so)
+            data = rf.read_bytes(join(self.run_url, "features", f"{key}.safetensors"), self.so)
             if data is not None:
                 from safetensors.torch import load
 
@@ -168,7 +169,7 @@ class _FeatureCache:
         if self.run_url and self.write:
             from safetensors.torch import save
 
-            ck.write_bytes(join(self.run_url, "features", f"{key}.safetensors"),
+            rf.write_bytes(join(self.run_url, "features", f"{key}.safetensors"),
                            save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}), self.so)
         else:
             self._mem[key] = {k: v.detach().cpu() for k, v in tensors.items()}
@@ -480,15 +481,15 @@ def plot_curves(history: list[dict[str, Any]], url: str, storage_options: dict |
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    ck.write_bytes(url, buf.getvalue(), storage_options)
+    rf.write_bytes(url, buf.getvalue(), storage_options)
 
 
 def save_adapter(peft_model, url: str, provenance: dict[str, Any], storage_options: dict | None = None) -> None:
     """peft ``save_pretrained`` (safetensors) + ``egpt_lora.json`` into the directory ``url``."""
-    tmp = ck.staging_dir(url)
+    tmp = rf.staging_dir(url)
     peft_model.save_pretrained(str(tmp), safe_serialization=True)
-    ck.write_json(str(tmp / "egpt_lora.json"), provenance)
-    ck.put_dir(tmp, url, storage_options)
+    rf.write_json(str(tmp / "egpt_lora.json"), provenance)
+    rf.put_dir(tmp, url, storage_options)
 
 
 _NON_SEMANTIC = {"out", "storage_options", "epochs"}
@@ -632,8 +633,8 @@ class _Trainer:
                                       "directory (or resume=False to overwrite it)")
         if ctx.main:
             if state is None:  # a fresh start never continues a stale checkpoint left in cfg.out later
-                ck.remove(join(cfg.out, ck.CHECKPOINT_DIR, "state.json"), self.so)
-            ck.write_json(join(cfg.out, "config.json"), _safe_dump(cfg), self.so)
+                rf.remove(join(cfg.out, ck.CHECKPOINT_DIR, "state.json"), self.so)
+            rf.write_json(join(cfg.out, "config.json"), _safe_dump(cfg), self.so)
         ctx.barrier()
         self._load_model()
         self._data()
@@ -655,8 +656,8 @@ class _Trainer:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.peft, lora_w)
-            ck.optimizer_from_flat(opt, opt_t, state["optimizer"])
-            ck.rng_from_flat(opt_t, state["rng"])
+            rf.optimizer_from_flat(opt, opt_t, state["optimizer"])
+            rf.rng_from_flat(opt_t, state["rng"])
             resumed_from = int(state["epoch"])
             log.info("resuming %s after epoch %d", cfg.out, resumed_from)
             if state["done"] and not state.get("stopped_early") and resumed_from < cfg.epochs:
@@ -725,7 +726,7 @@ class _Trainer:
             if ctx.main:
                 if improved:
                     self._save(self.peft, "best", state)
-                ck.write_json(join(cfg.out, "history.json"), state["history"], self.so)
+                rf.write_json(join(cfg.out, "history.json"), state["history"], self.so)
                 plot_curves(state["history"], join(cfg.out, "training_curves.png"), self.so, state["initial_val"])
                 from peft import get_peft_model_state_dict
 
@@ -772,9 +773,9 @@ class _Trainer:
         }
         if self.ctx.main:
             self._save(self.peft, "adapter", state)
-            ck.write_json(join(cfg.out, "history.json"), hist, self.so)
+            rf.write_json(join(cfg.out, "history.json"), hist, self.so)
             plot_curves(hist, join(cfg.out, "training_curves.png"), self.so, state["initial_val"])
-            ck.write_json(join(cfg.out, "metrics.json"), metrics, self.so)
+            rf.write_json(join(cfg.out, "metrics.json"), metrics, self.so)
         self.ctx.barrier()
         return LoraResult(
             out=cfg.out, adapter_dir=join(cfg.out, "adapter"), best_dir=join(cfg.out, "best"),

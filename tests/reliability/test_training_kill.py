@@ -130,7 +130,7 @@ def test_adapter_kill9_then_resume_is_bitwise_identical(point, adapter_store, ad
         assert state["epoch"] == 2 and (out / f"last.safetensors{TORN}").exists()
     else:  # epoch 3's tensor files are in place but the commit point still says epoch 2
         assert state["epoch"] == 2 and (out / f"last_state.json{TORN}").exists()
-        from egpt_core.adapters.checkpoint import safetensors_metadata
+        from egpt_core.runfiles import safetensors_metadata
 
         assert safetensors_metadata((out / "last.safetensors").read_bytes())["epoch"] == "3"
 

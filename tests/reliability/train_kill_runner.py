@@ -55,7 +55,7 @@ def torn_write_hook(module, name: str, nth: int):
 
 
 def run_adapter(cfg_json: str, point: str) -> None:
-    from egpt_core.adapters import checkpoint as ck
+    from egpt_core import runfiles as rf
     from egpt_core.adapters import train_adapter
     from egpt_core.config import TrainAdapterConfig
 
@@ -66,17 +66,17 @@ def run_adapter(cfg_json: str, point: str) -> None:
             if msg.startswith("epoch 2/"):
                 die()
     elif point == "torn-weights":
-        torn_write_hook(ck, "last.safetensors", 3)
+        torn_write_hook(rf, "last.safetensors", 3)
     elif point == "torn-commit":
-        torn_write_hook(ck, "last_state.json", 3)
+        torn_write_hook(rf, "last_state.json", 3)
     else:
         raise SystemExit(f"unknown adapter point {point}")
     train_adapter(cfg, progress=progress, resume=False)
 
 
 def run_lora(cfg_json: str, point: str) -> None:
+    from egpt_core import runfiles as rf
     from egpt_core.config import LoraTrainConfig
-    from egpt_core.lora import checkpoint as ck
     from egpt_core.lora import train_lora
 
     cfg = LoraTrainConfig.model_validate_json(cfg_json)
@@ -86,9 +86,9 @@ def run_lora(cfg_json: str, point: str) -> None:
             if msg.startswith("epoch 2/") and " step " in msg:
                 die()
     elif point == "torn-weights":
-        torn_write_hook(ck, "lora.safetensors", 2)
+        torn_write_hook(rf, "lora.safetensors", 2)
     elif point == "torn-commit":
-        torn_write_hook(ck, "state.json", 2)
+        torn_write_hook(rf, "state.json", 2)
     else:
         raise SystemExit(f"unknown lora point {point}")
     train_lora(cfg, progress=progress, resume=False)

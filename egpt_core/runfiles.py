@@ -1,0 +1,186 @@
+"""Run-directory files on any fsspec URL, without pickle: atomic bytes/JSON writes, whole-directory
+puts, and optimizer / RNG state flattened into safetensors tensors + JSON scalars.
+
+Shared by adapter training (`egpt_core/adapters/checkpoint.py`) and L6 (`egpt_core/lora/checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import struct
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from egpt_core.fsio import is_local, join, url_to_fs
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write a whole file atomically (temp + rename locally, one whole PUT elsewhere)."""
+    fs, path = url_to_fs(url, storage_options)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if is_local(url):
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        fs.pipe_file(path, data)
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes | None:
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def remove(url: str, storage_options: dict | None = None) -> None:
+    """Delete a file if it exists."""
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
+    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), storage_options)
+
+
+def read_json(url: str, storage_options: dict | None = None) -> Any | None:
+    data = read_bytes(url, storage_options)
+    return None if data is None else json.loads(data)
+
+
+def put_dir(local_dir: str | Path, url: str, storage_options: dict | None = None) -> None:
+    """Replace the directory at ``url`` by ``local_dir``'s files (a rename locally)."""
+    local_dir = Path(local_dir)
+    if is_local(url):
+        dest = Path(str(url).removeprefix("file://"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            trash = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(dest, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        shutil.move(str(local_dir), str(dest))
+        return
+    fs, root = url_to_fs(url, storage_options)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    for f in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        rel = f.relative_to(local_dir).as_posix()
+        fs.makedirs(join(root, rel).rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(f), join(root, rel))
+
+
+def staging_dir(url: str) -> Path:
+    """A fresh local directory to build an output directory in before :func:`put_dir`."""
+    if is_local(url):
+        dest = Path(str(url).removeprefix("file://"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    return Path(tempfile.mkdtemp(prefix="egpt-lora-"))
+
+
+def local_dir(url: str, storage_options: dict | None = None) -> Path:
+    """A local directory holding the files of directory ``url`` (fetched to a temp dir when remote)."""
+    if is_local(url):
+        return Path(str(url).removeprefix("file://"))
+    fs, root = url_to_fs(url, storage_options)
+    tmp = Path(tempfile.mkdtemp(prefix="egpt-lora-fetch-"))
+    for p in fs.find(root):
+        rel = p[len(root.rstrip("/")) + 1 :]
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(p, str(tmp / rel))
+    return tmp
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    fs, path = url_to_fs(url, storage_options)
+    return fs.exists(path)
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (no tensor is decoded)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    return dict(header.get("__metadata__") or {})
+
+
+# --------------------------------------------------------------------------------------------------
+# optimizer / RNG flattening
+# --------------------------------------------------------------------------------------------------
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{k}"] = v.detach().to("cpu").contiguous().clone()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if not key.startswith("state."):
+            continue
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    for key, v in info["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    groups = []
+    for g in info["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_to_flat(numpy_state: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch (+ CUDA), python and (optionally) numpy RNG states as uint8 tensors + JSON scalars."""
+    tensors = {"rng.torch": torch.get_rng_state().clone()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s.clone()
+    py_version, py_state, py_gauss = random.getstate()
+    info: dict[str, Any] = {"python": {"version": py_version, "state": list(py_state), "gauss": py_gauss}}
+    if numpy_state:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        tensors["rng.numpy"] = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.uint32).view(np.uint8).copy())
+        info["numpy"] = {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return tensors, info
+
+
+def rng_from_flat(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda[:n]])
+    if "numpy" in info and "rng.numpy" in tensors:
+        npi = info["numpy"]
+        keys = tensors["rng.numpy"].numpy().view(np.uint32)
+        np.random.set_state((npi["kind"], keys, npi["pos"], npi["has_gauss"], npi["gauss"]))
+    py = info["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
