@@ -98,3 +98,16 @@ def redact(options: dict[str, Any] | None) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def open_input(url: str, storage_options: dict[str, Any] | None = None):
+    """Open an input file for binary reading; missing or unopenable -> BadInputError naming it."""
+    from egpt_core.errors import BadInputError
+
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        return fs, path, fs.open(path, "rb")
+    except FileNotFoundError:
+        raise BadInputError(url, "file not found") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise BadInputError(url, f"cannot open: {exc}") from None

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from egpt_core.errors import BadInputError
-from egpt_core.fsio import url_to_fs
+from egpt_core.fsio import open_input
 
 
 def sample_frame_indices(n_total: int, n_frames: int = 8) -> list[int]:
@@ -46,13 +46,7 @@ def _decode(
     """
     import av
 
-    fs, path = url_to_fs(url, storage_options)
-    try:
-        f = fs.open(path, "rb")
-    except FileNotFoundError:
-        raise BadInputError(url, "file not found") from None
-    except (IsADirectoryError, PermissionError) as exc:
-        raise BadInputError(url, f"cannot open: {exc}") from None
+    fs, path, f = open_input(url, storage_options)
     kept: dict[int, Any] = {}
     count = 0
     with f:

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from egpt_core.errors import BadInputError
-from egpt_core.fsio import url_to_fs
+from egpt_core.fsio import open_input
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct, scalar
@@ -87,13 +87,7 @@ class EventStream:
 
 def load_events(url: str, storage_options: dict[str, Any] | None = None) -> EventStream:
     """Read and validate an event file (.npy EventGPT dict / structured array, or DSEC HDF5)."""
-    fs, path = url_to_fs(url, storage_options)
-    try:
-        f = fs.open(path, "rb")
-    except FileNotFoundError:
-        raise BadInputError(url, "file not found") from None
-    except (IsADirectoryError, PermissionError) as exc:
-        raise BadInputError(url, f"cannot open: {exc}") from None
+    fs, path, f = open_input(url, storage_options)
     with f:
         head = f.read(8)
         f.seek(0)

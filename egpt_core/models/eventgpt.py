@@ -196,17 +196,8 @@ class EventGPTDrafter:
         """
         embeds = [self.model.splice_embeddings(p, f) for p, f in zip(prompt_ids, features)]
         inputs, mask, _ = _pad_embeds(embeds, left=True)
-        out = self.model.generate(
-            inputs_embeds=inputs,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            output_hidden_states=True,
-            return_dict_in_generate=True,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        out = self.model.generate(inputs_embeds=inputs, attention_mask=mask,
+                                  **greedy_generation_kwargs(self.tokenizer, max_new_tokens))
         return split_generation(out.sequences, out.hidden_states, self.tokenizer.eos_token_id)
 
     @torch.no_grad()
@@ -232,6 +223,13 @@ class EventGPTDrafter:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def greedy_generation_kwargs(tokenizer, max_new_tokens: int) -> dict:
+    """HF generate settings shared by both models: greedy, per-step hidden states, dict output."""
+    return dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, output_hidden_states=True,
+                return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id)
 
 
 def split_generation(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from egpt_core.models.eventgpt import split_generation
+from egpt_core.models.eventgpt import greedy_generation_kwargs, split_generation
 from egpt_core.models.positions import gather_rows, tf_input_ids
 
 
@@ -67,18 +67,8 @@ class VideoLlavaTarget:
     ) -> tuple[list[list[int]], list[torch.Tensor]]:
         """Greedy AR generation, left padded: per pair ids through EOS and rows [T, D] (float32)."""
         ids, mask, pv, _ = self._batch(prompt_ids, videos, left=True)
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values_videos=pv,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            output_hidden_states=True,
-            return_dict_in_generate=True,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        out = self.model.generate(input_ids=ids, attention_mask=mask, pixel_values_videos=pv,
+                                  **greedy_generation_kwargs(self.tokenizer, max_new_tokens))
         return split_generation(out.sequences, out.hidden_states, self.tokenizer.eos_token_id)
 
     @torch.no_grad()
