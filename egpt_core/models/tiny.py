@@ -1,5 +1,9 @@
 """Tiny, seeded checkpoints in the real on-disk formats (for the demo and the tests).
 
+Like the real models (both fine-tuned from Vicuna-7B), the tiny EventGPT and Video-LLaVA decoders
+are one seeded "tiny Vicuna" plus a small per-model perturbation, so their hidden states are
+related and adapters have something to learn.
+
 `write_tiny_models(out)` writes ``out/eventgpt/`` (EventChat_llama config + weights, its CLIP tower
 in ``out/eventgpt/clip-vit-tiny/``), ``out/videollava/`` (VideoLlavaForConditionalGeneration +
 VideoLlavaProcessor) and one shared LLaMA-style tokenizer built offline with `tokenizers`. They are
@@ -97,8 +101,36 @@ def _scale_lm_head(model, std: float) -> None:
         head.weight.normal_(0.0, std)
 
 
+#: relative size of each model's own perturbation of the shared tiny-Vicuna decoder
+FINETUNE_NOISE = 0.15
+
+
+def tiny_vicuna(vocab: int, hidden: int = 64, layers: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The shared base decoder (as EventGPT-7B and Video-LLaVA-7B both derive from Vicuna-7B):
+    LlamaModel weights + LM head, seeded."""
+    from transformers import LlamaForCausalLM
+
+    _seed(seed + 10)
+    base = LlamaForCausalLM(LlamaConfig(**_llama_kwargs(vocab, hidden, layers))).eval()
+    _scale_lm_head(base, 0.5)
+    return {k: v.detach().clone() for k, v in base.state_dict().items()}
+
+
+def _load_finetuned(decoder, lm_head, base: dict[str, torch.Tensor], seed: int) -> None:
+    """Copy the base decoder into ``decoder``/``lm_head`` plus a seeded per-model perturbation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in decoder.state_dict().items():
+            src = base.get("model." + name)
+            if src is None:  # EventGPT's visual modules keep their own init
+                continue
+            p.copy_(src + FINETUNE_NOISE * src.std() * torch.randn(src.shape, generator=g) if src.ndim > 1 else src)
+        w = base["lm_head.weight"]
+        lm_head.weight.copy_(w + FINETUNE_NOISE * w.std() * torch.randn(w.shape, generator=g))
+
+
 def write_tiny_eventgpt(out: str | Path, tokenizer: PreTrainedTokenizerFast, hidden: int = 64, layers: int = 2,
-                        seed: int = 0) -> Path:
+                        seed: int = 0, base: dict[str, torch.Tensor] | None = None) -> Path:
     """EventChat_llama checkpoint; the CLIP tower lives in ``out/clip-vit-tiny`` (not in the weights)."""
     out = Path(out)
     clip_dir = out / CLIP_DIR_NAME
@@ -118,6 +150,8 @@ def write_tiny_eventgpt(out: str | Path, tokenizer: PreTrainedTokenizerFast, hid
     _seed(seed + 1)
     model = EventChatLlamaForCausalLM(cfg).eval()
     _scale_lm_head(model, 0.5)
+    if base is not None:
+        _load_finetuned(model.model, model.lm_head, base, seed + 21)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("model.visual_tower.")}
     model.save_pretrained(out, state_dict=sd)
     tokenizer.save_pretrained(out)
@@ -125,7 +159,7 @@ def write_tiny_eventgpt(out: str | Path, tokenizer: PreTrainedTokenizerFast, hid
 
 
 def write_tiny_videollava(out: str | Path, tokenizer: PreTrainedTokenizerFast, hidden: int = 64, layers: int = 2,
-                          seed: int = 0) -> Path:
+                          seed: int = 0, base: dict[str, torch.Tensor] | None = None) -> Path:
     """VideoLlavaForConditionalGeneration + VideoLlavaProcessor in save_pretrained format."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +179,8 @@ def write_tiny_videollava(out: str | Path, tokenizer: PreTrainedTokenizerFast, h
     _seed(seed + 2)
     model = VideoLlavaForConditionalGeneration(cfg).eval()
     _scale_lm_head(model, 0.5)
+    if base is not None:
+        _load_finetuned(model.model.language_model, model.lm_head, base, seed + 22)
     model.save_pretrained(out)
     size = clip_cfg.image_size
     image_processor = VideoLlavaImageProcessor(
@@ -165,9 +201,10 @@ def write_tiny_models(out: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write ``out/eventgpt`` and ``out/videollava`` sharing one tokenizer."""
     out = Path(out)
     tokenizer = build_tokenizer()
+    base = tiny_vicuna(len(tokenizer), seed=seed)
     paths = {
-        "eventgpt": write_tiny_eventgpt(out / "eventgpt", tokenizer, seed=seed),
-        "videollava": write_tiny_videollava(out / "videollava", tokenizer, seed=seed),
+        "eventgpt": write_tiny_eventgpt(out / "eventgpt", tokenizer, seed=seed, base=base),
+        "videollava": write_tiny_videollava(out / "videollava", tokenizer, seed=seed, base=base),
     }
     (out / "FIXTURES.json").write_text(json.dumps({"seed": seed, "kind": "tiny-seeded"}, indent=2))
     return paths
