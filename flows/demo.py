@@ -6,12 +6,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from egpt_core.config import TimingConfig, (
+from egpt_core.config import (
     AdapterConfig,
     ExtractConfig,
     LoraTrainConfig,
     ModelLoadConfig,
     PipelineConfig,
+    TimingConfig,
     TrainAdapterConfig,
 )
 
