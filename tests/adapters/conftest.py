@@ -1,15 +1,16 @@
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 D = 32
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
+    """Adapter tests run single-threaded; the previous setting is restored for other folders' tests."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

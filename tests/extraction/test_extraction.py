@@ -54,6 +54,7 @@ def test_shared_prefix_store_contents(full_store, extract_cfg, models):
     assert head.shape == tuple(r.manifest["lm_head"]["shape"]) == (len(target.tokenizer), 64)
     pairs = plan_pairs(extract_cfg(url))
     by_id = {p.pair_id: p for p in pairs}
+    agree = total = 0
     for rows in r.iter_pairs():
         p = by_id[rows.pair_id]
         t = len(rows.target_response_ids)
@@ -63,8 +64,15 @@ def test_shared_prefix_store_contents(full_store, extract_cfg, models):
         feats = drafter.event_features(_frames_for(p, extract_cfg(url)))
         direct = drafter.teacher_forced([drafter.prompt_ids(p.question)], [rows.target_response_ids], [feats])[0]
         torch.testing.assert_close(rows.drafter.float(), direct.to(torch.bfloat16).float(), atol=0.05, rtol=0.02)
-        # target rows are the LM-head inputs: they predict the target's own tokens
-        assert (rows.target.float() @ head.float().T).argmax(-1).tolist() == rows.target_response_ids
+        # target rows are the LM-head inputs: they predict the target's own tokens (up to bf16 storage
+        # rounding, which can only swap near-ties)
+        logits = rows.target.float() @ head.float().T
+        ids = torch.tensor(rows.target_response_ids)
+        gap = logits.max(-1).values - logits.gather(1, ids[:, None])[:, 0]
+        assert (gap <= 0.02 * logits.abs().max()).all()
+        agree += int((logits.argmax(-1) == ids).sum())
+        total += len(ids)
+    assert agree / total > 0.9
 
 
 def _frames_for(pair, cfg):
