@@ -578,11 +578,11 @@ class _Trainer:
             if max(s.fed_ids) >= vocab:
                 raise ConfigError(f"pair {s.pair_id}: a fed token id is outside the drafter vocabulary ({vocab})")
         self.lm_head = None
-        try:
+        if self.reader.manifest.get("lm_head"):  # read errors propagate (transient faults are retried)
             self.lm_head = self.reader.lm_head().to(self.device, torch.float32)
-        except Exception as exc:
-            if cfg.ce_weight:
-                raise ConfigError(f"ce_weight={cfg.ce_weight} needs the target LM head in {cfg.store}: {exc}") from exc
+        elif cfg.ce_weight:
+            raise ConfigError(f"ce_weight={cfg.ce_weight} needs the target LM head, but store {cfg.store} holds "
+                              "none (extract with a target model, or set ce_weight=0)")
         if self.lm_head is not None and self.lm_head.shape[1] != self.reader.hidden_size:
             raise ConfigError(f"LM head {tuple(self.lm_head.shape)} does not match hidden size {self.reader.hidden_size}")
         dataset_urls = [cfg.dataset or "", self.reader.meta.get("dataset") or ""]

@@ -385,6 +385,26 @@ def check_compatible(existing: dict, new: dict, store: str) -> None:
 # ------------------------------------------------------------------------------------------------
 _MEMORY_GUARD = threading.Lock()  # memory:// lives in this process: make create-if-absent atomic
 
+#: tokens of locks this process may have created but does not hold (acquire failed on a storage
+#: error after its create was sent, or release could not remove the lock): nobody holds them, so
+#: this process breaks them on its next acquire instead of waiting ``stale_s`` for itself. Other
+#: processes break them after ``stale_s``.
+_ABANDONED: set[str] = set()
+
+
+def _retry_transient_io(fn, tries: int = 4):
+    """Call ``fn``, retrying an OSError that is not FileNotFoundError/FileExistsError (a transient
+    storage error) a few times: lock bookkeeping must not leave a lock behind on one hiccup."""
+    for i in range(tries):
+        try:
+            return fn()
+        except (FileNotFoundError, FileExistsError):
+            raise
+        except OSError:
+            if i == tries - 1:
+                raise
+            time.sleep(0.02 * 2**i)
+
 
 def _holder_is_dead(holder: dict) -> bool:
     """True when the lock's writer ran on this host and its process no longer exists (kill -9)."""
@@ -421,13 +441,22 @@ class StoreLock:
         payload = json.dumps(
             {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
         ).encode()
+        try:
+            self._acquire(payload)
+        except BaseException:
+            _ABANDONED.add(self.token)  # a create of ours may have landed: never wait for it
+            raise
+
+    def _acquire(self, payload: bytes) -> None:
         deadline = time.monotonic() + self.timeout_s
         delay = 0.005
         while True:
             if self._try_create(payload):
                 return
             holder = self._holder()
-            if holder is not None and (_holder_is_dead(holder)
+            if holder is not None and holder.get("token") == self.token:
+                return  # our create landed though its answer was lost (an error, then "exists")
+            if holder is not None and (holder.get("token") in _ABANDONED or _holder_is_dead(holder)
                                        or time.time() - holder.get("time", time.time()) > self.stale_s):
                 log.warning("breaking stale store lock %s held by %s", self.path, holder)
                 self._break(holder)
@@ -475,7 +504,7 @@ class StoreLock:
                 return False
             raise
         time.sleep(0.05)  # let a racing PUT land, then confirm that ours won
-        return read_bytes(fs, self.path) == payload
+        return _retry_transient_io(lambda: read_bytes(fs, self.path)) == payload
 
     def _holder(self) -> dict | None:
         if is_local_fs(self.fs):
@@ -533,7 +562,10 @@ class StoreLock:
 
     # -- release ------------------------------------------------------------------------------
     def release(self) -> None:
-        holder = self._holder()
+        try:
+            holder = _retry_transient_io(self._holder)
+        except OSError as exc:
+            return self._abandon(exc)
         if holder is None or holder.get("token") != self.token:
             log.warning("store lock %s was broken while held (stale timeout %.0fs)", self.path, self.stale_s)
             return
@@ -541,9 +573,18 @@ class StoreLock:
             _silent_remove(self.path)
         else:
             try:
-                self.fs.rm_file(self.path)
+                _retry_transient_io(lambda: self.fs.rm_file(self.path))
             except FileNotFoundError:
                 pass
+            except OSError as exc:
+                self._abandon(exc)
+
+    def _abandon(self, exc: OSError) -> None:
+        """Releasing failed on a storage error: the commit (if any) stands; remember the lock so
+        this process breaks it on its next acquire (others break it after ``stale_s``)."""
+        _ABANDONED.add(self.token)
+        log.warning("could not release store lock %s (%s); it is broken on this process's next commit, "
+                    "by other writers after %.0fs", self.path, exc, self.stale_s)
 
     def __enter__(self) -> StoreLock:
         self.acquire()

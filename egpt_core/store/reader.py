@@ -154,11 +154,14 @@ class StoreReader:
     # -- whole shards -------------------------------------------------------------------------------
     def _load_tensors(self, sh: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         path = self._abs(sh["files"]["tensors"])
+        local = mf.is_local_fs(self.fs)
         try:
-            if mf.is_local_fs(self.fs):
-                ts = st.load_file(path)
-            else:
-                ts = st.load(self.fs.cat_file(path))
+            # a transient read error propagates as itself (retryable); only a bad file is a StoreError
+            data = None if local else self.fs.cat_file(path)
+        except FileNotFoundError as exc:
+            raise StoreError(f"store {self.url}: shard file {sh['files']['tensors']} is missing") from exc
+        try:
+            ts = st.load_file(path) if local else st.load(data)
         except FileNotFoundError as exc:
             raise StoreError(f"store {self.url}: shard file {sh['files']['tensors']} is missing") from exc
         except Exception as exc:  # safetensors' own errors
