@@ -22,9 +22,10 @@ from egpt_core.evaluation.evaluate import EVAL_VERSION
 from egpt_core.extraction.features import FEATURES_VERSION
 from egpt_core.extraction.run import EXTRACTION_VERSION
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
-from egpt_core.fsio import is_local, join
+from egpt_core.fsio import is_local, join, url_to_fs
 from egpt_core.models.loading import checkpoint_fingerprint
 from egpt_core.store import StoreReader
+from egpt_core.store.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,19 @@ def store_fingerprint(url: str, storage_options: dict | None = None) -> str:
     return StoreReader(url, storage_options).fingerprint
 
 
+def store_created(url: str, storage_options: dict | None = None) -> str | None:
+    """When the store at ``url`` was created (its manifest's ``created``); None while it does not exist.
+
+    An extraction's output is the store itself, so its cache entry is valid only for the store instance
+    it wrote into: a deleted and recreated store gets a new key and is re-extracted. The flow bypasses
+    the cache when the store is missing, but a dispatched shard group starts after its parent created
+    the store (event features), so without this the group would be served from the cache into the new,
+    empty store."""
+    fs, path = url_to_fs(url, storage_options)
+    manifest = load_manifest(fs, path.rstrip("/"), url)
+    return None if manifest is None else manifest.get("created")
+
+
 def needs_drafter(cfg: ExtractConfig) -> bool:
     return cfg.mode != "retf" or cfg.retf_side == "drafter"
 
@@ -116,6 +130,7 @@ def extract_material(inputs: dict[str, Any]) -> dict[str, Any]:
         "drafter": model_fingerprint(cfg.drafter, so) if needs_drafter(cfg) else None,
         "target": model_fingerprint(cfg.target, so) if needs_target(cfg) else None,
         "source_store": store_fingerprint(cfg.source_store, so) if cfg.mode == "retf" and cfg.source_store else None,
+        "store_created": store_created(cfg.store, so),
         "config": config_material(cfg),
         "only_pairs": None if only is None else hash_json(sorted(only)),
     }

@@ -101,7 +101,7 @@ def dispatch_group(deployment: str, cfg: ExtractConfig) -> GroupRef:
     return GroupRef(store_url=cfg.store, group=cfg.group_index, flow_run=run.name)
 
 
-@task(name="summarize-store", task_run_name=lambda: f"summarize-{url_name(task_run.parameters['url'])}")
+@task(name="summarize-store", task_run_name=lambda: f"summarize-{url_name(task_run.parameters['url'])}", **RETRY)
 def summarize_store(url: str, storage_options: dict | None = None) -> StoreRef:
     """Read a store's manifest into a StoreRef and publish its counts (by status and reason)."""
     reader = StoreReader(url, storage_options)

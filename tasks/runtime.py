@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -18,6 +19,16 @@ from egpt_core.errors import BadInputError, ConfigError, StoreError
 
 #: the global concurrency limit (`prefect gcl create gpu --limit N`) that GPU sections occupy
 GPU_LIMIT = "gpu"
+
+#: a worker's environment may name another limit for its runs, e.g. a per-node one:
+#: EGPT_GPU_LIMIT=gpu:<node> with `prefect gcl create gpu:<node> --limit <GPUs of the node>`
+GPU_LIMIT_ENV = "EGPT_GPU_LIMIT"
+
+
+def gpu_limit_name() -> str:
+    """The limit GPU sections occupy: $EGPT_GPU_LIMIT (set on the worker, inherited by its flow
+    runs), else `gpu`."""
+    return os.environ.get(GPU_LIMIT_ENV) or GPU_LIMIT
 
 #: errors that a retry cannot fix: bad data, wrong settings, a corrupt store
 NOT_RETRIED = (BadInputError, ConfigError, StoreError, ValidationError)
@@ -43,11 +54,11 @@ RETRY = {
 }
 
 
-def gpu_limit_exists() -> bool:
-    """True when the API server has the `gpu` global concurrency limit."""
+def gpu_limit_exists(name: str = GPU_LIMIT) -> bool:
+    """True when the API server has the global concurrency limit ``name``."""
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             return False
     return True
@@ -55,16 +66,22 @@ def gpu_limit_exists() -> bool:
 
 @contextlib.contextmanager
 def gpu_slot() -> Iterator[None]:
-    """Hold one slot of the `gpu` limit when the server defines it (strict: never run unlimited by
-    accident); without the limit (demo, tests) run directly and say so."""
+    """Hold one slot of the GPU limit (`gpu`, or $EGPT_GPU_LIMIT) when the server defines it
+    (strict: never run unlimited by accident); without the `gpu` limit (demo, tests) run directly and
+    say so. A limit named by $EGPT_GPU_LIMIT must exist (ConfigError: a typo never runs unlimited)."""
     logger = get_run_logger()
-    if gpu_limit_exists():
+    name = gpu_limit_name()
+    exists = gpu_limit_exists(name)
+    if not exists and os.environ.get(GPU_LIMIT_ENV):
+        raise ConfigError(f"{GPU_LIMIT_ENV}={name!r} names a concurrency limit this Prefect server does not have "
+                          f"(create it: prefect gcl create {name} --limit 1)")
+    if exists:
         start = time.monotonic()
-        with concurrency(GPU_LIMIT, occupy=1, strict=True):
-            logger.info("holding a '%s' slot (waited %.1fs)", GPU_LIMIT, time.monotonic() - start)
+        with concurrency(name, occupy=1, strict=True):
+            logger.info("holding a '%s' slot (waited %.1fs)", name, time.monotonic() - start)
             yield
     else:
-        logger.info("no '%s' concurrency limit on this server: running without a GPU slot", GPU_LIMIT)
+        logger.info("no '%s' concurrency limit on this server: running without a GPU slot", name)
         yield
 
 
