@@ -5,6 +5,7 @@ UI renders them as forms and validates them. Only this module and the CLI read t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -199,6 +200,19 @@ class PipelineConfig(_Model):
     split_seed: int = 0
     out: str = Field("egpt_runs", description="where runs, evaluations and the report go")
     timing: TimingConfig | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# process environment (the only place outside the CLI that reads it)
+# --------------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Local cache for fetched checkpoints: $EGPT_CACHE_DIR, default ~/.cache/egpt."""
+    return Path(os.environ.get("EGPT_CACHE_DIR") or Path.home() / ".cache" / "egpt")
+
+
+def worker_gpu_limit() -> str | None:
+    """$EGPT_GPU_LIMIT: the Prefect concurrency limit a worker's GPU sections occupy (e.g. gpu:<node>)."""
+    return os.environ.get("EGPT_GPU_LIMIT") or None
 
 
 def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.tasks import exponential_backoff
 from pydantic import ValidationError
 
+from egpt_core.config import worker_gpu_limit
 from egpt_core.errors import BadInputError, ConfigError, StoreError
 
 #: the global concurrency limit (`prefect gcl create gpu --limit N`) that GPU sections occupy
@@ -28,7 +28,7 @@ GPU_LIMIT_ENV = "EGPT_GPU_LIMIT"
 def gpu_limit_name() -> str:
     """The limit GPU sections occupy: $EGPT_GPU_LIMIT (set on the worker, inherited by its flow
     runs), else `gpu`."""
-    return os.environ.get(GPU_LIMIT_ENV) or GPU_LIMIT
+    return worker_gpu_limit() or GPU_LIMIT
 
 #: errors that a retry cannot fix: bad data, wrong settings, a corrupt store
 NOT_RETRIED = (BadInputError, ConfigError, StoreError, ValidationError)
@@ -72,7 +72,7 @@ def gpu_slot() -> Iterator[None]:
     logger = get_run_logger()
     name = gpu_limit_name()
     exists = gpu_limit_exists(name)
-    if not exists and os.environ.get(GPU_LIMIT_ENV):
+    if not exists and worker_gpu_limit():
         raise ConfigError(f"{GPU_LIMIT_ENV}={name!r} names a concurrency limit this Prefect server does not have "
                           f"(create it: prefect gcl create {name} --limit 1)")
     if exists:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,7 +49,9 @@ def resolve_device(device: str) -> torch.device:
 
 def cache_root() -> Path:
     """Local cache for fetched checkpoints (``EGPT_CACHE_DIR`` overrides; read by config layer only)."""
-    return Path(os.environ.get("EGPT_CACHE_DIR", Path.home() / ".cache" / "egpt"))
+    from egpt_core.config import cache_dir
+
+    return cache_dir()
 
 
 def local_checkpoint(url: str, storage_options: dict | None = None) -> Path:
