@@ -317,25 +317,14 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None, only_pa
         if progress:
             progress(n_done / max(len(pending), 1), f"{n_done}/{len(pending)} pairs, {n_shards} shards committed")
     bar.close()
-    reader = StoreReader(cfg.store, cfg.storage_options)
-    man = reader.manifest
-    reasons = _reason_counts(reader)
+    man = StoreReader(cfg.store, cfg.storage_options).manifest
+    reasons = dict(man.get("reasons", {}))  # counted per shard at commit: no table reads here
     return ExtractSummary(
         store_url=cfg.store, store_fingerprint=man.get("store_fingerprint") or man.get("fingerprint") or "",
         mode=cfg.mode, counts=dict(man.get("counts", {})), pairs_total=len(pairs), pairs_pending=len(pending),
         shards_committed=n_shards, pairs_processed=n_done, seconds=round(time.perf_counter() - t0, 3),
         reasons=reasons, lm_head_written=bool(lm_written), features=stats,
     )
-
-
-def _reason_counts(reader: StoreReader) -> dict[str, int]:
-    table = reader.pairs()
-    out: dict[str, int] = {}
-    for status, reason in zip(table.column("status").to_pylist(), table.column("reason").to_pylist()):
-        if status != "ok":
-            key = f"{status}: {reason}"
-            out[key] = out.get(key, 0) + 1
-    return out
 
 
 def _source_rows(source: StoreReader, shard: list[Pair]) -> dict:

@@ -406,6 +406,25 @@ def _retry_transient_io(fn, tries: int = 4):
             time.sleep(0.02 * 2**i)
 
 
+#: per filesystem instance: does a conditional create (S3 If-None-Match) refuse an existing object?
+_EXCLUSIVE_CREATE: dict[int, bool] = {}
+
+
+def _exclusive_create_honoured(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> bool:
+    """Probe once per filesystem, on the lock object we just created: a second conditional create
+    must fail. AWS S3 and moto honour it; some S3-compatible stores silently overwrite (same bytes)."""
+    key = id(fs)
+    if key not in _EXCLUSIVE_CREATE:
+        try:
+            fs.pipe_file(path, payload, mode="create")
+            _EXCLUSIVE_CREATE[key] = False
+        except FileExistsError:
+            _EXCLUSIVE_CREATE[key] = True
+        except (OSError, TypeError):
+            return False  # undecided (transient fault): confirm this time, probe again next time
+    return _EXCLUSIVE_CREATE[key]
+
+
 def _holder_is_dead(holder: dict) -> bool:
     """True when the lock's writer ran on this host and its process no longer exists (kill -9)."""
     pid = holder.get("pid")
@@ -503,7 +522,9 @@ class StoreLock:
             if fs.exists(self.path):
                 return False
             raise
-        time.sleep(0.05)  # let a racing PUT land, then confirm that ours won
+        if _exclusive_create_honoured(fs, self.path, payload):
+            return True  # the backend refuses a second conditional create: ours is the lock
+        time.sleep(0.05)  # backend may ignore If-None-Match: let a racing PUT land, then confirm ours won
         return _retry_transient_io(lambda: read_bytes(fs, self.path)) == payload
 
     def _holder(self) -> dict | None:
