@@ -51,7 +51,7 @@ def run() -> dict:
             bucket = f"bench-{uuid.uuid4().hex[:8]}"
             url_to_fs(f"s3://{bucket}", opts)[0].mkdir(bucket)
             local_t, s3_t = [], []
-            for i in range(2):
+            for i in range(3):
                 t0 = time.perf_counter()
                 run_extraction(cfg(str(Path(tmp) / f"local{i}")), models=models)
                 local_t.append(time.perf_counter() - t0)
