@@ -56,7 +56,7 @@ def task_states(flow_run_id, timeout_s: float = 15.0) -> list[tuple[str, str]]:
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            if (runs and all(r.state and r.state.is_final() for r in runs)) or time.monotonic() > deadline:
                 return sorted((r.name, r.state.name if r.state else "unknown") for r in runs)
             time.sleep(0.2)
 

@@ -98,3 +98,21 @@ def s3_bucket(s3_server):
     fs, _ = url_to_fs(f"s3://{name}", s3_server)
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> dict[str, str]:
+    """THE Prefect test server of the session (one per process: Prefect's event/log workers are
+    process-global), task results under a temp dir (not ~/.prefect). Opt-in: only Prefect-level
+    tests pay for it (~10 s, once).
+
+    Yields the settings a child process needs to use the same server and result storage.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(storage)}):
+        with prefect_test_harness(server_startup_timeout=90):
+            yield {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(storage)}

@@ -14,14 +14,11 @@ SECRET = "AKIA-EGPT-TEST-SECRET-5f3a"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_harness(tmp_path_factory):
-    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_harness(prefect_api):
+    """Every flow test runs against the session's one Prefect test server (tests/conftest.py)."""
+    from pathlib import Path
 
-    storage = tmp_path_factory.mktemp("prefect-results")
-    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(storage)}):
-        with prefect_test_harness(server_startup_timeout=90):
-            yield storage
+    return Path(prefect_api["PREFECT_RESULTS_LOCAL_STORAGE_PATH"])
 
 
 @pytest.fixture(scope="session")
