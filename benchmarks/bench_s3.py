@@ -38,7 +38,7 @@ def run() -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             fx = Path(tmp) / "fx"
-            write_fixtures(fx, scenes=4, questions=3)
+            write_fixtures(fx, scenes=8, questions=6)
 
             def cfg(store, **kw):
                 # default generation/batching/shard settings (max_new_tokens 50, batch 8, shard 64)
@@ -63,5 +63,5 @@ def run() -> dict:
         proc.wait(timeout=10)
     return {"s3_vs_local_extract": {
         "ratio": round(min(s3_t) / min(local_t), 3), "goal": "<= 1.3",
-        "unit": f"x wall time: 12 pairs x 50 tokens (default batch/shard settings), store on loopback S3 (moto) {min(s3_t):.2f}s vs local disk {min(local_t):.2f}s",
+        "unit": f"x wall time: 48 pairs x 50 tokens (default batch/shard settings), store on loopback S3 (moto) {min(s3_t):.2f}s vs local disk {min(local_t):.2f}s",
     }}
