@@ -127,6 +127,7 @@ class StoreWriter:
         self.meta = self._normalize_meta(meta)
         self._committed: dict[str, list[tuple[str, str]]] = {}  # shard -> [(pair_id, status)]
         self._committed_ids: set[str] = set()
+        self._feature_keys: set[str] | None = None  # listed once: no GET per cache miss
         m = self._load()
         if m is None:  # a new store: create its manifest (under the lock: another writer may race us)
             with self._lock():
@@ -452,9 +453,22 @@ class StoreWriter:
     def put_features(self, key: str, tensors: torch.Tensor | dict[str, torch.Tensor],
                      metadata: dict[str, str] | None = None) -> str:
         """Cache event features under ``features/<key>.safetensors`` (atomic); returns the path."""
-        return _put_features(self.fs, self.root, key, tensors, metadata)
+        rel = _put_features(self.fs, self.root, key, tensors, metadata)
+        if self._feature_keys is not None:
+            self._feature_keys.add(key)
+        return rel
 
     def get_features(self, key: str) -> dict[str, torch.Tensor] | None:
+        """Cached features, or None. The features/ listing is read once per writer, so a miss costs
+        no request on object stores (features another writer adds meanwhile are recomputed, identically)."""
+        if self._feature_keys is None:
+            try:
+                names = self.fs.ls(f"{self.root}/{mf.FEATURES_DIR}", detail=False)
+            except FileNotFoundError:
+                names = []
+            self._feature_keys = {n.rsplit("/", 1)[-1].removesuffix(".safetensors") for n in names}
+        if key not in self._feature_keys:
+            return None
         return _get_features(self.fs, self.root, key)
 
     def has_features(self, key: str) -> bool:
