@@ -7,20 +7,12 @@
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def _best(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from benchmarks.timing import best_time
 
 
 def run() -> dict:
@@ -43,10 +35,10 @@ def run() -> dict:
         prompts, videos = [p[0] for p in preps], [p[1] for p in preps]
         new = 50
         ids, _ = target.generate(prompts[:4], videos[:4], new)
-        t_ar = _best(lambda: target.generate(prompts[:4], videos[:4], new))
-        t_tf = _best(lambda: target.teacher_forced(prompts[:4], ids, videos[:4]))
-        t_b1 = _best(lambda: [target.generate([p], [v], new) for p, v in zip(prompts, videos)], repeat=1)
-        t_b16 = _best(lambda: target.generate(prompts, videos, new), repeat=2)
+        t_ar = best_time(lambda: target.generate(prompts[:4], videos[:4], new))
+        t_tf = best_time(lambda: target.teacher_forced(prompts[:4], ids, videos[:4]))
+        t_b1 = best_time(lambda: [target.generate([p], [v], new) for p, v in zip(prompts, videos)], repeats=1)
+        t_b16 = best_time(lambda: target.generate(prompts, videos, new), repeats=2)
     return {
         "tf_vs_ar_extraction": {
             "ratio": round(t_ar / t_tf, 2), "goal": ">= 8",

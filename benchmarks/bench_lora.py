@@ -10,23 +10,17 @@ two timings produce the same thing.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.timing import best_time
 
 MAX_NEW_TOKENS = 50
 N_SCENES, N_QUESTIONS = 2, 2
 REPEATS = 3
 
 
-def _best(fn, repeats: int = REPEATS) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _generate_fixed(drafter, prompt: list[int], feats: torch.Tensor, n: int):
@@ -67,8 +61,8 @@ def run() -> dict:
             assert len(ids) == MAX_NEW_TOKENS
             tf = drafter.teacher_forced([prompt], [ids], [f])[0]
             max_err = max(max_err, (tf - rows).abs().max().item())
-            t_ar += _best(lambda prompt=prompt, f=f: _generate_fixed(drafter, prompt, f, MAX_NEW_TOKENS))
-            t_tf += _best(lambda prompt=prompt, f=f, ids=ids: drafter.teacher_forced([prompt], [ids], [f]))
+            t_ar += best_time(lambda prompt=prompt, f=f: _generate_fixed(drafter, prompt, f, MAX_NEW_TOKENS), REPEATS)
+            t_tf += best_time(lambda prompt=prompt, f=f, ids=ids: drafter.teacher_forced([prompt], [ids], [f]), REPEATS)
         if max_err > 1e-3:
             raise AssertionError(f"TF rows differ from AR rows by {max_err:.2e}: the timings would not compare")
     n = len(pairs)

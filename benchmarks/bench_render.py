@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.timing import best_time
 from egpt_core.events.io import load_events
 from egpt_core.events.render import render_event_frames, slice_bounds
 
@@ -27,13 +27,6 @@ def render_loop_reference(x: np.ndarray, y: np.ndarray, p: np.ndarray, n_frames:
     return frames
 
 
-def _best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def run() -> dict:
@@ -44,8 +37,8 @@ def run() -> dict:
         slow = render_loop_reference(events.x, events.y, events.p, n)
         if any(not np.array_equal(a, b) for a, b in zip(fast, slow)) or len(fast) != len(slow):
             raise AssertionError(f"vectorised and loop renders differ ({n} frames)")
-        vectorised_s += _best_time(lambda n=n: render_event_frames(events, n), REPEATS * 5)
-        loop_s += _best_time(lambda n=n: render_loop_reference(events.x, events.y, events.p, n), REPEATS)
+        vectorised_s += best_time(lambda n=n: render_event_frames(events, n), REPEATS * 5)
+        loop_s += best_time(lambda n=n: render_loop_reference(events.x, events.y, events.p, n), REPEATS)
     return {
         "render_vectorised_vs_loop": {
             "ratio": loop_s / vectorised_s,

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from egpt_core.fsio import is_local, join, url_to_fs
+from egpt_core.fingerprint import hash_json
+from egpt_core.fsio import is_local, join, redact, url_to_fs
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
@@ -184,3 +185,16 @@ def rng_from_flat(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Non
         np.random.set_state((npi["kind"], keys, npi["pos"], npi["has_gauss"], npi["gauss"]))
     py = info["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+
+
+def config_fingerprint(cfg, exclude: set[str]) -> str:
+    """What a resumed run must share with the checkpoint it continues (a pydantic config minus
+    the fields in ``exclude`` that do not change the result)."""
+    return hash_json(cfg.model_dump(mode="json", exclude=exclude))
+
+
+def config_record(cfg) -> dict[str, Any]:
+    """A pydantic config as written to a run's config.json: credentials in storage_options redacted."""
+    dump = cfg.model_dump(mode="json")
+    dump["storage_options"] = redact(dump.get("storage_options"))
+    return dump

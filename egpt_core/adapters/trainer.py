@@ -46,7 +46,7 @@ from egpt_core.config import TrainAdapterConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import join, redact
+from egpt_core.fsio import join
 
 log = logging.getLogger(__name__)
 
@@ -421,14 +421,8 @@ def plot_curves(history: list[dict[str, Any]], url: str, storage_options: dict |
     rf.write_bytes(url, buf.getvalue(), storage_options)
 
 
-def config_fingerprint(cfg: TrainAdapterConfig) -> str:
-    return hash_json(cfg.model_dump(mode="json", exclude=_NON_SEMANTIC))
-
-
-def _safe_dump(cfg: TrainAdapterConfig) -> dict[str, Any]:
-    dump = cfg.model_dump(mode="json")
-    dump["storage_options"] = redact(dump.get("storage_options"))
-    return dump
+def config_fingerprint(cfg) -> str:
+    return rf.config_fingerprint(cfg, _NON_SEMANTIC)
 
 
 def _result_from_state(cfg: TrainAdapterConfig, state: dict[str, Any]) -> TrainResult:
@@ -511,7 +505,7 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
     if ctx.main and loaded is None:
         rf.remove(join(cfg.out, "last_state.json"), so)  # a stale commit point must not outlive a restart
         rf.write_json(join(cfg.out, "config.json"), {
-            "task": "train_adapter", "config": _safe_dump(cfg), "config_fingerprint": fp,
+            "task": "train_adapter", "config": rf.config_record(cfg), "config_fingerprint": fp,
             "data_fingerprints": data.fingerprints, "level": level, "hidden_size": d, "param_count": n_params,
             "n_train_pairs": data.n_train, "n_val_pairs": data.n_val,
             "n_train_scenes": len(data.train_scenes), "n_val_scenes": len(data.val_scenes),

@@ -47,8 +47,7 @@ from egpt_core import runfiles as rf
 from egpt_core.config import EventRenderConfig, LoraTrainConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError
-from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import join, redact
+from egpt_core.fsio import join
 from egpt_core.lora import checkpoint as ck
 from egpt_core.models.positions import POSITION_CONVENTION, gather_rows
 
@@ -495,15 +494,8 @@ def save_adapter(peft_model, url: str, provenance: dict[str, Any], storage_optio
 _NON_SEMANTIC = {"out", "storage_options", "epochs"}
 
 
-def config_fingerprint(cfg: LoraTrainConfig) -> str:
-    """What a resumed run must share with the checkpoint it continues (epochs may be raised)."""
-    return hash_json(cfg.model_dump(mode="json", exclude=_NON_SEMANTIC))
-
-
-def _safe_dump(cfg: LoraTrainConfig) -> dict[str, Any]:
-    dump = cfg.model_dump(mode="json")
-    dump["storage_options"] = redact(dump.get("storage_options"))
-    return dump
+def config_fingerprint(cfg) -> str:
+    return rf.config_fingerprint(cfg, _NON_SEMANTIC)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -634,7 +626,7 @@ class _Trainer:
         if ctx.main:
             if state is None:  # a fresh start never continues a stale checkpoint left in cfg.out later
                 rf.remove(join(cfg.out, ck.CHECKPOINT_DIR, "state.json"), self.so)
-            rf.write_json(join(cfg.out, "config.json"), _safe_dump(cfg), self.so)
+            rf.write_json(join(cfg.out, "config.json"), rf.config_record(cfg), self.so)
         ctx.barrier()
         self._load_model()
         self._data()
