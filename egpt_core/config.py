@@ -30,6 +30,9 @@ class ModelLoadConfig(_Model):
     dtype: Dtype = Field("bfloat16", description="compute dtype (float32 on CPU for exactness)")
     quant: Quant = Field("none", description="'nf4' = bitsandbytes 4-bit NF4, double quant")
     device: str = Field("auto", description="'auto' = cuda if available else cpu")
+    clip_path: str | None = Field(None, description="EventGPT only: local CLIP vision tower directory (config + "
+                                  "preprocessing; its weights only when the checkpoint has none), overriding "
+                                  "config.json's mm_visual_tower")
 
 
 class EventRenderConfig(_Model):

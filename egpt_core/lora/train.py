@@ -732,6 +732,7 @@ class _Trainer:
 
     def _provenance(self, state: dict) -> dict[str, Any]:
         return {"format": ck.FORMAT, "drafter": self.cfg.drafter, "drafter_fingerprint": self.drafter.fingerprint,
+                "clip_path": self.cfg.load.clip_path,
                 "store": self.cfg.store, "store_fingerprint": self.reader.fingerprint,
                 "val_store": self.cfg.val_store, "events": self.render.model_dump(mode="json"),
                 "position_convention": POSITION_CONVENTION, "target_modules": DECODER_ATTN_REGEX,
