@@ -63,6 +63,9 @@ class ExtractConfig(_Model):
     max_questions: int | None = Field(None, ge=1)
     load: ModelLoadConfig = ModelLoadConfig()
     store_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    lm_head_dtype: Literal["model", "float32"] = Field(
+        "model", description="target LM head in the store: as loaded ('model'), or the checkpoint's own values "
+        "in float32 (exact token metrics: near-tie argmaxes over the vocabulary can flip in bf16)")
     events: EventRenderConfig = EventRenderConfig()
     n_video_frames: int = Field(8, ge=1, le=64)
     shard_groups: int = Field(1, ge=1, description="fan-out: split pairs into this many groups (flow runs)")

@@ -39,6 +39,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         load["quant"] = args.quant
     if args.device:
         load["device"] = args.device
+    if args.clip_dir:
+        load["clip_path"] = args.clip_dir
     base["load"] = load
     events = dict(base.get("events") or {})
     if args.event_frames:
@@ -92,6 +94,8 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quant", choices=["none", "nf4"])
     p.add_argument("--device")
+    p.add_argument("--clip-dir", help="EventGPT's CLIP vision tower directory (config + preprocessing), "
+                                      "overriding config.json's mm_visual_tower")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
 

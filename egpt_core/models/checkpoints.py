@@ -168,3 +168,21 @@ def check_loading_info(ckpt: Path | str, info: Mapping, allowed_missing_prefixes
 def model_tensor_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """State-dict names -> shapes of a (meta-device) model."""
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def read_tensor(ckpt: Path, names: Iterable[str]) -> torch.Tensor:
+    """The first of ``names`` found in ``ckpt``'s weights, as stored (one tensor read, not the model)."""
+    names = list(names)
+    for f in weight_files(ckpt):
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as sf:
+                keys = set(sf.keys())
+                for n in names:
+                    if n in keys:
+                        return sf.get_tensor(n)
+        else:
+            sd = _load_bin(f)
+            for n in names:
+                if n in sd:
+                    return sd[n].clone()
+    raise ConfigError(f"{ckpt}: no tensor named {' or '.join(names)} in its weights")

@@ -30,6 +30,7 @@ from egpt_core.models.checkpoints import (
     check_loading_info,
     check_tensor_names,
     model_tensor_shapes,
+    read_tensor,
     rename,
     tensor_shapes,
 )
@@ -350,3 +351,13 @@ def load_videollava(path: str, load: ModelLoadConfig | None = None, storage_opti
     target.fingerprint = checkpoint_fingerprint(ckpt)
     target.path = str(path)
     return target
+
+
+#: where Video-LLaVA checkpoints keep the LM head (transformers 5 layout, then the -hf checkpoints' own)
+LM_HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+def checkpoint_lm_head(path: str, storage_options: dict | None = None) -> torch.Tensor:
+    """A Video-LLaVA checkpoint's LM head ``[V, D]`` as stored in its files, in float32 (exact for
+    fp16/bf16/fp32 checkpoints): not the copy of a model loaded in bf16 or NF4."""
+    return read_tensor(local_checkpoint(path, storage_options), LM_HEAD_NAMES).float()
