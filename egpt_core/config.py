@@ -68,6 +68,9 @@ class ExtractConfig(_Model):
         "in float32 (exact token metrics: near-tie argmaxes over the vocabulary can flip in bf16)")
     events: EventRenderConfig = EventRenderConfig()
     n_video_frames: int = Field(8, ge=1, le=64)
+    frame_sampling: Literal["linspace", "model_card"] = Field(
+        "linspace", description="target video frames: 'linspace' = floor(linspace(0, n-1, k)) (research default); "
+        "'model_card' = arange(0, n, n/k) as in the Video-LLaVA-7B-hf model card")
     shard_groups: int = Field(1, ge=1, description="fan-out: split pairs into this many groups (flow runs)")
     group_index: int | None = Field(None, ge=0, description="only extract this shard group")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (credentials never logged)")

@@ -95,6 +95,8 @@ def store_meta(cfg: ExtractConfig, drafter, target) -> dict:
         # the CLIP directory's content is in the drafter fingerprint; its local path is not store-defining
         "load": cfg.load.model_dump(mode="json", exclude={"clip_path"}),
     }
+    if cfg.frame_sampling != "linspace":  # (absent at the default: stores written before keep their key)
+        settings["frame_sampling"] = cfg.frame_sampling
     return {
         "mode": cfg.mode,
         "position_convention": POSITION_CONVENTION,
@@ -104,6 +106,7 @@ def store_meta(cfg: ExtractConfig, drafter, target) -> dict:
         "generation": generation,
         "events": cfg.events.model_dump(mode="json"),
         "n_video_frames": cfg.n_video_frames,
+        "frame_sampling": cfg.frame_sampling,
         "dataset": cfg.dataset,
         "source_store": cfg.source_store if cfg.mode == "retf" else None,
         "compat_key": hash_json(settings),
@@ -147,7 +150,8 @@ class _Inputs:
         def read() -> list:
             if not pair.scene.video_path:
                 raise BadInputError(pair.scene.scene_id, "scene has no video (video_data)")
-            return read_video_frames(pair.scene.video_path, self.cfg.n_video_frames, self.cfg.storage_options)
+            return read_video_frames(pair.scene.video_path, self.cfg.n_video_frames, self.cfg.storage_options,
+                                     strategy=self.cfg.frame_sampling)
 
         return self._memo(self._video, pair.scene.scene_id, read)
 
