@@ -246,6 +246,16 @@ def _image_processor(ckpt: Path, tower: TowerSource) -> CLIPImageProcessor:
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
+def _forget_key_mapping(model) -> None:
+    """transformers reverses a load's ``key_mapping`` when the model is saved again; ours is a
+    many-to-one regex (several layouts -> one) with no inverse, so a loaded drafter saves in the
+    project's own layout instead (what `export-drafter` writes)."""
+    convs = getattr(model, "_weight_conversions", None)
+    if convs:
+        ours = set(EVENTGPT_KEY_MAPPING)
+        model._weight_conversions = [c for c in convs if not ours & set(getattr(c, "source_patterns", ()) or ())]
+
+
 def load_eventgpt(path: str, load: ModelLoadConfig | None = None, clip_dir: str | None = None,
                   double_adaptor: bool = False, storage_options: dict | None = None):
     """Load an EventGPT checkpoint directory -> `EventGPTDrafter` (model, tokenizer, CLIP processor).
@@ -281,6 +291,7 @@ def load_eventgpt(path: str, load: ModelLoadConfig | None = None, clip_dir: str 
             str(ckpt), config=config, key_mapping=EVENTGPT_KEY_MAPPING, output_loading_info=True,
             **_from_pretrained_kwargs(load, device))
         check_loading_info(ckpt, info, allowed_missing_prefixes=() if tower.in_checkpoint else (TOWER_PREFIX,))
+        _forget_key_mapping(model)
         if not tower.in_checkpoint:
             clip, clip_info = CLIPVisionModel.from_pretrained(str(tower.clip_dir), dtype=getattr(torch, load.dtype),
                                                               output_loading_info=True)

@@ -99,7 +99,6 @@ def test_train_lora_refuses_swapped_drafter(source_store, swapped_dir, tmp_path)
 
 def test_train_lora_on_a_store_without_any_vocabulary_is_refused(source_store, fixtures_dir, tmp_path, monkeypatch):
     from egpt_core.lora import train_lora
-
     from egpt_core.models import loading
 
     real = loading.local_checkpoint
