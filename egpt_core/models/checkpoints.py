@@ -49,10 +49,10 @@ def weight_files(ckpt: Path) -> list[Path]:
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(f"{ckpt / index}: not a weight index ({exc})") from exc
             shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (ckpt / s).is_file()]
-            if missing or any(Path(s).name != s for s in shards):
+            bad = [s for s in shards if Path(str(s)).name != s or not (ckpt / s).is_file()]
+            if bad:
                 raise ConfigError(f"{ckpt / index} names shard(s) that are missing or outside the directory: "
-                                  f"{(missing or shards)[:SHOWN_KEYS]}")
+                                  f"{bad[:SHOWN_KEYS]}")
             return [ckpt / s for s in shards]
     raise ConfigError(
         f"{ckpt}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})")

@@ -105,6 +105,22 @@ def test_research_tokenizer_equals_sentencepiece_itself(research):
     assert plain("a\nb", add_special_tokens=False).input_ids != sp.encode("a\nb")  # why the fix exists
 
 
+def test_a_conversion_that_disagrees_with_sentencepiece_is_refused(research, drafter, tmp_path):
+    from egpt_core.models.vocab import check_sentencepiece_fidelity
+
+    spec = json.loads(drafter.tokenizer.backend_tokenizer.to_str())
+    a, b = (next(t for t, i in spec["model"]["vocab"].items() if i == k) for k in (120, 121))
+    spec["model"]["vocab"][a], spec["model"]["vocab"][b] = 121, 120
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    wrong = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
+    check_sentencepiece_fidelity(drafter.tokenizer, research["bin"] / "tokenizer.model")  # the real one agrees
+    with pytest.raises(ConfigError, match="disagrees with SentencePiece"):
+        check_sentencepiece_fidelity(wrong, research["bin"] / "tokenizer.model", texts=[
+            drafter.tokenizer.decode(list(range(100, 140)))])
+
+
 def test_clip_dir_override(research, fixtures_dir, tmp_path):
     clip = fixtures_dir / "eventgpt" / "clip-vit-tiny"
     d = load_eventgpt(str(research["bin"]), ModelLoadConfig(dtype="float32", device="cpu", clip_path=str(clip)))
