@@ -30,6 +30,9 @@ class ModelLoadConfig(_Model):
     dtype: Dtype = Field("bfloat16", description="compute dtype (float32 on CPU for exactness)")
     quant: Quant = Field("none", description="'nf4' = bitsandbytes 4-bit NF4, double quant")
     device: str = Field("auto", description="'auto' = cuda if available else cpu")
+    clip_path: str | None = Field(None, description="EventGPT only: local CLIP vision tower directory (config + "
+                                  "preprocessing; its weights only when the checkpoint has none), overriding "
+                                  "config.json's mm_visual_tower")
 
 
 class EventRenderConfig(_Model):
@@ -60,8 +63,14 @@ class ExtractConfig(_Model):
     max_questions: int | None = Field(None, ge=1)
     load: ModelLoadConfig = ModelLoadConfig()
     store_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    lm_head_dtype: Literal["model", "float32"] = Field(
+        "model", description="target LM head in the store: as loaded ('model'), or the checkpoint's own values "
+        "in float32 (exact token metrics: near-tie argmaxes over the vocabulary can flip in bf16)")
     events: EventRenderConfig = EventRenderConfig()
     n_video_frames: int = Field(8, ge=1, le=64)
+    frame_sampling: Literal["linspace", "model_card"] = Field(
+        "linspace", description="target video frames: 'linspace' = floor(linspace(0, n-1, k)) (research default); "
+        "'model_card' = arange(0, n, n/k) as in the Video-LLaVA-7B-hf model card")
     shard_groups: int = Field(1, ge=1, description="fan-out: split pairs into this many groups (flow runs)")
     group_index: int | None = Field(None, ge=0, description="only extract this shard group")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (credentials never logged)")

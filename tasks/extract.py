@@ -4,8 +4,6 @@ fan-out dispatch of groups as flow runs, and the store summary."""
 
 from __future__ import annotations
 
-import json
-
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
@@ -17,9 +15,9 @@ from egpt_core.errors import BadInputError
 from egpt_core.extraction import load_models, plan_pairs, run_extraction
 from egpt_core.extraction.features import scene_features
 from egpt_core.extraction.run import store_meta
-from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import join, url_to_fs
-from egpt_core.models.loading import _find_clip_dir, checkpoint_fingerprint, load_eventgpt, local_checkpoint
+from egpt_core.models.loading import drafter_fingerprint as _drafter_fingerprint
+from egpt_core.models.loading import load_eventgpt
 from egpt_core.store import StoreReader, StoreWriter
 from tasks.caching import FingerprintPolicy, extract_material, features_material
 from tasks.refs import FeaturesRef, GroupRef, NightlyPlan, StoreRef
@@ -123,11 +121,8 @@ def summarize_store(url: str, storage_options: dict | None = None) -> StoreRef:
 def drafter_fingerprint(cfg: ExtractConfig) -> str:
     """The drafter fingerprint a store manifest records (= `load_eventgpt(...).fingerprint`),
     computed from the checkpoint files without loading the model."""
-    ckpt = local_checkpoint(cfg.drafter, cfg.storage_options)
-    raw = json.loads((ckpt / "config.json").read_text())
-    clip = _find_clip_dir(ckpt, raw.get("mm_visual_tower"), None)
-    return hash_json({"ckpt": checkpoint_fingerprint(ckpt), "clip": checkpoint_fingerprint(clip),
-                      "double_adaptor": cfg.events.double_feature_adaptor})
+    return _drafter_fingerprint(cfg.drafter, cfg.load.clip_path, cfg.events.double_feature_adaptor,
+                                cfg.storage_options)
 
 
 @task(name="plan-nightly", task_run_name="plan-nightly")

@@ -31,6 +31,37 @@ def register(subparsers) -> None:
     p.add_argument("--list-levels", action="store_true", help="print each level with its exact parameter count")
     p.set_defaults(func=_run)
 
+    imp = subparsers.add_parser(
+        "import-adapter", help="convert a research best_model.pt into an adapter run directory",
+        description="Read a research-pipeline adapter checkpoint (torch.load weights_only=True), map its "
+                    "tensors onto the project's module names and write OUT/best.safetensors + OUT/config.json, "
+                    "usable by `egpt evaluate --adapter OUT` and the pipeline.",
+    )
+    imp.add_argument("checkpoint", help="research best_model.pt / final_model.pt")
+    imp.add_argument("out", help="adapter run directory to write")
+    imp.add_argument("--level", required=True, choices=["L1", "L2", "L3", "L4", "L5", "B1", "L5F"],
+                     help="the level it was trained as (B1 = L5 trained with --vlm_only)")
+    imp.add_argument("--which", choices=["best", "last"], default="best", help="write best.safetensors or last")
+    imp.set_defaults(func=_import)
+
+
+def _import(args) -> int:
+    from egpt_core import runfiles as rf
+    from egpt_core.adapters.research_import import import_research_adapter
+    from egpt_core.fsio import join
+
+    try:
+        prev = rf.read_json(join(args.out, "config.json")) if rf.exists(join(args.out, "config.json")) else None
+        if prev is not None and prev.get("task") != "import_adapter":
+            raise ConfigError(f"{args.out} already holds a run that was not imported (config.json task "
+                              f"{prev.get('task')!r}); choose a new directory")
+        record = import_research_adapter(args.checkpoint, args.out, args.level, which=args.which)
+    except ConfigError as exc:
+        print(f"egpt import-adapter: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: record[k] for k in ("level", "hidden_size", "param_count", "weights", "source")}, indent=2))
+    return 0
+
 
 def _list_levels(args) -> int:
     from egpt_core.adapters.modules import LEVEL_DESCRIPTIONS, LEVELS, level_parameter_count

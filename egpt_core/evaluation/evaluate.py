@@ -184,7 +184,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
     else:
         if lm_head.shape[1] != hidden:
             raise ConfigError(f"store LM head is {tuple(lm_head.shape)} but the store's hidden size is {hidden}")
-        inputs["lm_head"] = f"present {list(lm_head.shape)}"
+        inputs["lm_head"] = f"present {list(lm_head.shape)} {(manifest.get('lm_head') or {}).get('dtype')}"
     name = default_name(cfg, mode, str(acfg.level) if acfg is not None else None)
 
     scenes = None
@@ -194,7 +194,8 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
         inputs["split"] = {"val_fraction": cfg.val_fraction, "seed": cfg.split_seed, "val_scenes": len(scenes)}
         notes.append(f"evaluated on the {len(scenes)} validation scenes of the seeded split by scene "
                      f"(fraction {cfg.val_fraction}, seed {cfg.split_seed}); training never saw them.")
-    acc = MetricAccumulator(cfg.taus, cfg.gammas, cfg.max_positions, lm_head, device=device)
+    acc = MetricAccumulator(cfg.taus, cfg.gammas, cfg.max_positions, lm_head, device=device,
+                            lm_head_dtype=(manifest.get("lm_head") or {}).get("dtype"))
     n_shards = len(reader.shards) or None
     for k, shard in enumerate(reader.iter_shards()):
         for drafter, target, mask, tokens in _batches(shard, cfg.batch_size, scenes):

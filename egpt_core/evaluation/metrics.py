@@ -191,6 +191,7 @@ class MetricAccumulator:
         hist_bins: int = 200,
         device: str | torch.device | None = None,
         logits_chunk_bytes: int = 64 << 20,
+        lm_head_dtype: str | None = None,
     ):
         self.taus = sorted({float(t) for t in taus})
         self.gammas = sorted({int(g) for g in gammas})
@@ -205,6 +206,12 @@ class MetricAccumulator:
         self.device = torch.device(device) if device is not None else (
             lm_head.device if lm_head is not None else torch.device("cpu"))
         self.lm_head = None if lm_head is None else lm_head.detach().to(self.device, torch.float32)
+        # the store's head precision: when it is float32, top-1 is also taken with the head rounded to
+        # bf16 and the positions whose argmax flips are counted (near ties over the vocabulary)
+        self.lm_head_dtype = lm_head_dtype or (None if lm_head is None else str(lm_head.dtype).removeprefix("torch."))
+        self.lm_head_bf16 = (self.lm_head.to(torch.bfloat16).float()
+                             if self.lm_head is not None and self.lm_head_dtype == "float32" else None)
+        self.flips = {"pred": 0, "target": 0}
         self.logits_chunk_bytes = int(logits_chunk_bytes)
         self.hist_bins = int(hist_bins)
 
@@ -316,6 +323,9 @@ class MetricAccumulator:
                 hits[k] += int(((top[:, :k] == ref[:, None]).any(1) | hit1).sum())
             top1[i:i + chunk] = hit1
             agree[i:i + chunk] = arg_p == arg_t
+            if self.lm_head_bf16 is not None:
+                self.flips["pred"] += int(((pv[i:i + chunk] @ self.lm_head_bf16.T).argmax(1) != arg_p).sum())
+                self.flips["target"] += int(((tv[i:i + chunk] @ self.lm_head_bf16.T).argmax(1) != arg_t).sum())
         for k in TOPK:
             self.topk_hits[k] += hits[k]
         self.argmax_agree += int(agree.sum())
@@ -393,12 +403,23 @@ class MetricAccumulator:
                 **{f"top{k}": (self.topk_hits[k] / n if n else None) for k in TOPK},
                 "argmax_agreement": self.argmax_agree / n if n else None,
                 "consecutive": tok["consecutive"],
+                "lm_head_precision": self._precision(n),
             }
             out["acceptance_length"]["token"] = tok["acceptance_length"]
             per_position["token_top1"] = per_pos(self.token_runs.per_pos)
             per_position["argmax_agreement"] = per_pos(self.pos_argmax_agree)
         out["summary"] = summary_from(out)
         return _json_safe(out)
+
+    def _precision(self, n: int) -> dict[str, Any]:
+        """How many positions' top-1 changes between the float32 head and the same head in bf16."""
+        if self.lm_head_bf16 is None:
+            return {"store_dtype": self.lm_head_dtype, "positions": n, "top1_changed_pred": None,
+                    "top1_changed_target": None,
+                    "note": "the store's LM head is not float32: extract with lm_head_dtype='float32' to measure"}
+        return {"store_dtype": "float32", "positions": n, "compared_with": "bfloat16",
+                "top1_changed_pred": self.flips["pred"], "top1_changed_target": self.flips["target"],
+                "top1_changed_pred_rate": self.flips["pred"] / n if n else None}
 
     def _hist_median(self) -> float | None:
         total = float(self.cos_hist.sum())
@@ -453,6 +474,8 @@ def summary_from(m: dict[str, Any]) -> dict[str, Any]:
         s["token_consecutive_mean"] = tok["consecutive"]["mean"]
         s["token_reference"] = tok["reference"]
         s["target_lm_head_self_match"] = tok["target_lm_head_self_match"]
+        prec = tok.get("lm_head_precision") or {}
+        s["top1_changed_bf16_head"] = prec.get("top1_changed_pred")
     basis = primary_basis(m)
     if basis is not None:
         s["acc_len_basis"] = basis

@@ -31,6 +31,13 @@ def fmt(v: Any, pct: bool = False, digits: int = 4) -> str:
     return str(v)
 
 
+def _flips(tok: dict) -> str:
+    prec = tok.get("lm_head_precision") or {}
+    if prec.get("top1_changed_pred") is None:
+        return f"not measured (store head {prec.get('store_dtype')}; lm_head_dtype='float32' measures it)"
+    return f"{prec['top1_changed_pred']} / {prec['top1_changed_target']} of {prec['positions']}"
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -106,6 +113,7 @@ def render_report(m: dict[str, Any]) -> str:
              f"{fmt(tok['consecutive']['max'], digits=0)}"],
             ["reference token", ref],
             ["target self-match (argmax W·target == stored id)", fmt(tok["target_lm_head_self_match"], pct=True)],
+            ["positions whose top-1 changes with the head in bf16 (pred / target)", _flips(tok)],
         ]), ""]
     else:
         out += ["No target LM head in the store: token metrics omitted; acceptance lengths below use the "

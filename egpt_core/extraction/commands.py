@@ -29,7 +29,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         "dataset": args.dataset, "questions": args.questions, "drafter": args.drafter, "target": args.target,
         "store": args.store, "mode": args.mode, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
         "shard_size": args.shard_size, "max_scenes": args.max_scenes, "max_questions": args.max_questions,
-        "source_store": args.source_store, "retf_side": args.retf_side,
+        "source_store": args.source_store, "retf_side": args.retf_side, "frame_sampling": args.frame_sampling,
+        "lm_head_dtype": args.lm_head_dtype,
     }
     base.update({k: v for k, v in flags.items() if v is not None})
     load = dict(base.get("load") or {})
@@ -39,6 +40,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         load["quant"] = args.quant
     if args.device:
         load["device"] = args.device
+    if args.clip_dir:
+        load["clip_path"] = args.clip_dir
     base["load"] = load
     events = dict(base.get("events") or {})
     if args.event_frames:
@@ -89,9 +92,15 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-scenes", type=int)
     p.add_argument("--max-questions", type=int)
     p.add_argument("--event-frames", type=int)
+    p.add_argument("--frame-sampling", choices=["linspace", "model_card"],
+                   help="target video frames: linspace (research default) or the Video-LLaVA model card's arange")
+    p.add_argument("--lm-head-dtype", choices=["model", "float32"],
+                   help="store the target LM head as loaded (default) or the checkpoint's values in float32")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quant", choices=["none", "nf4"])
     p.add_argument("--device")
+    p.add_argument("--clip-dir", help="EventGPT's CLIP vision tower directory (config + preprocessing), "
+                                      "overriding config.json's mm_visual_tower")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
 

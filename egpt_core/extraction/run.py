@@ -33,6 +33,7 @@ from egpt_core.extraction.features import scene_features
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import join
 from egpt_core.models.positions import POSITION_CONVENTION
+from egpt_core.models.vocab import check_vocab_compat, vocab_tokens
 from egpt_core.store import StoreReader, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,11 @@ def store_meta(cfg: ExtractConfig, drafter, target) -> dict:
         "version": EXTRACTION_VERSION, "mode": cfg.mode, "generation": generation,
         "events": cfg.events.model_dump(mode="json"), "n_video_frames": cfg.n_video_frames,
         "models": {k: v["fingerprint"] for k, v in models.items()}, "retf_side": cfg.retf_side if cfg.mode == "retf" else None,
-        "load": cfg.load.model_dump(mode="json"),
+        # the CLIP directory's content is in the drafter fingerprint; its local path is not store-defining
+        "load": cfg.load.model_dump(mode="json", exclude={"clip_path"}),
     }
+    if cfg.frame_sampling != "linspace":  # (absent at the default: stores written before keep their key)
+        settings["frame_sampling"] = cfg.frame_sampling
     return {
         "mode": cfg.mode,
         "position_convention": POSITION_CONVENTION,
@@ -102,24 +106,11 @@ def store_meta(cfg: ExtractConfig, drafter, target) -> dict:
         "generation": generation,
         "events": cfg.events.model_dump(mode="json"),
         "n_video_frames": cfg.n_video_frames,
+        "frame_sampling": cfg.frame_sampling,
         "dataset": cfg.dataset,
         "source_store": cfg.source_store if cfg.mode == "retf" else None,
         "compat_key": hash_json(settings),
     }
-
-
-def check_vocab_compat(drafter_tok, target_tok) -> None:
-    """Both sides must share the LLaMA/Vicuna vocabulary (the target may append special tokens)."""
-    dv, tv = drafter_tok.get_vocab(), target_tok.get_vocab()
-    n = min(len(dv), len(tv))
-    d_by_id = {i: t for t, i in dv.items() if i < n}
-    t_by_id = {i: t for t, i in tv.items() if i < n}
-    bad = [i for i in range(n) if d_by_id.get(i) != t_by_id.get(i)]
-    if bad:
-        raise ConfigError(
-            f"drafter and target tokenizers differ on {len(bad)} of the first {n} ids (e.g. id {bad[0]}: "
-            f"{d_by_id.get(bad[0])!r} vs {t_by_id.get(bad[0])!r}); shared_prefix/retf need one vocabulary"
-        )
 
 
 def _record(pair: Pair, status: str = "ok", reason: str | None = None) -> dict:
@@ -159,7 +150,8 @@ class _Inputs:
         def read() -> list:
             if not pair.scene.video_path:
                 raise BadInputError(pair.scene.scene_id, "scene has no video (video_data)")
-            return read_video_frames(pair.scene.video_path, self.cfg.n_video_frames, self.cfg.storage_options)
+            return read_video_frames(pair.scene.video_path, self.cfg.n_video_frames, self.cfg.storage_options,
+                                     strategy=self.cfg.frame_sampling)
 
         return self._memo(self._video, pair.scene.scene_id, read)
 
@@ -259,8 +251,6 @@ def load_models(cfg: ExtractConfig):
     drafter = load_eventgpt(cfg.drafter, cfg.load, double_adaptor=cfg.events.double_feature_adaptor,
                             storage_options=cfg.storage_options) if need_d else None
     target = load_videollava(cfg.target, cfg.load, storage_options=cfg.storage_options) if need_t else None
-    if drafter is not None and target is not None and cfg.mode != "independent":
-        check_vocab_compat(drafter.tokenizer, target.tokenizer)
     if drafter is not None and target is not None and drafter.hidden_size != target.hidden_size:
         raise ConfigError(f"drafter hidden size {drafter.hidden_size} != target hidden size {target.hidden_size}")
     return drafter, target
@@ -285,15 +275,16 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None, only_pa
         pairs = [p for p in pairs if p.pair_id in ok]
 
     drafter, target = models if models is not None else load_models(cfg)
+    check_pair_vocab(cfg, drafter, target, source)
     writer = StoreWriter(cfg.store, store_meta(cfg, drafter, target), cfg.storage_options)
     committed = writer.committed_pair_ids()
     pending = [p for p in pairs if p.pair_id not in committed]
     stats: dict[str, int] = {}
     lm_written = False
     if target is not None:
-        head = target.model.get_output_embeddings().weight
-        native = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(head.dtype, "float32")
-        lm_written = writer.write_lm_head(target.lm_head_weight(), target.fingerprint, dtype=native) or False
+        weight, dtype = target_lm_head(cfg, target)
+        lm_written = writer.write_lm_head(weight, target.fingerprint, dtype=dtype,
+                                          vocab=vocab_tokens(target.tokenizer)) or False
     elif source is not None:
         lm_written = _copy_lm_head(source, writer)
 
@@ -338,6 +329,46 @@ def _source_rows(source: StoreReader, shard: list[Pair]) -> dict:
     return out
 
 
+def check_pair_vocab(cfg: ExtractConfig, drafter, target, source: StoreReader | None) -> None:
+    """The extraction's one vocabulary check (every mode), before any model work.
+
+    With both models loaded their tokenizers are compared. ``retf`` recomputes one side from the
+    source store's token ids, which are the source target's: the recomputed side is compared with the
+    target vocabulary the source store records (else with the other checkpoint's tokenizer).
+    """
+    if drafter is not None and target is not None:
+        check_vocab_compat(drafter.tokenizer, target.tokenizer, f"drafter {cfg.drafter}", f"target {cfg.target}")
+        return
+    if source is None:
+        return
+    side, name = (drafter, f"drafter {cfg.drafter}") if drafter is not None else (target, f"target {cfg.target}")
+    recorded = source.target_vocab()
+    if recorded is not None:
+        check_vocab_compat(side.tokenizer, recorded, name, f"source store {cfg.source_store}'s target (whose "
+                                                         "token ids are re-fed)")
+        return
+    from egpt_core.models.loading import local_checkpoint
+    from egpt_core.models.vocab import load_tokenizer
+
+    other = cfg.target if drafter is not None else cfg.drafter
+    other_tok = load_tokenizer(local_checkpoint(other, cfg.storage_options))
+    pair = (side.tokenizer, other_tok) if drafter is not None else (other_tok, side.tokenizer)
+    names = (name, f"target {other}") if drafter is not None else (f"drafter {other}", name)
+    check_vocab_compat(*pair, *names)
+
+
+def target_lm_head(cfg: ExtractConfig, target) -> tuple[torch.Tensor, str]:
+    """The LM head to store and its dtype: the loaded model's (``lm_head_dtype='model'``), or the
+    checkpoint's own values in float32 (``'float32'``: no bf16/NF4-load rounding, so near-tie argmaxes
+    over the vocabulary are decided exactly)."""
+    if cfg.lm_head_dtype == "float32":
+        from egpt_core.models.loading import checkpoint_lm_head
+
+        return checkpoint_lm_head(target.path, cfg.storage_options), "float32"
+    head = target.model.get_output_embeddings().weight
+    return target.lm_head_weight(), {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(head.dtype, "float32")
+
+
 def _copy_lm_head(source: StoreReader, writer: StoreWriter) -> bool:
     try:
         weight = source.lm_head()
@@ -345,4 +376,4 @@ def _copy_lm_head(source: StoreReader, writer: StoreWriter) -> bool:
         return False
     info = source.manifest.get("lm_head") or {}
     fp = info.get("fingerprint") or info.get("target_fingerprint") or "unknown"
-    return bool(writer.write_lm_head(weight, fp, dtype=info.get("dtype")))
+    return bool(writer.write_lm_head(weight, fp, dtype=info.get("dtype"), vocab=source.target_vocab()))

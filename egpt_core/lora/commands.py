@@ -34,7 +34,8 @@ def build_config(args: argparse.Namespace):
              "grad_accum": args.grad_accum, "micro_batch": args.micro_batch, "seed": args.seed}
     data.update({k: v for k, v in flags.items() if v is not None})
     load = dict(data.get("load") or {"quant": "nf4"})
-    for key, val in (("quant", args.quant), ("dtype", args.dtype), ("device", args.device)):
+    for key, val in (("quant", args.quant), ("dtype", args.dtype), ("device", args.device),
+                     ("clip_path", args.clip_dir)):
         if val is not None:
             load[key] = val
     data["load"] = load
@@ -68,7 +69,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from egpt_core.lora.merge import export_drafter
 
-    out = export_drafter(args.lora, args.out, base=args.base, dtype=args.dtype)
+    out = export_drafter(args.lora, args.out, base=args.base, dtype=args.dtype, clip_path=args.clip_dir)
     print(json.dumps({"merged_drafter": out, "lora": args.lora, "base": args.base}, indent=2))
     return 0
 
@@ -84,6 +85,7 @@ def register(sub) -> None:
     p.add_argument("--quant", choices=["nf4", "none"])
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device")
+    p.add_argument("--clip-dir", dest="clip_dir", help="EventGPT's CLIP tower directory (overrides mm_visual_tower)")
     p.add_argument("--rank", type=int, help="LoRA rank r")
     p.add_argument("--alpha", type=int, help="LoRA alpha")
     p.add_argument("--lr", type=float)
@@ -99,4 +101,5 @@ def register(sub) -> None:
     e.add_argument("--out", required=True, help="output checkpoint directory")
     e.add_argument("--base", help="base drafter (default: the one the LoRA was trained on)")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the base checkpoint's")
+    e.add_argument("--clip-dir", dest="clip_dir", help="the base's CLIP tower directory (default: training's)")
     e.set_defaults(func=_cmd_export)

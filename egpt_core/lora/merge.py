@@ -4,7 +4,8 @@ The base is loaded in full precision (bf16/fp16/fp32 — never 4-bit: merging in
 need dequantise-merge-requantise and adds rounding), the adapter is merged with peft's
 ``merge_and_unload`` and the result is saved in the same on-disk format the loader reads:
 ``config.json`` (``model_type`` ``EventChat_llama``), safetensors weights without the visual tower,
-the CLIP tower directory copied beside them (``mm_visual_tower`` names it) and the tokenizer. So
+the CLIP tower directory copied beside them (``mm_visual_tower`` names it) and the tokenizer — or,
+for a base in the authors' layout (tower weights in the checkpoint), with the tower weights. So
 ``load_eventgpt(out_dir)`` loads it and ``egpt extract --mode retf --drafter OUT`` re-extracts rows.
 """
 
@@ -41,15 +42,17 @@ def _base_dtype(base_dir: Path) -> str:
 
 
 def export_drafter(lora_dir: str, out_dir: str, base: str | None = None, dtype: str | None = None,
-                   storage_options: dict | None = None) -> str:
+                   storage_options: dict | None = None, clip_path: str | None = None) -> str:
     """Merge the LoRA at ``lora_dir`` into ``base`` (default: the drafter it was trained on) -> ``out_dir``.
 
-    ``dtype`` defaults to the base checkpoint's dtype. Returns ``out_dir``.
+    ``dtype`` defaults to the base checkpoint's dtype; ``clip_path`` (default: the one training used)
+    overrides the base's ``mm_visual_tower``. A base that carries its own tower weights (the authors'
+    layout) keeps them in the export. Returns ``out_dir``.
     """
     from peft import PeftModel
 
     from egpt_core.models import load_eventgpt
-    from egpt_core.models.loading import _find_clip_dir, local_checkpoint
+    from egpt_core.models.loading import TOWER_PREFIX, local_checkpoint
 
     adapter = resolve_adapter_dir(lora_dir, storage_options)
     acfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -61,24 +64,30 @@ def export_drafter(lora_dir: str, out_dir: str, base: str | None = None, dtype: 
     base_dir = local_checkpoint(base, storage_options)
     dtype = dtype or _base_dtype(base_dir)
     double = bool((prov.get("events") or {}).get("double_feature_adaptor", False))
-    drafter = load_eventgpt(str(base_dir), ModelLoadConfig(dtype=dtype, quant="none", device="cpu"),
+    drafter = load_eventgpt(str(base_dir), ModelLoadConfig(dtype=dtype, quant="none", device="cpu",
+                                                           clip_path=clip_path or prov.get("clip_path")),
                             double_adaptor=double)
     with warnings.catch_warnings():  # peft still asks transformers 5 for is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = PeftModel.from_pretrained(drafter.model, str(adapter), is_trainable=False)
+        check_adapter_loaded(peft_model, adapter)
         merged = peft_model.merge_and_unload()
     merged.eval()
 
     raw_cfg = json.loads((base_dir / "config.json").read_text())
-    clip_src = _find_clip_dir(base_dir, raw_cfg.get("mm_visual_tower"), None)
-    clip_name = Path(str(raw_cfg.get("mm_visual_tower") or clip_src.name)).name
+    tower = drafter.tower
+    clip_src = tower.clip_dir
+    # the copied CLIP directory, else the base's own tower name (a KNOWN_TOWERS entry)
+    clip_name = clip_src.name if clip_src is not None else raw_cfg.get("mm_visual_tower")
 
     tmp = rf.staging_dir(out_dir)
-    merged.config.clip_config = None  # the tower is read from its own directory, as in the base
+    merged.config.clip_config = None  # the tower config comes from its directory / name, as in the base
     merged.config.mm_visual_tower = clip_name
-    sd = {k: v.contiguous() for k, v in merged.state_dict().items() if not k.startswith("model.visual_tower.")}
+    sd = {k: v.contiguous() for k, v in merged.state_dict().items()
+          if tower.in_checkpoint or not k.startswith(TOWER_PREFIX)}
     merged.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
-    shutil.copytree(clip_src, tmp / clip_name, dirs_exist_ok=True)
+    if clip_src is not None:
+        shutil.copytree(clip_src, tmp / clip_name, dirs_exist_ok=True)
     drafter.tokenizer.save_pretrained(str(tmp))
     rf.write_json(str(tmp / "egpt_export.json"), {
         "format": EXPORT_FORMAT, "base": str(base), "lora": str(lora_dir),
@@ -88,3 +97,28 @@ def export_drafter(lora_dir: str, out_dir: str, base: str | None = None, dtype: 
     rf.put_dir(tmp, out_dir, storage_options)
     del merged, peft_model
     return str(out_dir)
+
+
+def check_adapter_loaded(peft_model, adapter: Path) -> None:
+    """Every LoRA tensor of the model must equal the adapter file's (ConfigError naming the keys):
+    a LoRA left at its initialisation (B = 0) would merge into a silent no-op."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from egpt_core.models.checkpoints import incomplete_message
+
+    files = sorted(adapter.glob("adapter_model*.safetensors"))
+    if not files:
+        raise ConfigError(f"{adapter}: no adapter_model.safetensors (only safetensors adapters are read)")
+    saved: dict = {}
+    for f in files:
+        saved.update(load_file(str(f)))
+    loaded = get_peft_model_state_dict(peft_model)
+    missing = set(loaded) - set(saved)
+    unexpected = set(saved) - set(loaded)
+    differing = {k for k in set(saved) & set(loaded)
+                 if not torch.equal(loaded[k].detach().cpu().to(saved[k].dtype), saved[k])}
+    msg = incomplete_message(adapter, missing, unexpected, {f"{k} (value not loaded)" for k in differing})
+    if msg:
+        raise ConfigError(msg)

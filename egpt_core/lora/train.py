@@ -238,6 +238,29 @@ class FeatureSource:
 # --------------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------------
+def check_store_vocab(drafter, reader, drafter_path: str, storage_options: dict | None = None) -> None:
+    """The drafter is fed the store's target token ids: its tokenizer must agree with the target
+    vocabulary the store records (else with the recorded target checkpoint's tokenizer)."""
+    from egpt_core.models.loading import local_checkpoint
+    from egpt_core.models.vocab import check_vocab_compat, load_tokenizer
+
+    recorded = reader.target_vocab()
+    where = f"store {reader.url}'s target"
+    if recorded is None:
+        tpath = ((reader.meta.get("models") or {}).get("target") or {}).get("path")
+        try:
+            recorded = load_tokenizer(local_checkpoint(tpath, storage_options)) if tpath else None
+            where = f"target {tpath} (the store's)"
+        except ConfigError:
+            recorded = None
+        if recorded is None:
+            raise ConfigError(
+                f"store {reader.url} records no target vocabulary and its target checkpoint {tpath!r} cannot be "
+                "read here, so the drafter's tokenizer cannot be checked against the token ids it would be fed; "
+                "re-extract the store with this version (it stores target_vocab.json)")
+    check_vocab_compat(drafter.tokenizer, recorded, f"drafter {drafter_path}", where)
+
+
 def lora_modules(model) -> list[str]:
     """Names of the modules that carry a LoRA adapter."""
     from peft.tuners.lora import LoraLayer
@@ -549,6 +572,8 @@ class _Trainer:
             raise ConfigError(f"drafter hidden size {self.drafter.hidden_size} != store hidden size "
                               f"{self.reader.hidden_size}")
         self.device = self.drafter.device
+        for reader in self.readers:
+            check_store_vocab(self.drafter, reader, self.cfg.drafter, self.so)
 
     def _data(self):
         cfg = self.cfg
@@ -732,6 +757,7 @@ class _Trainer:
 
     def _provenance(self, state: dict) -> dict[str, Any]:
         return {"format": ck.FORMAT, "drafter": self.cfg.drafter, "drafter_fingerprint": self.drafter.fingerprint,
+                "clip_path": self.cfg.load.clip_path,
                 "store": self.cfg.store, "store_fingerprint": self.reader.fingerprint,
                 "val_store": self.cfg.val_store, "events": self.render.model_dump(mode="json"),
                 "position_convention": POSITION_CONVENTION, "target_modules": DECODER_ATTN_REGEX,

@@ -3,6 +3,11 @@
 `load_eventgpt(path, load)` and `load_videollava(path, load)` are the only loaders: the tiny
 fixtures and real 7B checkpoints go through the same code. A checkpoint given as a URL
 (``s3://…``) is fetched once into a local cache directory keyed by its fingerprint.
+
+Loading is strict (`egpt_core.models.checkpoints`): every tensor of the model must come from the
+checkpoint (or, for EventGPT's tower, from its CLIP directory), or the load fails naming the keys.
+EventGPT checkpoints are read in the project's layout and in the authors' own (XduSyL/EventGPT:
+tower under ``model.visual_tower.visual_tower.vision_model.*``, ``tokenizer.model`` only).
 """
 
 from __future__ import annotations
@@ -11,16 +16,24 @@ import contextlib
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from transformers import AutoTokenizer, BitsAndBytesConfig, CLIPImageProcessor, CLIPVisionModel
+from transformers import BitsAndBytesConfig, CLIPImageProcessor, CLIPVisionModel
 
 from egpt_core.config import ModelLoadConfig
 from egpt_core.errors import ConfigError
 from egpt_core.fingerprint import dir_fingerprint, hash_json
 from egpt_core.fsio import is_local, url_to_fs
+from egpt_core.models.checkpoints import (
+    check_loading_info,
+    check_tensor_names,
+    model_tensor_shapes,
+    read_tensor,
+    rename,
+    tensor_shapes,
+)
 
 #: modules kept in full precision under NF4 (the vision path and the LM head)
 #: (transformers matches these as regexes from the start of the module path)
@@ -30,7 +43,8 @@ NF4_SKIP_MODULES = [r".*visual_tower", r".*visual_projector", r".*feature_adapto
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """Silence load-report tables (e.g. the CLIP keys that are loaded from the tower dir afterwards)."""
+    """Silence transformers' load-report tables: the loaders check ``output_loading_info`` themselves
+    and raise on anything missing (the tower keys read from a CLIP directory are expected there)."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -102,66 +116,208 @@ def _from_pretrained_kwargs(load: ModelLoadConfig, device: torch.device) -> dict
     return kw
 
 
-def _weight_keys(path: Path) -> set[str]:
-    keys: set[str] = set()
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            keys.update(sf.keys())
-    return keys
+#: the authors' layout (``VisualTower`` wraps ``CLIPVisionModel``: ``model.visual_tower.visual_tower.
+#: vision_model.*``), transformers 4.x CLIP names (``...visual_tower.vision_model.*``) and the project's
+#: own (``model.visual_tower.*``) all land on the project's tower names (transformers' ``key_mapping``)
+EVENTGPT_KEY_MAPPING = {r"^model\.visual_tower\.(?:visual_tower\.)?(?:vision_model\.)?": "model.visual_tower."}
+TOWER_PREFIX = "model.visual_tower."
+
+#: CLIP vision towers EventGPT checkpoints name in ``mm_visual_tower`` (matched on the last path
+#: component), for checkpoints that carry the tower weights but whose CLIP directory is elsewhere.
+#: Values override ``CLIPVisionConfig`` defaults; shapes are checked against the weights.
+KNOWN_TOWERS: dict[str, dict] = {
+    "clip-vit-large-patch14-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+    "clip-vit-large-patch14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                   num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768),
+    # the tower of this project's tiny fixtures (`egpt fixtures`)
+    "clip-vit-tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=32, patch_size=8, projection_dim=32),
+}
+_CONFIG_DROP = ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype")
+
+
+@dataclass
+class TowerSource:
+    """Where an EventGPT checkpoint's CLIP vision tower comes from.
+
+    ``clip_dir`` (config + image preprocessing, and the weights when the checkpoint has none) or None
+    when the checkpoint carries the weights and the config is a :data:`KNOWN_TOWERS` entry;
+    ``in_checkpoint``: the checkpoint's own tower weights are used.
+    """
+
+    clip_dir: Path | None
+    in_checkpoint: bool
+    vision_config: dict
+
+
+def _clip_candidates(ckpt: Path, name: str | None, clip_dir: str | None) -> list[Path]:
+    if clip_dir:
+        return [Path(clip_dir)]
+    if not name:
+        return []
+    return [Path(name), ckpt / name, ckpt.parent / name, ckpt / "checkpoints" / Path(name).name]
 
 
 def _find_clip_dir(ckpt: Path, name: str | None, clip_dir: str | None) -> Path:
-    candidates = []
-    if clip_dir:
-        candidates.append(Path(clip_dir))
-    if name:
-        candidates += [Path(name), ckpt / name, ckpt.parent / name, ckpt / "checkpoints" / Path(name).name]
+    """The local CLIP directory: ``clip_dir`` if given, else found from ``mm_visual_tower``."""
+    candidates = _clip_candidates(ckpt, name, clip_dir)
     for c in candidates:
         if (c / "config.json").is_file():
             return c
+    if clip_dir:
+        raise ConfigError(f"clip_path {clip_dir!r} has no config.json: pass the CLIP vision tower directory")
     raise ConfigError(
-        f"CLIP tower {name!r} for {ckpt} not found locally (tried {[str(c) for c in candidates]}); "
-        "put it beside the checkpoint or pass clip_dir — nothing is downloaded"
+        f"CLIP tower {name!r} for {ckpt} not found locally (tried {[str(c) for c in candidates]}) and the "
+        "checkpoint carries no tower weights; pass the CLIP directory with --clip-dir (load.clip_path) — "
+        "nothing is downloaded"
     )
+
+
+def _clip_config_from_dir(clip: Path) -> dict:
+    raw = json.loads((clip / "config.json").read_text())
+    raw = raw.get("vision_config", raw)
+    return {k: v for k, v in raw.items() if k not in _CONFIG_DROP}
+
+
+def _known_tower(ckpt: Path, name: str | None, shapes: dict[str, tuple[int, ...]]) -> dict:
+    key = Path(str(name or "")).name
+    if key not in KNOWN_TOWERS:
+        raise ConfigError(
+            f"{ckpt} carries its vision tower weights but mm_visual_tower {name!r} is not a tower this loader "
+            f"knows ({', '.join(KNOWN_TOWERS)}) and no CLIP directory was found: pass --clip-dir "
+            "(load.clip_path) with the tower's config.json and preprocessor_config.json")
+    cfg = dict(KNOWN_TOWERS[key])
+    tower = {rename(k, EVENTGPT_KEY_MAPPING)[len(TOWER_PREFIX):]: s for k, s in shapes.items()
+             if rename(k, EVENTGPT_KEY_MAPPING).startswith(TOWER_PREFIX)}
+    n_pos = (cfg["image_size"] // cfg["patch_size"]) ** 2 + 1
+    want = {"embeddings.position_embedding.weight": (n_pos, cfg["hidden_size"]),
+            "encoder.layers.0.mlp.fc1.weight": (cfg["intermediate_size"], cfg["hidden_size"]),
+            "embeddings.patch_embedding.weight": (cfg["hidden_size"], 3, cfg["patch_size"], cfg["patch_size"])}
+    layers = {int(k.split(".")[2]) for k in tower if k.startswith("encoder.layers.")}
+    if any(tuple(tower.get(k, ())) != v for k, v in want.items()) or layers != set(range(cfg["num_hidden_layers"])):
+        raise ConfigError(f"{ckpt}: the tower weights do not have the shapes of {key} (mm_visual_tower); pass "
+                          "--clip-dir (load.clip_path) with the tower's own config.json")
+    return cfg
+
+
+def resolve_tower(ckpt: Path, raw_config: dict, shapes: dict[str, tuple[int, ...]],
+                  clip_path: str | None = None) -> TowerSource:
+    """Decide where the tower's config, preprocessing and weights come from (nothing is loaded).
+
+    The checkpoint's own tower weights win when it has them (the authors' trainer saves them); the
+    CLIP directory (``clip_path``, else found from ``mm_visual_tower``) then only supplies config and
+    preprocessing, and is optional for :data:`KNOWN_TOWERS`.
+    """
+    name = raw_config.get("mm_visual_tower")
+    in_ckpt = any(rename(k, EVENTGPT_KEY_MAPPING).startswith(TOWER_PREFIX) for k in shapes)
+    try:
+        clip = _find_clip_dir(ckpt, name, clip_path)
+    except ConfigError:
+        if clip_path or not in_ckpt:
+            raise
+        return TowerSource(None, True, _known_tower(ckpt, name, shapes))
+    return TowerSource(clip, in_ckpt, _clip_config_from_dir(clip))
+
+
+def eventgpt_fingerprint(ckpt: Path, tower: TowerSource, double_adaptor: bool) -> str:
+    """What `load_eventgpt(...).fingerprint` records: checkpoint files + CLIP directory (if used)."""
+    return hash_json({"ckpt": checkpoint_fingerprint(ckpt),
+                      "clip": checkpoint_fingerprint(tower.clip_dir) if tower.clip_dir else None,
+                      "double_adaptor": double_adaptor})
+
+
+def drafter_fingerprint(path: str, clip_path: str | None = None, double_adaptor: bool = False,
+                        storage_options: dict | None = None) -> str:
+    """`load_eventgpt(path, ...).fingerprint` computed from the files, without loading the model."""
+    ckpt = local_checkpoint(path, storage_options)
+    raw = json.loads((ckpt / "config.json").read_text())
+    tower = resolve_tower(ckpt, raw, tensor_shapes(ckpt), clip_path)
+    return eventgpt_fingerprint(ckpt, tower, double_adaptor)
+
+
+def _image_processor(ckpt: Path, tower: TowerSource) -> CLIPImageProcessor:
+    """The CLIP preprocessing: the CLIP directory's, else the checkpoint's, else CLIP's standard one at
+    the tower's image size (identical to ``openai/clip-vit-large-patch14-336``'s at 336)."""
+    for d in (tower.clip_dir, ckpt):
+        if d is not None and (d / "preprocessor_config.json").is_file():
+            return CLIPImageProcessor.from_pretrained(str(d))
+    size = int(tower.vision_config.get("image_size", 224))
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _forget_key_mapping(model) -> None:
+    """transformers reverses a load's ``key_mapping`` when the model is saved again; ours is a
+    many-to-one regex (several layouts -> one) with no inverse, so a loaded drafter saves in the
+    project's own layout instead (what `export-drafter` writes)."""
+    convs = getattr(model, "_weight_conversions", None)
+    if convs:
+        ours = set(EVENTGPT_KEY_MAPPING)
+        model._weight_conversions = [c for c in convs if not ours & set(getattr(c, "source_patterns", ()) or ())]
 
 
 def load_eventgpt(path: str, load: ModelLoadConfig | None = None, clip_dir: str | None = None,
                   double_adaptor: bool = False, storage_options: dict | None = None):
-    """Load an EventGPT checkpoint directory -> `EventGPTDrafter` (model, tokenizer, CLIP processor)."""
+    """Load an EventGPT checkpoint directory -> `EventGPTDrafter` (model, tokenizer, CLIP processor).
+
+    Accepts the project's layout (tower in its own CLIP directory) and the authors' (tower weights
+    under ``model.visual_tower.visual_tower.vision_model.*``), safetensors (single or sharded) or
+    ``.bin``. Every weight must arrive: a missing, unexpected or mis-shaped tensor is a ConfigError
+    raised before any weight is read (and re-checked after loading). ``clip_dir`` (default
+    ``load.clip_path``) overrides ``mm_visual_tower``.
+    """
     from egpt_core.models.eventgpt import EventChatConfig, EventChatLlamaForCausalLM, EventGPTDrafter
+    from egpt_core.models.vocab import load_tokenizer
 
     load = load or ModelLoadConfig()
+    clip_dir = clip_dir or load.clip_path
     ckpt = local_checkpoint(path, storage_options)
     raw = json.loads((ckpt / "config.json").read_text())
     if raw.get("model_type") != "EventChat_llama":
         raise ConfigError(f"{ckpt}/config.json: model_type {raw.get('model_type')!r}, expected 'EventChat_llama'")
-    clip_path = _find_clip_dir(ckpt, raw.get("mm_visual_tower"), clip_dir)
-    clip_cfg = json.loads((clip_path / "config.json").read_text())
-    clip_cfg = clip_cfg.get("vision_config", clip_cfg)
+    shapes = tensor_shapes(ckpt)
+    tower = resolve_tower(ckpt, raw, shapes, clip_dir)
     config = EventChatConfig.from_pretrained(str(ckpt))
-    config.clip_config = {k: v for k, v in clip_cfg.items() if k not in ("architectures", "transformers_version",
-                                                                        "model_type", "dtype", "torch_dtype")}
+    config.clip_config = dict(tower.vision_config)
+    if "mm_hidden_size" not in raw:  # the authors' code hard-codes it: the tower's width
+        config.mm_hidden_size = int(tower.vision_config.get("hidden_size", config.mm_hidden_size))
+    with torch.device("meta"):
+        expected = model_tensor_shapes(EventChatLlamaForCausalLM(config))
+    check_tensor_names(ckpt, shapes, expected, EVENTGPT_KEY_MAPPING,
+                       optional_prefixes=() if tower.in_checkpoint else (TOWER_PREFIX,))
     device = resolve_device(load.device)
     with _quiet_transformers():
-        model = EventChatLlamaForCausalLM.from_pretrained(str(ckpt), config=config,
-                                                          **_from_pretrained_kwargs(load, device))
-        if not any(k.startswith("model.visual_tower.") for k in _weight_keys(ckpt)):
-            clip = CLIPVisionModel.from_pretrained(str(clip_path), dtype=getattr(torch, load.dtype))
+        model, info = EventChatLlamaForCausalLM.from_pretrained(
+            str(ckpt), config=config, key_mapping=EVENTGPT_KEY_MAPPING, output_loading_info=True,
+            **_from_pretrained_kwargs(load, device))
+        check_loading_info(ckpt, info, allowed_missing_prefixes=() if tower.in_checkpoint else (TOWER_PREFIX,))
+        _forget_key_mapping(model)
+        if not tower.in_checkpoint:
+            clip, clip_info = CLIPVisionModel.from_pretrained(str(tower.clip_dir), dtype=getattr(torch, load.dtype),
+                                                              output_loading_info=True)
+            check_loading_info(tower.clip_dir, clip_info)
             model.model.visual_tower.load_state_dict(clip.state_dict(), strict=True)
             del clip
     if load.quant != "nf4":
         model.to(device)
     model.eval()
+    tokenizer = load_tokenizer(ckpt)
     with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
-        image_processor = CLIPImageProcessor.from_pretrained(str(clip_path))
+        image_processor = _image_processor(ckpt, tower)
     drafter = EventGPTDrafter(model, tokenizer, image_processor, double_adaptor=double_adaptor)
-    drafter.fingerprint = hash_json({"ckpt": checkpoint_fingerprint(ckpt), "clip": checkpoint_fingerprint(clip_path),
-                                     "double_adaptor": double_adaptor})
-    drafter.vision_fingerprint = hash_json({"clip": checkpoint_fingerprint(clip_path), "double": double_adaptor,
-                                            "proj": _tensor_digest(model.model.visual_projector),
-                                            "adaptor": _tensor_digest(getattr(model.model, "feature_adaptor", None))})
+    drafter.fingerprint = eventgpt_fingerprint(ckpt, tower, double_adaptor)
+    adaptor = _tensor_digest(getattr(model.model, "feature_adaptor", None))
+    if tower.in_checkpoint:
+        drafter.vision_fingerprint = hash_json({"tower": _tensor_digest(model.model.visual_tower),
+                                                "preprocess": image_processor.to_dict(), "double": double_adaptor,
+                                                "proj": _tensor_digest(model.model.visual_projector),
+                                                "adaptor": adaptor})
+    else:
+        drafter.vision_fingerprint = hash_json({"clip": checkpoint_fingerprint(tower.clip_dir), "double": double_adaptor,
+                                                "proj": _tensor_digest(model.model.visual_projector),
+                                                "adaptor": adaptor})
     drafter.path = str(path)
+    drafter.tower = tower
     return drafter
 
 
@@ -190,13 +346,29 @@ def load_videollava(path: str, load: ModelLoadConfig | None = None, storage_opti
         raise ConfigError(f"{ckpt}/config.json: model_type {raw.get('model_type')!r}, expected 'video_llava'")
     device = resolve_device(load.device)
     with _quiet_transformers():
-        model = VideoLlavaForConditionalGeneration.from_pretrained(str(ckpt), **_from_pretrained_kwargs(load, device))
+        model, info = VideoLlavaForConditionalGeneration.from_pretrained(
+            str(ckpt), output_loading_info=True, **_from_pretrained_kwargs(load, device))
+    check_loading_info(ckpt, info)
     if load.quant != "nf4":
         model.to(device)
     with _quiet_transformers():
         processor = VideoLlavaProcessor.from_pretrained(str(ckpt))
+    if not (ckpt / "tokenizer.json").is_file():  # a SentencePiece-only checkpoint: checked conversion
+        from egpt_core.models.vocab import load_tokenizer
+
+        processor.tokenizer = load_tokenizer(ckpt)
     processor.tokenizer.padding_side = "left"
     target = VideoLlavaTarget(model, processor)
     target.fingerprint = checkpoint_fingerprint(ckpt)
     target.path = str(path)
     return target
+
+
+#: where Video-LLaVA checkpoints keep the LM head (transformers 5 layout, then the -hf checkpoints' own)
+LM_HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+def checkpoint_lm_head(path: str, storage_options: dict | None = None) -> torch.Tensor:
+    """A Video-LLaVA checkpoint's LM head ``[V, D]`` as stored in its files, in float32 (exact for
+    fp16/bf16/fp32 checkpoints): not the copy of a model loaded in bf16 or NF4."""
+    return read_tensor(local_checkpoint(path, storage_options), LM_HEAD_NAMES).float()

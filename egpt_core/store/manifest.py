@@ -36,6 +36,8 @@ FORMAT = "egpt-hidden-state-store"
 MANIFEST = "manifest.json"
 LOCK = "_lock"
 LM_HEAD = "target_lm_head.safetensors"
+#: the target tokenizer's tokens in id order (JSON list; null for an unused id): row i of the LM head
+TARGET_VOCAB = "target_vocab.json"
 PAIRS_DIR = "pairs"
 TENSORS_DIR = "tensors"
 FEATURES_DIR = "features"
@@ -358,6 +360,9 @@ def parse_manifest(data: bytes, store: str) -> dict:
             raise StoreError(f"store {store}: shard {name!r} has no sha256 entry")
     if m.get("lm_head"):
         m["lm_head"]["path"] = safe_relpath(m["lm_head"].get("path", LM_HEAD), "lm_head", store)
+        if isinstance(m["lm_head"].get("vocab"), dict):
+            m["lm_head"]["vocab"]["path"] = safe_relpath(m["lm_head"]["vocab"].get("path", TARGET_VOCAB),
+                                                         "lm_head vocab", store)
     return m
 
 

@@ -301,6 +301,8 @@ class StoreReader:
         if self.manifest.get("lm_head"):
             lm = self.manifest["lm_head"]
             checks.append((lm["path"], lm.get("sha256"), lm.get("bytes")))
+            if isinstance(lm.get("vocab"), dict):
+                checks.append((lm["vocab"]["path"], lm["vocab"].get("sha256"), None))
         for rel, want, size in checks:
             got = self._hash_file(rel)
             files += 1
@@ -348,6 +350,22 @@ class StoreReader:
         if data is None:
             raise StoreError(f"store {self.url}: {lm['path']} is missing")
         return st.load(data)["weight"]
+
+    def target_vocab(self) -> list[str | None] | None:
+        """The target tokenizer's tokens in id order, as recorded with the LM head (sha256-checked);
+        None when the store records none (no LM head, or written before vocabularies were kept)."""
+        info = (self.manifest.get("lm_head") or {}).get("vocab")
+        if not info:
+            return None
+        data = mf.read_bytes(self.fs, self._abs(info["path"]))
+        if data is None:
+            raise StoreError(f"store {self.url}: {info['path']} is missing")
+        if mf.sha256_hex(data) != info.get("sha256"):
+            raise StoreError(f"store {self.url}: {info['path']} does not match its sha256 in the manifest")
+        vocab = json.loads(data)
+        if not isinstance(vocab, list) or not all(t is None or isinstance(t, str) for t in vocab):
+            raise StoreError(f"store {self.url}: {info['path']} is not a list of token strings")
+        return vocab
 
     def get_features(self, key: str) -> dict[str, torch.Tensor] | None:
         return _get_features(self.fs, self.root, key)

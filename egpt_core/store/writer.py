@@ -407,9 +407,12 @@ class StoreWriter:
             self._unstage(s)
 
     # -- LM head ------------------------------------------------------------------------------------
-    def write_lm_head(self, weight: torch.Tensor, fingerprint: str, dtype: str | None = None) -> dict:
+    def write_lm_head(self, weight: torch.Tensor, fingerprint: str, dtype: str | None = None,
+                      vocab: Sequence[str | None] | None = None) -> dict:
         """Store the target's LM head ``[V, D]`` (key ``weight``); idempotent for the same fingerprint,
-        ConfigError if the store already holds another target's head."""
+        ConfigError if the store already holds another target's head. ``vocab`` (the target tokenizer's
+        tokens in id order) is stored beside it as ``target_vocab.json``, so token ids in the store can be
+        decoded and checked against a drafter's tokenizer without the target checkpoint."""
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != self.hidden_size:
             raise ConfigError(
                 f"lm head must be [V, {self.hidden_size}] (store hidden_size), got {_shape(weight)}"
@@ -424,6 +427,10 @@ class StoreWriter:
             "bytes": len(data),
             "sha256": mf.sha256_hex(data),
         }
+        vocab_bytes = None
+        if vocab is not None:
+            vocab_bytes = json.dumps(list(vocab), ensure_ascii=False).encode()
+            info["vocab"] = {"path": mf.TARGET_VOCAB, "size": len(vocab), "sha256": mf.sha256_hex(vocab_bytes)}
         path = self._abs(mf.LM_HEAD)
         tmp = mf.write_local_tmp(path, data) if self.local else None
         try:
@@ -437,6 +444,8 @@ class StoreWriter:
                     )
                 if old and self.fs.exists(path):
                     return old
+                if vocab_bytes is not None:  # before the manifest names it; never replaces a named one
+                    mf.atomic_put(self.fs, self._abs(mf.TARGET_VOCAB), vocab_bytes)
                 if tmp:
                     os.replace(tmp, path)
                     tmp = None
@@ -485,6 +494,7 @@ class StoreWriter:
             keep.add(mf.MANIFEST)
             if m.get("lm_head"):
                 keep.add(m["lm_head"]["path"])
+                keep.add((m["lm_head"].get("vocab") or {}).get("path", mf.TARGET_VOCAB))
             for d in (mf.PAIRS_DIR, mf.TENSORS_DIR, mf.FEATURES_DIR, ""):
                 for rel, age in self._list(d):
                     if rel in keep or rel == mf.LOCK:

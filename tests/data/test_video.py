@@ -107,3 +107,36 @@ def test_broken_videos_are_bad_input(tmp_path, synthetic_root):
         read_video_frames(str(audio))
     with pytest.raises(BadInputError, match="not found"):
         read_video_frames(str(tmp_path / "missing.mp4"))
+
+
+def test_model_card_sampling_is_the_model_cards_arange():
+    """`model_card` = Video-LLaVA-7B-hf's `np.arange(0, n, n / 8).astype(int)`; linspace stays the default."""
+    for n in (1, 3, 7, 8, 9, 10, 13, 20, 97, 1000):
+        assert sample_frame_indices(n, 8, "model_card") == np.arange(0, n, n / 8).astype(int).tolist(), n
+        assert sample_frame_indices(n, 8) == sample_frame_indices(n, 8, "linspace")
+    assert sample_frame_indices(20, 8, "model_card") == [0, 2, 5, 7, 10, 12, 15, 17]  # last frame not taken
+    assert sample_frame_indices(20, 8, "linspace") == [0, 2, 5, 8, 10, 13, 16, 19]
+    with pytest.raises(ValueError, match="unknown frame sampling"):
+        sample_frame_indices(20, 8, "middle")
+
+
+def test_reader_honours_the_strategy(synthetic_root):
+    raw = synthetic_scene_frames(seed=0, index=0, size=(96, 128), video_frames=10).astype(np.float32)
+    frames = read_video_frames(_mp4(synthetic_root), n_frames=8, strategy="model_card")
+    picked = sample_frame_indices(10, 8, "model_card")
+    assert picked != sample_frame_indices(10, 8)
+    for got, k in zip(frames, picked):
+        err = {j: float(np.abs(np.asarray(got, np.float32) - raw[j]).mean()) for j in range(10)}
+        assert min(err, key=err.get) == k
+
+
+def test_extract_config_frame_sampling_default_and_choice():
+    from pydantic import ValidationError
+
+    from egpt_core.config import ExtractConfig
+
+    base = dict(dataset="d", drafter="e", target="v", store="s")
+    assert ExtractConfig(**base).frame_sampling == "linspace"
+    assert ExtractConfig(**base, frame_sampling="model_card").frame_sampling == "model_card"
+    with pytest.raises(ValidationError):
+        ExtractConfig(**base, frame_sampling="first8")

@@ -168,7 +168,7 @@ def test_short_run_lowers_val_loss_and_writes_outputs(run_dir, capsys):
                 "val_token_match", "lr"):
         assert all(math.isfinite(h[key]) for h in hist), key
     cfg = json.loads((run_dir / "config.json").read_text())
-    assert cfg["load"] == {"dtype": "float32", "quant": "none", "device": "cpu"} and cfg["lr"] == 5e-3
+    assert cfg["load"] == {"dtype": "float32", "quant": "none", "device": "cpu", "clip_path": None} and cfg["lr"] == 5e-3
     for sub in ("adapter", "best"):
         files = {p.name for p in (run_dir / sub).iterdir()}
         assert {"adapter_config.json", "adapter_model.safetensors", "egpt_lora.json"} <= files
