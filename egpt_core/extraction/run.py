@@ -332,7 +332,8 @@ def _source_rows(source: StoreReader, shard: list[Pair]) -> dict:
     for p in shard:
         rows = source.get(p.pair_id)
         rec = {k: getattr(rows, k, None) for k in ("drafter_response_ids", "target_response_ids",
-                                                    "drafter_prompt_ids", "target_prompt_ids")}
+                                                    "drafter_prompt_ids", "target_prompt_ids",
+                                                    "drafter_text", "target_text")}  # retf keeps the token ids
         rec.update(drafter=rows.drafter.float(), target=rows.target.float(), length=int(rows.target.shape[0]))
         out[p.pair_id] = rec
     return out
