@@ -31,7 +31,7 @@ from egpt_core.data.dataset import QUESTIONS_NAME
 from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.extraction.features import scene_features
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import join
+from egpt_core.fsio import canonical_url, join
 from egpt_core.models.positions import POSITION_CONVENTION
 from egpt_core.store import StoreReader, StoreWriter
 
@@ -102,7 +102,7 @@ def store_meta(cfg: ExtractConfig, drafter, target) -> dict:
         "generation": generation,
         "events": cfg.events.model_dump(mode="json"),
         "n_video_frames": cfg.n_video_frames,
-        "dataset": cfg.dataset,
+        "dataset": canonical_url(cfg.dataset),  # absolute: a worker in another cwd finds it again
         "source_store": cfg.source_store if cfg.mode == "retf" else None,
         "compat_key": hash_json(settings),
     }
