@@ -104,10 +104,11 @@ class TrainAdapterConfig(_Model):
     early_stopping: int = Field(10, ge=1, description="patience in epochs")
     seed: int = 0
     device: str = "auto"
-    data_cache_gb: float = Field(
-        32.0, ge=0,
+    data_cache_gb: float | None = Field(
+        None, ge=0,
         description="keep the stores' tensor shards in RAM (per process) when they total at most this many GB; "
-        "larger data is read per pair with byte-range reads (global shuffle either way)",
+        "larger data is read per pair with byte-range reads (global shuffle either way). None: half the memory "
+        "available on the node, divided by its local ranks (the run's log and config.json say which path and why)",
     )
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
