@@ -40,18 +40,44 @@ def _inactive_file(stat: Path, key: str) -> int:
     return 0
 
 
-def _cgroup_available(root: Path) -> int | None:
-    """Limit minus non-reclaimable usage of this process's cgroup (v2, else v1); None without a limit."""
-    limit = _read_int(root / "memory.max")
-    if limit is not None:
-        used = _read_int(root / "memory.current") or 0
-        return max(0, limit - used + _inactive_file(root / "memory.stat", "inactive_file"))
-    v1 = root / "memory"
-    limit = _read_int(v1 / "memory.limit_in_bytes")
-    if limit is not None and limit < 1 << 60:  # v1 writes a huge number for "no limit"
-        used = _read_int(v1 / "memory.usage_in_bytes") or 0
-        return max(0, limit - used + _inactive_file(v1 / "memory.stat", "total_inactive_file"))
-    return None
+def _limit_left(d: Path, v2: bool) -> int | None:
+    """Limit minus non-reclaimable usage of one cgroup directory; None when it sets no limit."""
+    names = (("memory.max", "memory.current", "inactive_file") if v2 else
+             ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+    limit = _read_int(d / names[0])
+    if limit is None or limit >= 1 << 60:  # "max" (v2) or a huge number (v1): no limit
+        return None
+    used = _read_int(d / names[1]) or 0
+    return max(0, limit - used + _inactive_file(d / "memory.stat", names[2]))
+
+
+def _cgroup_available(root: Path, proc_cgroup: Path) -> int | None:
+    """The tightest memory limit left over this process's cgroup and its ancestors (v2, or v1's
+    memory controller); None without a limit."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    chains = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:  # v2 (unified)
+            chains.append((root, path, True))
+        elif "memory" in controllers.split(","):  # v1
+            chains.append((root / "memory", path, False))
+    left = []
+    for base, path, v2 in chains:
+        d = base / path.strip("/")
+        if not d.is_dir():  # a cgroup namespace: our own cgroup is mounted at the root
+            d = base
+        while True:
+            n = _limit_left(d, v2)
+            if n is not None:
+                left.append(n)
+            if d == base or d == d.parent:
+                break
+            d = d.parent
+    return min(left) if left else None
 
 
 def _meminfo_available(meminfo: Path) -> int | None:
@@ -67,10 +93,11 @@ def _meminfo_available(meminfo: Path) -> int | None:
         return None
 
 
-def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = _CGROUP) -> int | None:
-    """Memory this process can still use: the node's available memory, capped by its cgroup's
-    remaining limit; None where neither can be read."""
-    found = [b for b in (_meminfo_available(meminfo), _cgroup_available(cgroup)) if b is not None]
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup_root: Path = _CGROUP,
+                           proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Memory this process can still use: the node's available memory, capped by what its cgroup
+    (container, batch job) has left; None where neither can be read."""
+    found = [b for b in (_meminfo_available(meminfo), _cgroup_available(cgroup_root, proc_cgroup)) if b is not None]
     return min(found) if found else None
 
 

@@ -58,23 +58,39 @@ def test_decision_rules():
     assert not decide_data_cache(1, 0.0, available=8 * GB).in_ram
 
 
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def test_available_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
     meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
-    no_cgroup = tmp_path / "none"
-    assert available_memory_bytes(meminfo, no_cgroup) == 20_000_000 * 1024
-    v2 = tmp_path / "v2"
-    v2.mkdir()
-    (v2 / "memory.max").write_text("8000000000\n")
-    (v2 / "memory.current").write_text("3000000000\n")
-    (v2 / "memory.stat").write_text("anon 2000000000\ninactive_file 1000000000\n")
-    assert available_memory_bytes(meminfo, v2) == 6_000_000_000  # limit - usage + reclaimable cache
-    (v2 / "memory.max").write_text("max\n")
-    assert available_memory_bytes(meminfo, v2) == 20_000_000 * 1024
-    v1 = tmp_path / "v1" / "memory"
-    v1.mkdir(parents=True)
-    (v1 / "memory.limit_in_bytes").write_text("4000000000\n")
-    (v1 / "memory.usage_in_bytes").write_text("1000000000\n")
-    assert available_memory_bytes(meminfo, v1.parent) == 3_000_000_000
+    _write(meminfo, "MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    node = 20_000_000 * 1024
+    proc = tmp_path / "proc-self-cgroup"
+    root = tmp_path / "sys-fs-cgroup"
+    assert available_memory_bytes(meminfo, root, tmp_path / "absent") == node
+
+    # cgroup v2: the job's own cgroup sets the limit (usage counts reclaimable page cache back in)
+    _write(proc, "0::/jobs/job-7\n")
+    job = root / "jobs" / "job-7"
+    _write(job / "memory.max", "8000000000\n")
+    _write(job / "memory.current", "3000000000\n")
+    _write(job / "memory.stat", "anon 2000000000\ninactive_file 1000000000\n")
+    assert available_memory_bytes(meminfo, root, proc) == 6_000_000_000
+    _write(job / "memory.max", "max\n")
+    assert available_memory_bytes(meminfo, root, proc) == node
+    _write(root / "jobs" / "memory.max", "5000000000\n")  # a parent's limit applies too
+    _write(root / "jobs" / "memory.current", "4000000000\n")
+    assert available_memory_bytes(meminfo, root, proc) == 1_000_000_000
+
+    # cgroup v1 (memory controller); "no limit" is a huge number
+    _write(proc, "4:memory:/process_api/abc\n0::/\n")
+    leaf = root / "memory" / "process_api" / "abc"
+    _write(leaf / "memory.limit_in_bytes", "4000000000\n")
+    _write(leaf / "memory.usage_in_bytes", "1000000000\n")
+    _write(root / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")
+    assert available_memory_bytes(meminfo, root, proc) == 3_000_000_000
+
     real = available_memory_bytes()
     assert real is not None and real > 0
