@@ -122,7 +122,11 @@ class DataCacheDecision:
 
 
 def _gb(n: int | float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    """A byte count for people: GB, MB or kB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 1e3:.1f} kB"
 
 
 def decide_data_cache(data_bytes: int, cache_gb: float | None, local_ranks: int = 1,
