@@ -165,6 +165,9 @@ class EvalConfig(_Model):
     """Stage 4 settings: `egpt evaluate`."""
 
     store: str
+    extra_stores: list[str] = Field(default_factory=list, description="more stores of the same models evaluated "
+                                    "together with `store` (e.g. pairs added after a drafter change); "
+                                    "split='val' splits all their scenes at once")
     out: str
     adapter_run: str | None = Field(None, description="adapter run directory")
     lora: str | None = Field(None, description="L6 peft adapter directory (evaluated on retf rows)")

@@ -41,5 +41,6 @@ def nightly_reextract(cfg: PipelineConfig, extract_deployment: str | None = None
              f"drafter {'CHANGED: re-extracted in retf mode' if plan.drafter_changed else 'unchanged'} "
              f"(fingerprint `{plan.drafter_fingerprint}`)"]
     if plan.drafter_changed and len(stores) > 1:
-        notes.append(f"pairs added since the drafter changed are in `{base.store}`, evaluated as well")
+        notes.append(f"pairs added since the drafter changed are in `{base.store}`: trained on and evaluated "
+                     "together with the re-extracted store")
     return train_and_evaluate(cfg, stores, notes, eval_stores=stores)

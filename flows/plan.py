@@ -48,11 +48,16 @@ def lora_config(cfg: PipelineConfig, store_fingerprints: dict[str, str]) -> Lora
     return lora.model_copy(update={"out": join(cfg.out, "lora", f"L6-{_run_id(lora, store_fingerprints)}")})
 
 
-def eval_config(cfg: PipelineConfig, store: StoreRef, name: str, **prediction) -> EvalConfig:
-    """EvalConfig for one prediction source (identity=True | adapter_run=URL | lora=DIR) on ``store``."""
+def eval_config(cfg: PipelineConfig, store: StoreRef, name: str, extra: list[StoreRef] | None = None,
+                **prediction) -> EvalConfig:
+    """EvalConfig for one prediction source (identity=True | adapter_run=URL | lora=DIR) on ``store``
+    (and ``extra`` stores, evaluated together with it: one held-out split over all their scenes)."""
     split = {} if cfg.test_store else {"split": "val", "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
-    run_id = hash_json({"store": store.fingerprint, "prediction": prediction, "split": split})[:10]
-    return EvalConfig(store=store.url, out=join(cfg.out, "eval", f"{name}-{run_id}"), name=name, timing=cfg.timing,
+    key = {"store": store.fingerprint, "prediction": prediction, "split": split}
+    if extra:
+        key["extra_stores"] = [s.fingerprint for s in extra]
+    return EvalConfig(store=store.url, extra_stores=[s.url for s in extra or []],
+                      out=join(cfg.out, "eval", f"{name}-{hash_json(key)[:10]}"), name=name, timing=cfg.timing,
                       storage_options=cfg.extract.storage_options, **split, **prediction)
 
 

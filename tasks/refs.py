@@ -84,7 +84,7 @@ class EvalRef(BaseModel):
     n_pairs: int
     metrics_fingerprint: str
     summary: dict[str, Any] = Field(default_factory=dict)
-    store_url: str | None = Field(None, description="the store evaluated")
+    stores: list[str] = Field(default_factory=list, description="the store(s) evaluated")
 
 
 class ComparisonRef(BaseModel):

@@ -93,7 +93,8 @@ def _report(flow_state) -> str:
 
 
 def _evaluated_stores(result) -> list[str]:
-    return [json.loads(Path(r.out_url, "metrics.json").read_text())["inputs"]["store"] for r in result.runs]
+    inputs = [json.loads(Path(r.out_url, "metrics.json").read_text())["inputs"] for r in result.runs]
+    return [u for i in inputs for u in [i["store"], *(e["store"] for e in i.get("extra_stores", []))]]
 
 
 def test_pairs_added_after_a_drafter_change_are_evaluated_and_counted_once(nightly_cfg, fixture_paths, tmp_path,
@@ -120,6 +121,12 @@ def test_pairs_added_after_a_drafter_change_are_evaluated_and_counted_once(night
     result = night.result()
     assert [s.url for s in result.stores][1:] == [drafter_store] and result.stores[1].counts["ok"] == 2
     assert drafter_store in _evaluated_stores(result)  # what was added is evaluated
+    from egpt_core.data.split import split_scenes
+    from egpt_core.store import StoreReader
+
+    scenes = [x for s in result.stores for x in StoreReader(s.url).pairs("ok", ["scene_id"]).column(0).to_pylist()]
+    _, held_out = split_scenes(scenes, changed.val_fraction, changed.split_seed)  # as the adapters split them
+    assert {r.n_pairs for r in result.runs} == {sum(x in held_out for x in scenes)} == {4}  # 3 re-extracted + 1 new
     assert "2 pairs new to the dataset (6 already committed)" in _report(night)
     calls = len(extraction_calls)
 
