@@ -113,10 +113,11 @@ class TrainAdapterConfig(_Model):
     early_stopping: int = Field(10, ge=1, description="patience in epochs")
     seed: int = 0
     device: str = "auto"
-    data_cache_gb: float = Field(
-        32.0, ge=0,
+    data_cache_gb: float | None = Field(
+        None, ge=0,
         description="keep the stores' tensor shards in RAM (per process) when they total at most this many GB; "
-        "larger data is read per pair with byte-range reads (global shuffle either way)",
+        "larger data is read per pair with byte-range reads (global shuffle either way). None: half the memory "
+        "available on the node, divided by its local ranks (the run's log and config.json say which path and why)",
     )
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -173,6 +174,9 @@ class EvalConfig(_Model):
     """Stage 4 settings: `egpt evaluate`."""
 
     store: str
+    extra_stores: list[str] = Field(default_factory=list, description="more stores of the same models evaluated "
+                                    "together with `store` (e.g. pairs added after a drafter change); "
+                                    "split='val' splits all their scenes at once")
     out: str
     adapter_run: str | None = Field(None, description="adapter run directory")
     lora: str | None = Field(None, description="L6 peft adapter directory (evaluated on retf rows)")

@@ -8,6 +8,7 @@ never logged.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 from typing import Any
 
@@ -34,6 +35,23 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
 def join(url: str, *parts: str) -> str:
     """Join URL path components with '/' (works for local paths and every protocol)."""
     return posixpath.join(str(url).rstrip("/"), *parts)
+
+
+def canonical_url(url: str) -> str:
+    """``url`` in one comparable, cwd-independent form: local paths (plain or file://) absolute and
+    normalised, other URLs without a trailing '/'. Stores record their inputs this way."""
+    u = str(url)
+    if u.startswith("file://"):
+        u = u[len("file://"):]
+    if "://" not in u:
+        return os.path.normpath(os.path.abspath(os.path.expanduser(u)))
+    return u.rstrip("/")
+
+
+def is_relative_path(url: str) -> bool:
+    """True for a plain local path that depends on the current directory."""
+    u = str(url)
+    return "://" not in u and not os.path.isabs(os.path.expanduser(u))
 
 
 def is_local(url: str) -> bool:

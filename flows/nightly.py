@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 from egpt_core.config import PipelineConfig
 from flows.extract import extract_stage
 from flows.pipeline import train_and_evaluate
-from flows.plan import derived_store_url, retf_config
+from flows.plan import retf_config
 from tasks.extract import plan_nightly, summarize_store
 from tasks.refs import PipelineResult
 from tasks.runtime import url_name
@@ -32,12 +32,15 @@ def nightly_reextract(cfg: PipelineConfig, extract_deployment: str | None = None
     if plan.drafter_changed:
         source = summarize_store(base.store, base.storage_options)
         stores.append(extract_stage(retf_config(base, source, base.drafter, plan.drafter_fingerprint)))
-        base = base.model_copy(update={"store": derived_store_url(base.store, "drafter", plan.drafter_fingerprint)})
+        base = base.model_copy(update={"store": plan.drafter_store})
     if plan.new_pairs:
         stores.append(extract_stage(base, extract_deployment, only_pairs=plan.new_pairs))
-    elif not stores:
+    elif not stores or plan.drafter_store_exists:  # pairs added on earlier nights stay in
         stores.append(summarize_store(base.store, base.storage_options))
     notes = [f"{len(plan.new_pairs)} pairs new to the dataset ({plan.committed} already committed)",
              f"drafter {'CHANGED: re-extracted in retf mode' if plan.drafter_changed else 'unchanged'} "
              f"(fingerprint `{plan.drafter_fingerprint}`)"]
-    return train_and_evaluate(cfg, stores, notes)
+    if plan.drafter_changed and len(stores) > 1:
+        notes.append(f"pairs added since the drafter changed are in `{base.store}`: trained on and evaluated "
+                     "together with the re-extracted store")
+    return train_and_evaluate(cfg, stores, notes, eval_stores=stores)

@@ -18,34 +18,38 @@ from tasks.runtime import url_name
 from tasks.train import export_drafter_task, train_adapter_task, train_lora_task
 
 
-def l6_stage(cfg: PipelineConfig, stores: list[StoreRef], test: StoreRef) -> tuple[LoraRef, EvalRef]:
-    """L6: train the LoRA, merge it into the drafter, re-extract the test store's drafter rows with
-    the merged drafter (retf, into a new store), evaluate those rows."""
+def l6_stage(cfg: PipelineConfig, stores: list[StoreRef], tests: list[StoreRef]) -> tuple[LoraRef, EvalRef]:
+    """L6: train the LoRA, merge it into the drafter, re-extract the test stores' drafter rows with
+    the merged drafter (retf, into new stores), evaluate those rows."""
     so = cfg.extract.storage_options
     train_store = next((s for s in stores if s.url == cfg.lora.store), None) or summarize_store(cfg.lora.store, so)
     lora = train_lora_task(lora_config(cfg, {train_store.url: train_store.fingerprint}))
     drafter = export_drafter_task(lora.adapter_dir, join(lora.run_url, "merged-drafter"), so)
-    retf_store = extract_stage(retf_config(cfg.extract, test, drafter.path, drafter.fingerprint))
-    run = evaluate_task(eval_config(cfg, retf_store, "L6", lora=lora.adapter_dir))
+    test, *extra = [extract_stage(retf_config(cfg.extract, t, drafter.path, drafter.fingerprint)) for t in tests]
+    run = evaluate_task(eval_config(cfg, test, "L6", extra, lora=lora.adapter_dir))
     return lora.model_copy(update={"merged_drafter": drafter}), run
 
 
-def train_and_evaluate(cfg: PipelineConfig, stores: list[StoreRef], notes: list[str] | None = None) -> PipelineResult:
-    """Identity, every adapter and L6 evaluated on the test store (default: the first store), compared."""
-    test = summarize_store(cfg.test_store, cfg.extract.storage_options) if cfg.test_store else stores[0]
-    result = PipelineResult(stores=stores, runs=[])
+def train_and_evaluate(cfg: PipelineConfig, stores: list[StoreRef], notes: list[str] | None = None,
+                       eval_stores: list[StoreRef] | None = None) -> PipelineResult:
+    """Identity, every adapter and L6 evaluated on the test store (default: the first store; or
+    ``eval_stores`` together, e.g. the nightly's stores after a drafter change), compared."""
+    so = cfg.extract.storage_options
+    tests = [summarize_store(cfg.test_store, so)] if cfg.test_store else (eval_stores or stores[:1])
+    test, *extra = tests
+    result = PipelineResult(stores=stores, runs=[], notes=list(notes or []))
     if cfg.evaluate_identity:
-        result.runs.append(evaluate_task(eval_config(cfg, test, "identity", identity=True)))
+        result.runs.append(evaluate_task(eval_config(cfg, test, "identity", extra, identity=True)))
     for name, adapter_cfg in adapter_configs(cfg, stores):
         adapter = train_adapter_task(adapter_cfg)
         result.adapters.append(adapter)
-        result.runs.append(evaluate_task(eval_config(cfg, test, name, adapter_run=adapter.run_url)))
+        result.runs.append(evaluate_task(eval_config(cfg, test, name, extra, adapter_run=adapter.run_url)))
     if cfg.lora is not None:
-        result.lora, l6_run = l6_stage(cfg, stores, test)
+        result.lora, l6_run = l6_stage(cfg, stores, tests)
         result.runs.append(l6_run)
     if result.runs:
-        result.comparison = compare_task(result.runs, join(cfg.out, "comparison"), cfg.extract.storage_options)
-    create_markdown_artifact(key="pipeline-report", markdown=report_markdown(result, notes or []),
+        result.comparison = compare_task(result.runs, join(cfg.out, "comparison"), so)
+    create_markdown_artifact(key="pipeline-report", markdown=report_markdown(result, result.notes),
                              description=f"outputs under {cfg.out}")
     return result
 
@@ -63,7 +67,8 @@ def report_markdown(result: PipelineResult, notes: list[str]) -> str:
     if result.lora:
         lines.append(f"- L6 LoRA: `{result.lora.adapter_dir}`; merged drafter: "
                      f"`{result.lora.merged_drafter.path if result.lora.merged_drafter else '-'}`")
-    lines += [f"- evaluation {r.name}: `{r.out_url}` ({r.n_pairs} pairs)" for r in result.runs]
+    lines += [f"- evaluation {r.name}: `{r.out_url}` ({r.n_pairs} pairs of {', '.join(f'`{u}`' for u in r.stores)})"
+              for r in result.runs]
     if result.comparison:
         lines += [f"- comparison: `{result.comparison.out_url}`", "", result.comparison.markdown]
     return "\n".join(lines)

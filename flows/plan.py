@@ -11,16 +11,13 @@ from __future__ import annotations
 
 from egpt_core.config import EvalConfig, ExtractConfig, LoraTrainConfig, PipelineConfig, TrainAdapterConfig
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import join
-from tasks.refs import StoreRef
+from egpt_core.fsio import canonical_url, is_relative_path, join
+from tasks.refs import StoreRef, derived_store_url
+
+__all__ = ["adapter_configs", "derived_store_url", "eval_config", "group_configs", "lora_config", "retf_config"]
 
 #: settings that do not change what is trained (and the location we assign ourselves)
 _NOT_IDENTITY = {"out", "storage_options", "device"}
-
-
-def derived_store_url(base: str, tag: str, fingerprint: str) -> str:
-    """A new store beside ``base`` named by what made it different (e.g. a drafter fingerprint)."""
-    return f"{str(base).rstrip('/')}-{tag}-{fingerprint[:12]}"
 
 
 def _run_id(settings, fingerprints: dict[str, str]) -> str:
@@ -51,17 +48,28 @@ def lora_config(cfg: PipelineConfig, store_fingerprints: dict[str, str]) -> Lora
     return lora.model_copy(update={"out": join(cfg.out, "lora", f"L6-{_run_id(lora, store_fingerprints)}")})
 
 
-def eval_config(cfg: PipelineConfig, store: StoreRef, name: str, **prediction) -> EvalConfig:
-    """EvalConfig for one prediction source (identity=True | adapter_run=URL | lora=DIR) on ``store``."""
+def eval_config(cfg: PipelineConfig, store: StoreRef, name: str, extra: list[StoreRef] | None = None,
+                **prediction) -> EvalConfig:
+    """EvalConfig for one prediction source (identity=True | adapter_run=URL | lora=DIR) on ``store``
+    (and ``extra`` stores, evaluated together with it: one held-out split over all their scenes)."""
     split = {} if cfg.test_store else {"split": "val", "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
-    run_id = hash_json({"store": store.fingerprint, "prediction": prediction, "split": split})[:10]
-    return EvalConfig(store=store.url, out=join(cfg.out, "eval", f"{name}-{run_id}"), name=name, timing=cfg.timing,
+    key = {"store": store.fingerprint, "prediction": prediction, "split": split}
+    if extra:
+        key["extra_stores"] = [s.fingerprint for s in extra]
+    return EvalConfig(store=store.url, extra_stores=[s.url for s in extra or []],
+                      out=join(cfg.out, "eval", f"{name}-{hash_json(key)[:10]}"), name=name, timing=cfg.timing,
                       storage_options=cfg.extract.storage_options, **split, **prediction)
 
 
 def retf_config(cfg: ExtractConfig, source: StoreRef, drafter: str, drafter_fingerprint: str) -> ExtractConfig:
-    """Re-extract ``source``'s drafter rows teacher-forced with ``drafter`` into a new store."""
-    same_dataset = source.dataset in (None, cfg.dataset)
+    """Re-extract ``source``'s drafter rows teacher-forced with ``drafter`` into a new store.
+
+    The source's dataset is used when it differs from ``cfg.dataset`` (compared as canonical URLs,
+    which stores record since extraction writes them). A legacy store that recorded a relative
+    path says nothing about where it pointed from here, so ``cfg.dataset`` is used for it (only the
+    source's committed pairs are re-extracted either way)."""
+    stored = source.dataset
+    same_dataset = stored is None or is_relative_path(stored) or canonical_url(stored) == canonical_url(cfg.dataset)
     return cfg.model_copy(update={
         "mode": "retf", "retf_side": "drafter", "drafter": drafter, "source_store": source.url,
         "store": derived_store_url(source.url, "retf", drafter_fingerprint), "group_index": None,

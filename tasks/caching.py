@@ -163,7 +163,8 @@ def evaluate_material(inputs: dict[str, Any]) -> dict[str, Any]:
         prediction = file_fingerprint(join(cfg.adapter_run, which), so)
     elif cfg.lora:
         prediction = dir_fingerprint(cfg.lora, so)
-    return {"store": store_fingerprint(cfg.store, so), "prediction": prediction,
+    extra = {"extra_stores": [store_fingerprint(u, so) for u in cfg.extra_stores]} if cfg.extra_stores else {}
+    return {"store": store_fingerprint(cfg.store, so), **extra, "prediction": prediction,
             "timing_file": file_fingerprint(cfg.timing_file, so) if cfg.timing_file else None,
             "config": config_material(cfg)}
 

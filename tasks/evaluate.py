@@ -34,7 +34,7 @@ def evaluate_task(cfg: EvalConfig) -> EvalRef:
                           description=f"evaluation `{result.name}` on `{cfg.store}` -> `{cfg.out}`")
     return EvalRef(out_url=result.out_url, name=result.name, n_pairs=result.n_pairs,
                    metrics_fingerprint=file_fingerprint(join(result.out_url, "metrics.json"), cfg.storage_options),
-                   summary=result.metrics)
+                   summary=result.metrics, stores=[cfg.store, *cfg.extra_stores])
 
 
 @task(name="compare-runs", task_run_name="compare-runs", cache_policy=NO_CACHE, **RETRY)

@@ -20,7 +20,7 @@ from egpt_core.models.loading import drafter_fingerprint as _drafter_fingerprint
 from egpt_core.models.loading import load_eventgpt
 from egpt_core.store import StoreReader, StoreWriter
 from tasks.caching import FingerprintPolicy, extract_material, features_material
-from tasks.refs import FeaturesRef, GroupRef, NightlyPlan, StoreRef
+from tasks.refs import FeaturesRef, GroupRef, NightlyPlan, StoreRef, derived_store_url
 from tasks.runtime import RETRY, ProgressArtifact, artifact_key, gpu_slot, url_name
 
 
@@ -127,16 +127,25 @@ def drafter_fingerprint(cfg: ExtractConfig) -> str:
 
 @task(name="plan-nightly", task_run_name="plan-nightly")
 def plan_nightly(cfg: ExtractConfig) -> NightlyPlan:
-    """Pairs of the dataset the store has not committed, and the drafter's fingerprint now vs the store's."""
+    """Pairs of the dataset not committed yet, and the drafter's fingerprint now vs the store's.
+    After a drafter change new pairs go to ``<store>-drafter-<fingerprint>``: what that store has
+    committed counts as committed too."""
     committed: set[str] = set()
-    store_drafter = None
+    store_drafter = drafter_store = None
+    fingerprint = drafter_fingerprint(cfg)
     if store_exists(cfg.store, cfg.storage_options):
         reader = StoreReader(cfg.store, cfg.storage_options)
         committed = set(reader.pair_ids(status=None))
         store_drafter = ((reader.meta.get("models") or {}).get("drafter") or {}).get("fingerprint")
+    if store_drafter is not None and store_drafter != fingerprint:
+        drafter_store = derived_store_url(cfg.store, "drafter", fingerprint)
+    drafter_store_exists = drafter_store is not None and store_exists(drafter_store, cfg.storage_options)
+    if drafter_store_exists:
+        committed |= set(StoreReader(drafter_store, cfg.storage_options).pair_ids(status=None))
     new = [p.pair_id for p in plan_pairs(cfg) if p.pair_id not in committed]
-    plan = NightlyPlan(new_pairs=new, committed=len(committed), drafter_fingerprint=drafter_fingerprint(cfg),
-                       store_drafter_fingerprint=store_drafter)
+    plan = NightlyPlan(new_pairs=new, committed=len(committed), drafter_fingerprint=fingerprint,
+                       store_drafter_fingerprint=store_drafter, drafter_store=drafter_store,
+                       drafter_store_exists=drafter_store_exists)
     get_run_logger().info("%d new pairs (%d committed); drafter %s", len(new), len(committed),
                           "CHANGED" if plan.drafter_changed else "unchanged")
     return plan

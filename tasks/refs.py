@@ -84,6 +84,7 @@ class EvalRef(BaseModel):
     n_pairs: int
     metrics_fingerprint: str
     summary: dict[str, Any] = Field(default_factory=dict)
+    stores: list[str] = Field(default_factory=list, description="the store(s) evaluated")
 
 
 class ComparisonRef(BaseModel):
@@ -94,13 +95,20 @@ class ComparisonRef(BaseModel):
     rows: list[dict[str, Any]] = Field(default_factory=list)
 
 
+def derived_store_url(base: str, tag: str, fingerprint: str) -> str:
+    """A new store beside ``base`` named by what made it different (e.g. a drafter fingerprint)."""
+    return f"{str(base).rstrip('/')}-{tag}-{fingerprint[:12]}"
+
+
 class NightlyPlan(BaseModel):
     """What the nightly run has to do: new pairs and whether the drafter changed."""
 
     new_pairs: list[str]
-    committed: int
+    committed: int = Field(description="pairs of the dataset already committed (store + drafter store)")
     drafter_fingerprint: str
     store_drafter_fingerprint: str | None
+    drafter_store: str | None = Field(None, description="after a drafter change: the store new pairs go to")
+    drafter_store_exists: bool = False
 
     @property
     def drafter_changed(self) -> bool:
@@ -115,3 +123,4 @@ class PipelineResult(BaseModel):
     comparison: ComparisonRef | None = None
     adapters: list[AdapterRef] = Field(default_factory=list)
     lora: LoraRef | None = None
+    notes: list[str] = Field(default_factory=list, description="what the run found (nightly: new pairs, drafter)")

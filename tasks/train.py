@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.runtime import task_run
 
+from egpt_core import runfiles as rf
 from egpt_core.adapters import train_adapter
 from egpt_core.config import LoraTrainConfig, TrainAdapterConfig
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint
@@ -29,6 +30,9 @@ def train_adapter_task(cfg: TrainAdapterConfig) -> AdapterRef:
     progress = ProgressArtifact(f"train {cfg.adapter.level} -> {url_name(cfg.out)}")
     with gpu_slot():
         result = train_adapter(cfg, progress=progress)
+    data_cache = (rf.read_json(join(result.run_url, "config.json"), cfg.storage_options) or {}).get("data_cache")
+    if data_cache:  # where the data was held (RAM copy or byte-range reads) and why
+        get_run_logger().info("training data: %s (%s)", data_cache["path"], data_cache["reason"])
     return AdapterRef(run_url=result.run_url, level=str(cfg.adapter.level),
                       checkpoint_fingerprint=file_fingerprint(join(result.run_url, "best.safetensors"),
                                                               cfg.storage_options),

@@ -46,7 +46,8 @@ from egpt_core.config import TrainAdapterConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import join
+from egpt_core.fsio import is_local, join
+from egpt_core.memory import DataCacheDecision, decide_data_cache
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class _Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    local_world: int = 1  # ranks on this node (they share its memory)
     owns_group: bool = False
 
     @property
@@ -103,7 +105,8 @@ class _Dist:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
             owns = True
         rank = dist.get_rank() if world > 1 else 0
-        return cls(rank=rank, world=world, device=device, owns_group=owns)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))  # torchrun sets it; else assume one node
+        return cls(rank=rank, world=world, device=device, owns_group=owns, local_world=local_world)
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -135,7 +138,11 @@ class _Split:
     train_scenes: list[str]
     shared_scenes: int
     max_len: int
-    cached: bool
+    cache: DataCacheDecision
+
+    @property
+    def cached(self) -> bool:
+        return self.cache.in_ram
 
     @property
     def workers(self) -> int:
@@ -194,7 +201,7 @@ class PairRandomAccess(Dataset):
                 "length": int(p.drafter.shape[0]), "pair_id": p.pair_id, "scene_id": p.scene_id}
 
 
-def _prepare_data(cfg: TrainAdapterConfig) -> _Split:
+def _prepare_data(cfg: TrainAdapterConfig, local_ranks: int = 1) -> _Split:
     if not cfg.train:
         raise ConfigError("no train store given (TrainAdapterConfig.train / --train URL)")
     so = cfg.storage_options
@@ -248,7 +255,10 @@ def _prepare_data(cfg: TrainAdapterConfig) -> _Split:
     if not n_val:
         raise ConfigError(f"no 'ok' validation pairs ({cfg.val or 'scene split'})")
     used = [r for r, tr, va in parts if tr or va]
-    cached = sum(_tensor_bytes(r) for r in used) <= cfg.data_cache_gb * 1e9
+    cache = decide_data_cache(sum(_tensor_bytes(r) for r in used), cfg.data_cache_gb, local_ranks,
+                              remote=not all(is_local(r.url) for r in used))
+    log.info("training data: %s (%s)", cache.path, cache.reason)
+    cached = cache.in_ram
     datasets, train_idx, val_idx, base = [], [], [], 0
     for r, tr, va in parts:
         ids = tr + va
@@ -263,7 +273,7 @@ def _prepare_data(cfg: TrainAdapterConfig) -> _Split:
         base += len(ids)
     full = ConcatDataset(datasets)
     return _Split(Subset(full, train_idx), Subset(full, val_idx), n_train, n_val, d, fingerprints, val_scenes,
-                  train_scenes, shared, max_len, cached)
+                  train_scenes, shared, max_len, cache)
 
 
 def _collate(items):
@@ -455,7 +465,7 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
     acfg = cfg.adapter
     level = str(acfg.level)
     eagle = level in EAGLE_LEVELS
-    data = _prepare_data(cfg)  # hidden-size/config checks happen here, before any training
+    data = _prepare_data(cfg, ctx.local_world)  # hidden-size/config checks happen here, before any training
     d = data.hidden_size
     if eagle and data.max_len > acfg.max_seq_len:
         raise ConfigError(f"{level}: the stores hold sequences of {data.max_len} rows but adapter.max_seq_len="
@@ -511,7 +521,7 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
             "n_train_scenes": len(data.train_scenes), "n_val_scenes": len(data.val_scenes),
             "val_scenes": data.val_scenes, "scenes_in_train_and_val": data.shared_scenes,
             "val_source": cfg.val or f"scene split (fraction {cfg.val_fraction}, seed {cfg.seed})",
-            "data_in_ram": data.cached, "world_size": ctx.world, "torch": torch.__version__,
+            "data_in_ram": data.cached, "data_cache": data.cache.record(), "world_size": ctx.world, "torch": torch.__version__,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "loss": "MSE + 0.5*(1-cos)" if not eagle else (
                 f"(1-w)*align + w*pred, w={acfg.prediction_weight}, separate_prediction_head="

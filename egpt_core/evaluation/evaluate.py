@@ -117,21 +117,42 @@ def _speedup_section(metrics: dict[str, Any], timing: TimingConfig | None, note:
     }
 
 
+def _open_store(url: str, storage_options: dict | None) -> StoreReader:
+    try:
+        return StoreReader(url, storage_options=storage_options)
+    except StoreError as exc:
+        if "no manifest" in str(exc):
+            raise ConfigError(f"store={url!r} is not a committed store ({exc}); check the URL") from exc
+        raise
+
+
+def _check_same_models(readers: list[StoreReader]) -> None:
+    """Stores evaluated together must hold rows of one hidden size, from one target model."""
+    first = readers[0]
+    target = ((first.meta or {}).get("models") or {}).get("target")
+    for r in readers[1:]:
+        if int(r.hidden_size) != int(first.hidden_size):
+            raise ConfigError(f"stores {first.url!r} and {r.url!r} have hidden sizes {first.hidden_size} and "
+                              f"{r.hidden_size}; evaluate stores of one model pair together")
+        other = ((r.meta or {}).get("models") or {}).get("target")
+        if target and other and target.get("fingerprint") != other.get("fingerprint"):
+            raise ConfigError(f"stores {first.url!r} and {r.url!r} were extracted with different targets; "
+                              "evaluate stores of one model pair together")
+
+
 def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = None) -> EvalResult:
-    """Evaluate ``cfg``'s prediction source on ``cfg.store`` and write the outputs under ``cfg.out``."""
+    """Evaluate ``cfg``'s prediction source on ``cfg.store`` (and ``cfg.extra_stores``) and write the
+    outputs under ``cfg.out``."""
     mode = prediction_mode(cfg)
     timing, timing_note = resolve_timing(cfg)  # fail fast on a bad timing file, before any work
     so = cfg.storage_options
     device = resolve_device(cfg.device)
-    try:
-        reader = StoreReader(cfg.store, storage_options=so)
-    except StoreError as exc:
-        if "no manifest" in str(exc):
-            raise ConfigError(f"store={cfg.store!r} is not a committed store ({exc}); check the URL") from exc
-        raise
+    reader = _open_store(cfg.store, so)
+    readers = [reader, *(_open_store(u, so) for u in cfg.extra_stores)]
     manifest = reader.manifest
     hidden = int(reader.hidden_size)
     store_mode = (reader.meta or {}).get("mode")
+    _check_same_models(readers)
     notes: list[str] = []
 
     inputs: dict[str, Any] = {
@@ -142,6 +163,9 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
         "hidden_size": hidden,
         "prediction": mode,
     }
+    if cfg.extra_stores:
+        inputs["extra_stores"] = [{"store": r.url, "store_fingerprint": r.fingerprint, "store_counts": r.counts,
+                                   "store_mode": (r.meta or {}).get("mode")} for r in readers[1:]]
     module = acfg = None
     if mode == "adapter":
         from egpt_core.adapters import apply_adapter, load_adapter
@@ -161,7 +185,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
         fs, path = url_to_fs(cfg.lora, so)
         if not fs.exists(path):
             raise ConfigError(f"lora={cfg.lora!r} does not exist: pass the L6 peft adapter directory")
-        if store_mode not in (None, "retf"):
+        if any((r.meta or {}).get("mode") not in (None, "retf") for r in readers):
             raise ConfigError(
                 f"--lora needs a store whose drafter rows were re-extracted teacher-forced with the merged L6 "
                 f"drafter (mode 'retf'); {cfg.store!r} has mode {store_mode!r}. Run `egpt extract --mode retf` "
@@ -189,15 +213,15 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
 
     scenes = None
     if cfg.split == "val":
-        all_scenes = reader.pairs(status="ok", columns=["scene_id"]).column("scene_id").to_pylist()
+        all_scenes = [s for r in readers for s in r.pairs(status="ok", columns=["scene_id"]).column("scene_id").to_pylist()]
         _, scenes = split_scenes(all_scenes, cfg.val_fraction, cfg.split_seed)
         inputs["split"] = {"val_fraction": cfg.val_fraction, "seed": cfg.split_seed, "val_scenes": len(scenes)}
         notes.append(f"evaluated on the {len(scenes)} validation scenes of the seeded split by scene "
                      f"(fraction {cfg.val_fraction}, seed {cfg.split_seed}); training never saw them.")
     acc = MetricAccumulator(cfg.taus, cfg.gammas, cfg.max_positions, lm_head, device=device,
                             lm_head_dtype=(manifest.get("lm_head") or {}).get("dtype"))
-    n_shards = len(reader.shards) or None
-    for k, shard in enumerate(reader.iter_shards()):
+    n_shards = sum(len(r.shards) for r in readers) or None
+    for k, shard in enumerate(shard for r in readers for shard in r.iter_shards()):
         for drafter, target, mask, tokens in _batches(shard, cfg.batch_size, scenes):
             if mode == "adapter":
                 with torch.no_grad():
@@ -207,7 +231,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
             acc.update(pred, target, mask, tokens)
         if progress is not None:
             progress((k + 1) / n_shards if n_shards else 0.0, f"evaluated shard {shard.name}")
-    inputs["n_pairs_not_ok"] = sum(v for k, v in reader.counts.items() if k != "ok")
+    inputs["n_pairs_not_ok"] = sum(v for r in readers for k, v in r.counts.items() if k != "ok")
 
     metrics = acc.result()
     if metrics["counts"]["n_pairs"] == 0:
@@ -231,6 +255,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
     inputs["eval_version"] = EVAL_VERSION
     inputs["eval_fingerprint"] = hash_json({
         "version": EVAL_VERSION, "store": inputs["store_fingerprint"], "mode": mode,
+        **({"extra_stores": [r.fingerprint for r in readers[1:]]} if cfg.extra_stores else {}),
         "adapter": inputs.get("adapter_fingerprint"), "lora": inputs.get("lora_fingerprint"),
         "taus": cfg.taus, "gammas": cfg.gammas, "max_positions": cfg.max_positions,
         "split": [cfg.split, cfg.val_fraction, cfg.split_seed],

@@ -31,7 +31,7 @@ from egpt_core.data.dataset import QUESTIONS_NAME
 from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.extraction.features import scene_features
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import join
+from egpt_core.fsio import canonical_url, join
 from egpt_core.models.positions import POSITION_CONVENTION
 from egpt_core.models.vocab import check_vocab_compat, vocab_tokens
 from egpt_core.store import StoreReader, StoreWriter
@@ -107,7 +107,7 @@ def store_meta(cfg: ExtractConfig, drafter, target) -> dict:
         "events": cfg.events.model_dump(mode="json"),
         "n_video_frames": cfg.n_video_frames,
         "frame_sampling": cfg.frame_sampling,
-        "dataset": cfg.dataset,
+        "dataset": canonical_url(cfg.dataset),  # absolute: a worker in another cwd finds it again
         "source_store": cfg.source_store if cfg.mode == "retf" else None,
         "compat_key": hash_json(settings),
     }
@@ -323,7 +323,8 @@ def _source_rows(source: StoreReader, shard: list[Pair]) -> dict:
     for p in shard:
         rows = source.get(p.pair_id)
         rec = {k: getattr(rows, k, None) for k in ("drafter_response_ids", "target_response_ids",
-                                                    "drafter_prompt_ids", "target_prompt_ids")}
+                                                    "drafter_prompt_ids", "target_prompt_ids",
+                                                    "drafter_text", "target_text")}  # retf keeps the token ids
         rec.update(drafter=rows.drafter.float(), target=rows.target.float(), length=int(rows.target.shape[0]))
         out[p.pair_id] = rec
     return out

@@ -146,3 +146,44 @@ def test_output_to_memory_url(store):
     assert {Path(p).name for p in fs.ls("/evaltest/run1", detail=False)} >= {
         "metrics.json", "report.md", "metrics_summary.png", "per_position.png"}
     assert res.out_url == "memory://evaltest/run1"
+
+
+def _copy_scenes(src: str, dst: str, scenes: set[str]) -> None:
+    """A store holding ``src``'s pairs (any status) of ``scenes``, shard by shard as in ``src``."""
+    from egpt_core.store import StoreReader, StoreWriter
+
+    r = StoreReader(src)
+    w = StoreWriter(dst, {"hidden_size": r.hidden_size, "dtype": "float32", "mode": r.meta["mode"]})
+    for sh in r.shards:
+        recs, ds, ts = [], [], []
+        for p in r._table(sh).to_pylist():
+            if p["scene_id"] not in scenes:
+                continue
+            rows = r.get(p["pair_id"]) if p["status"] == "ok" else None
+            recs.append({k: p[k] for k in ("pair_id", "scene_id", "question_idx", "status", "reason", "length",
+                                           "target_response_ids", "drafter_response_ids")})
+            ds.append(rows.drafter if rows else None)
+            ts.append(rows.target if rows else None)
+        if recs:
+            w.commit_shard(recs, ds, ts)
+    w.write_lm_head(r.lm_head(), fingerprint="test-head")
+
+
+def test_extra_stores_are_evaluated_as_one_split(store, tmp_path):
+    """A store plus `extra_stores` evaluates like one store holding all their pairs: the held-out
+    scenes are chosen over all of them (the scenes training held out), every held-out pair counts."""
+    url, _, _ = store
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    _copy_scenes(url, first, {"s0", "s1", ""})  # + the failed pair (no scene)
+    _copy_scenes(url, second, {"s2", "s3"})
+    split = dict(split="val", val_fraction=0.5, split_seed=3)
+    whole = evaluate(EvalConfig(store=url, out=str(tmp_path / "whole"), identity=True, **split))
+    both = evaluate(EvalConfig(store=first, extra_stores=[second], out=str(tmp_path / "both"), identity=True, **split))
+    alone = evaluate(EvalConfig(store=first, out=str(tmp_path / "alone"), identity=True, **split))
+    assert both.n_pairs == whole.n_pairs != alone.n_pairs
+    a = json.loads((Path(whole.out_url) / "metrics.json").read_text())
+    b = json.loads((Path(both.out_url) / "metrics.json").read_text())
+    for key in ("counts", "summary", "token"):
+        assert_close(a[key], b[key], key)
+    assert [e["store"] for e in b["inputs"]["extra_stores"]] == [second]
+    assert b["inputs"]["n_pairs_not_ok"] == a["inputs"]["n_pairs_not_ok"] == 1

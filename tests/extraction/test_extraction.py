@@ -164,6 +164,21 @@ def test_retf_recomputes_one_side_and_copies_the_other(tmp_path, full_store, ext
         run_extraction(extract_cfg(src, mode="retf", source_store=src), models=models)
 
 
+def test_retf_keeps_the_decoded_texts(tmp_path, full_store, extract_cfg, models):
+    """retf keeps the source's token ids, so it keeps their decoded texts too (they were left empty)."""
+    src = full_store[0]
+    url = str(tmp_path / "retf-texts")
+    run_extraction(extract_cfg(url, mode="retf", source_store=src), models=models)
+    cols = ["pair_id", "drafter_text", "target_text", "drafter_response_ids", "target_response_ids"]
+    want = {r["pair_id"]: r for r in StoreReader(src).pairs(status="ok", columns=cols).to_pylist()}
+    got = StoreReader(url).pairs(status="ok", columns=cols).to_pylist()
+    assert len(got) == len(want) > 0
+    for row in got:
+        assert row == want[row["pair_id"]]
+        assert row["drafter_text"] and row["target_text"]
+        assert row["target_text"] == models[1].decode(row["target_response_ids"])
+
+
 def test_feature_cache_is_reused(tmp_path, extract_cfg, models):
     url = str(tmp_path / "feat")
     s1 = run_extraction(extract_cfg(url, max_scenes=2, max_questions=1), models=models)

@@ -255,3 +255,35 @@ def test_readable_with_only_pyarrow_and_safetensors(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "OK 5"
+
+
+#: makes `import pandas` fail as on an install of this project's dependencies (pandas is not one)
+NO_PANDAS = textwrap.dedent("""
+    import importlib.abc, sys
+    class NoPandas(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == "pandas":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, NoPandas())
+    """)
+
+
+def test_readme_snippet_runs_with_pyarrow_and_safetensors_only(tmp_path):
+    """README "Readable without this project" runs as written next to a store, with pandas unavailable
+    (not a dependency), and reads the rows the store holds."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    after = readme[readme.index("Readable without this project"):]
+    snippet = after[after.index("```python\n") + len("```python\n"):after.index("\n```", after.index("```python"))]
+    _write(str(tmp_path / "store"), n=5, shard=3)
+    script = "\n".join([
+        NO_PANDAS,
+        snippet,
+        "import json; print(json.dumps({'pair_id': p['pair_id'], 'rows': drafter_rows.float().tolist()}))",
+    ])
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    want = StoreReader(str(tmp_path / "store")).get(got["pair_id"])
+    assert got["rows"] == want.drafter.float().tolist() and len(got["rows"]) == want.length > 0
