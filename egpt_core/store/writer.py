@@ -104,6 +104,33 @@ def _get_features(fs, root: str, key: str) -> dict[str, torch.Tensor] | None:
 
 
 # ------------------------------------------------------------------------------------------------
+# committed pairs (parquet id/status/input-fingerprint columns only, never tensors)
+# ------------------------------------------------------------------------------------------------
+def _committed_rows(fs, root: str, url: str, sh: dict) -> list[tuple[str, str, str | None]]:
+    """[(pair_id, status, input_fingerprint or None)] of one committed shard."""
+    try:
+        with fs.open(f"{root}/{sh['files']['pairs']}", "rb") as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in ("pair_id", "status", "input_fingerprint") if c in pf.schema_arrow.names]
+            t = pf.read(columns=cols)
+    except FileNotFoundError as exc:
+        raise StoreError(f"store {url}: committed shard file {sh['files']['pairs']} is missing") from exc
+    fps = t.column("input_fingerprint").to_pylist() if "input_fingerprint" in cols else [None] * t.num_rows
+    return list(zip(t.column("pair_id").to_pylist(), t.column("status").to_pylist(), fps))
+
+
+def committed_inputs(url: str, storage_options: dict | None = None) -> dict[str, tuple[str, str | None]]:
+    """pair_id -> (status, input_fingerprint or None) of every pair committed at ``url`` ({} when there
+    is no store yet). Reads the manifest and two or three parquet columns per shard."""
+    fs, root = url_to_fs(str(url), storage_options)
+    root = root.rstrip("/")
+    m = mf.load_manifest(fs, root, str(url))
+    if m is None:
+        return {}
+    return {p: (s, fp) for sh in m["shards"] for p, s, fp in _committed_rows(fs, root, str(url), sh)}
+
+
+# ------------------------------------------------------------------------------------------------
 # the writer
 # ------------------------------------------------------------------------------------------------
 class StoreWriter:
@@ -192,17 +219,7 @@ class StoreWriter:
         for sh in m["shards"]:
             if sh["name"] in self._committed:
                 continue
-            path = self._abs(sh["files"]["pairs"])
-            try:
-                with self.fs.open(path, "rb") as f:
-                    pf = pq.ParquetFile(f)
-                    cols = [c for c in ("pair_id", "status", "input_fingerprint") if c in pf.schema_arrow.names]
-                    t = pf.read(columns=cols)
-            except FileNotFoundError as exc:
-                raise StoreError(f"store {self.url}: committed shard file {sh['files']['pairs']} is missing") from exc
-            fps = t.column("input_fingerprint").to_pylist() if "input_fingerprint" in cols else [None] * t.num_rows
-            self._committed[sh["name"]] = list(zip(t.column("pair_id").to_pylist(), t.column("status").to_pylist(),
-                                                   fps))
+            self._committed[sh["name"]] = _committed_rows(self.fs, self.root, self.url, sh)
         self._committed_ids = {p for rows in self._committed.values() for p, _, _ in rows}
 
     def committed_pair_ids(self, status: str | None = None) -> set[str]:
