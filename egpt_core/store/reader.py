@@ -38,7 +38,7 @@ from egpt_core.store.writer import _get_features
 
 log = logging.getLogger(__name__)
 
-_READ_CHUNK = 8 << 20
+_READ_CHUNK = 256 << 10  # hash each chunk while it is still in cache
 _WHOLE_VERIFY_LOCK = threading.Lock()  # old stores: one whole-shard hash at a time, not one per thread
 
 
