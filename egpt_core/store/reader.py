@@ -194,7 +194,9 @@ class StoreReader:
         if name not in self._tables:
             data = self._fetch_shard_file(sh, "pairs")
             try:
-                t = pq.read_table(pa.BufferReader(data))
+                # single-threaded: pyarrow's thread pools racing interpreter exit abort the process
+                # ("terminate called without an active exception") after torch is loaded
+                t = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
             except (pa.ArrowException, OSError, ValueError) as exc:
                 raise StoreError(f"{self._where(sh, 'pairs')} is not a readable Parquet file ({exc})") from exc
             self._tables[name] = mf.conform_pairs_table(t)

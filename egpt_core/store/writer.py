@@ -112,7 +112,7 @@ def _committed_rows(fs, root: str, url: str, sh: dict) -> list[tuple[str, str, s
         with fs.open(f"{root}/{sh['files']['pairs']}", "rb") as f:
             pf = pq.ParquetFile(f)
             cols = [c for c in ("pair_id", "status", "input_fingerprint") if c in pf.schema_arrow.names]
-            t = pf.read(columns=cols)
+            t = pf.read(columns=cols, use_threads=False)  # no pyarrow thread pool (see reader._table)
     except FileNotFoundError as exc:
         raise StoreError(f"store {url}: committed shard file {sh['files']['pairs']} is missing") from exc
     fps = t.column("input_fingerprint").to_pylist() if "input_fingerprint" in cols else [None] * t.num_rows
