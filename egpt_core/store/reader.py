@@ -444,11 +444,21 @@ class StoreReader:
         lm = self.manifest.get("lm_head")
         if not lm:
             raise StoreError(f"store {self.url} holds no target LM head (write_lm_head was never called)")
-        data = self._fetch(lm["path"], f"store {self.url}: LM head {lm['path']}", lm.get("sha256"), lm.get("bytes"))
+        where = f"store {self.url}: LM head {lm['path']}"
+        buf = self._fetch(lm["path"], where, lm.get("sha256"), lm.get("bytes"))
+        n = mf.header_len(buf[:8], where)
+        tensors, _ = mf.parse_tensor_header(memoryview(buf)[8:8 + n], where)
+        info = tensors.get("weight")
         try:
-            return st.load(bytes(data))["weight"]
-        except Exception as exc:  # safetensors' own errors
-            raise StoreError(f"store {self.url}: LM head {lm['path']} is not readable ({exc})") from exc
+            dt, shape, (begin, end) = mf.ST_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
+            numel = shape[0] * shape[1] if len(shape) == 2 else -1
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise StoreError(f"{where} is not readable: no 2-D 'weight' tensor ({exc})") from exc
+        if numel < 0 or end - begin != numel * dt.itemsize or 8 + n + end > len(buf):
+            raise StoreError(f"{where} is not readable: 'weight' {shape} does not match its bytes")
+        if sys.byteorder != "little" or numel == 0:
+            return st.load(bytes(buf))["weight"]
+        return torch.frombuffer(buf, dtype=dt, offset=8 + n + begin, count=numel).view(shape)
 
     def get_features(self, key: str) -> dict[str, torch.Tensor] | None:
         return _get_features(self.fs, self.root, key)
