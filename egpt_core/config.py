@@ -111,6 +111,8 @@ class TrainAdapterConfig(_Model):
     min_lr: float = Field(1e-6, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     early_stopping: int = Field(10, ge=1, description="patience in epochs")
+    allow_mixed_models: bool = Field(
+        False, description="train on stores of different drafter/target models (refused by default)")
     seed: int = 0
     device: str = "auto"
     data_cache_gb: float | None = Field(

@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1'")
     p.add_argument("--config", metavar="FILE", help="TrainAdapterConfig as JSON/YAML; flags override it")
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    p.add_argument("--allow-mixed-models", action="store_true",
+                   help="accept train/val stores extracted with different drafter/target models")
     p.add_argument("--list-levels", action="store_true", help="print each level with its exact parameter count")
     p.set_defaults(func=_run)
 
@@ -91,6 +93,8 @@ def build_config(args) -> TrainAdapterConfig:
     data["adapter"] = adapter
     if args.train:
         data["train"] = args.train
+    if getattr(args, "allow_mixed_models", False):
+        data["allow_mixed_models"] = True
     for flag, key in (("val", "val"), ("out", "out"), ("epochs", "epochs"), ("batch_size", "batch_size"),
                       ("lr", "lr"), ("seed", "seed"), ("device", "device")):
         v = getattr(args, flag)

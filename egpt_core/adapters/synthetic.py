@@ -15,13 +15,13 @@ def write_synthetic_pair_store(url: str, *, hidden_size: int = 32, n_scenes: int
                                min_len: int = 3, max_len: int = 12, noise: float = 0.01, seed: int = 0,
                                shard_size: int = 50, dtype: str = "float32", map_seed: int = 1234,
                                n_failed: int = 0, scene_prefix: str = "scene", normalize_rows: bool = True,
-                               storage_options: dict | None = None) -> dict[str, Any]:
+                               storage_options: dict | None = None, meta: dict | None = None) -> dict[str, Any]:
     """Write ``n_scenes * pairs_per_scene`` ok pairs (+ ``n_failed`` failed ones) with the store's
     StoreWriter; returns {"url", "pairs", "scenes", "hidden_size", "rows"}.
 
     ``map_seed`` fixes the affine map (use the same value for train and val stores).
     ``normalize_rows`` standardises each drafter row (mean 0, variance 1), as final-norm hidden
-    states roughly are.
+    states roughly are. ``meta``: further store metadata (e.g. ``model_fingerprints``).
     """
     from egpt_core.store import StoreWriter
 
@@ -30,8 +30,8 @@ def write_synthetic_pair_store(url: str, *, hidden_size: int = 32, n_scenes: int
     weight = torch.randn(d, d, generator=gm) / d**0.5
     bias = 0.5 * torch.randn(d, generator=gm)
     g = torch.Generator().manual_seed(seed)
-    writer = StoreWriter(url, {"hidden_size": d, "dtype": dtype, "mode": "synthetic", "notes": "synthetic affine map"},
-                         storage_options=storage_options)
+    writer = StoreWriter(url, {"hidden_size": d, "dtype": dtype, "mode": "synthetic", "notes": "synthetic affine map",
+                               **(meta or {})}, storage_options=storage_options)
     records, dra, tgt = [], [], []
     rows = 0
 

@@ -184,6 +184,48 @@ def _ok_pairs(reader) -> tuple[list[str], list[str], list[int]]:
     return ids, scenes, lengths
 
 
+def _model_pair(reader) -> dict[str, str]:
+    """{"drafter": fp, "target": fp} of the models a store was extracted with (sides it records)."""
+    meta = reader.meta or {}
+    fps = dict(meta.get("model_fingerprints") or {})
+    for side, info in (meta.get("models") or {}).items():
+        if isinstance(info, dict) and info.get("fingerprint"):
+            fps.setdefault(side, info["fingerprint"])
+    return {k: str(v) for k, v in fps.items() if v}
+
+
+def _check_one_model_pair(stores: list[tuple[str, object]]) -> None:
+    """ConfigError when two stores record different fingerprints for the drafter or the target."""
+    seen: dict[str, tuple[str, str]] = {}
+    for url, reader in stores:
+        for side, fp in sorted(_model_pair(reader).items()):
+            if side in seen and seen[side][1] != fp:
+                raise ConfigError(
+                    f"stores of different model pairs: the {side} of {seen[side][0]} has fingerprint "
+                    f"{seen[side][1]!r} but the {side} of {url} has {fp!r}. An adapter maps one drafter's hidden "
+                    "states into one target's; train on stores extracted with the same models, or set "
+                    "allow_mixed_models (--allow-mixed-models) if mixing them is intended."
+                )
+            seen.setdefault(side, (url, fp))
+
+
+def _drop_repeated_pairs(per_store: list[tuple[list[str], list[str], list[int]]],
+                         urls: Sequence[str]) -> list[tuple[list[str], list[str], list[int]]]:
+    """Keep each pair id once (its first store): `--train s1 --train s1`, or stores sharing pairs, must
+    not weigh those pairs twice."""
+    seen: set[str] = set()
+    out, dropped = [], 0
+    for ids, scenes, lengths in per_store:
+        keep = [k for k, pid in enumerate(ids) if pid not in seen]
+        dropped += len(ids) - len(keep)
+        seen.update(ids)
+        out.append(([ids[k] for k in keep], [scenes[k] for k in keep], [lengths[k] for k in keep]))
+    if dropped:
+        log.warning("%d pair(s) appear in more than one train store (%s); each is used once", dropped,
+                    ", ".join(dict.fromkeys(urls)))
+    return out
+
+
 class PairRandomAccess(Dataset):
     """Per-pair byte-range reads (``StoreReader.get``) for data larger than the RAM cache; items
     match the store's PairDataset items."""
@@ -219,11 +261,13 @@ def _prepare_data(cfg: TrainAdapterConfig, local_ranks: int = 1) -> _Split:
             f"hidden-size mismatch: adapter.hidden_size={want} but the store(s) have hidden size {d} "
             f"({', '.join(sizes)}); set adapter.hidden_size to {d} or leave it unset"
         )
+    if not cfg.allow_mixed_models:
+        _check_one_model_pair(list(zip(cfg.train, readers)) + ([(cfg.val, val_reader)] if val_reader else []))
     fingerprints = {u: _manifest_fingerprint(r) for u, r in zip(cfg.train, readers)}
     if val_reader is not None:
         fingerprints[cfg.val] = _manifest_fingerprint(val_reader)
 
-    per_store = [_ok_pairs(r) for r in readers]
+    per_store = _drop_repeated_pairs([_ok_pairs(r) for r in readers], cfg.train)
     max_len = max((max(p[2], default=0) for p in per_store), default=0)
     all_train_scenes = sorted({s for _, scenes, _ in per_store for s in scenes})
     shared = 0

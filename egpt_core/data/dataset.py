@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
 from egpt_core.errors import BadInputError
-from egpt_core.fsio import join, url_to_fs
+from egpt_core.fsio import is_local, join, url_to_fs
 
 MANIFEST_NAME = "EventGPT_Instruction_Subset.json"
 QUESTIONS_NAME = "questions.json"
@@ -81,8 +82,11 @@ def load_scenes(
         records = records[:max_scenes]
     scenes: list[Scene] = []
     first_index: dict[str, int] = {}
+    real_root = _local_real_root(root)
     for i, record in enumerate(records):
         scene = _scene_from_record(record, i, root, manifest_url)
+        if real_root is not None:
+            _check_inside_root(scene, i, real_root, manifest_url)
         if scene.scene_id in first_index:
             raise BadInputError(
                 manifest_url,
@@ -133,6 +137,31 @@ def _scene_from_record(record: Any, i: int, root: str, manifest_url: str) -> Sce
         record=record,
         event_images_1f=tuple(join(root, "event_image_1f", p) for p in rel_list("event_image_1f")),
     )
+
+
+def _local_real_root(root: str) -> str | None:
+    """The dataset root with every symlink resolved, for local datasets (None for object stores,
+    which have no symlinks)."""
+    if not is_local(root):
+        return None
+    return os.path.realpath(str(root).removeprefix("file://") or ".")
+
+
+def _check_inside_root(scene: Scene, i: int, real_root: str, manifest_url: str) -> None:
+    """Refuse a record whose files resolve (through symlinks) outside the dataset root."""
+    paths = [("event_data", scene.event_path), ("video_data", scene.video_path),
+             *(("event_image", p) for p in scene.event_images), *(("event_image_1f", p) for p in scene.event_images_1f)]
+    for key, url in paths:
+        if not url:
+            continue
+        real = os.path.realpath(str(url).removeprefix("file://"))
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            raise BadInputError(
+                manifest_url,
+                f"record {i} '{key}': {url} resolves to {real}, outside the dataset root {real_root} (a symbolic "
+                "link); refusing to read it. Copy the file into the dataset, or point the dataset setting at a "
+                "root that contains it.",
+            )
 
 
 def _relative_path(value: Any, what: str, manifest_url: str) -> str:

@@ -19,6 +19,19 @@ RED = (255, 0, 0)
 BLUE = (0, 0, 255)
 #: Event images declaring more pixels than this are refused before decoding (decompression bombs).
 MAX_IMAGE_PIXELS = 64_000_000
+#: Largest event-frame canvas (height * width) rendered: a few events at huge coordinates must not
+#: allocate gigabytes (8000 x 8000; the largest event sensors are around 1280 x 960).
+MAX_CANVAS_PIXELS = 64_000_000
+
+
+def check_canvas(height: int, width: int, path: str, what: str) -> None:
+    """BadInputError naming ``path`` when a ``height`` x ``width`` canvas exceeds MAX_CANVAS_PIXELS."""
+    if height * width > MAX_CANVAS_PIXELS:
+        raise BadInputError(
+            path,
+            f"{what} needs a {height}x{width} canvas, more than the {MAX_CANVAS_PIXELS:,}-pixel limit; "
+            "the coordinates are corrupt or the sensor is larger than any supported one",
+        )
 
 
 def slice_bounds(n_events: int, n_frames: int) -> list[tuple[int, int]]:
@@ -46,12 +59,17 @@ def render_event_frames(
         height, width = int(sensor_size[0]), int(sensor_size[1])
         if height <= 0 or width <= 0:
             raise ValueError(f"sensor_size must be positive (height, width), got {sensor_size}")
+        check_canvas(height, width, events.path, f"the sensor size {height}x{width}")
         if len(x) and (int(x.max()) >= width or int(y.max()) >= height):
             raise BadInputError(
                 events.path,
                 f"events outside the sensor size {height}x{width} "
                 f"(max x={int(x.max())}, max y={int(y.max())})",
             )
+    elif len(x):  # data-dependent canvas: bounded before anything is allocated
+        check_canvas(int(y.max()) + 1, int(x.max()) + 1, events.path,
+                     f"events up to x={int(x.max())}, y={int(y.max())} (no sensor size declared or configured)")
+    x = x.astype(np.intp, copy=False)  # bounded above; uint64 coordinates would not add to intp indices
     frames = []
     for start, stop in slice_bounds(len(x), n_frames):
         xs, ys, ps = x[start:stop], y[start:stop], p[start:stop]

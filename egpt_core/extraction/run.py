@@ -29,12 +29,13 @@ from egpt_core.config import ExtractConfig
 from egpt_core.data import Pair, build_pairs, load_questions, load_scenes, read_video_frames
 from egpt_core.data.dataset import QUESTIONS_NAME
 from egpt_core.errors import BadInputError, ConfigError, StoreError
+from egpt_core.extraction import inputs as guards
 from egpt_core.extraction.features import scene_features
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import canonical_url, join
 from egpt_core.models.positions import POSITION_CONVENTION
 from egpt_core.models.vocab import check_vocab_compat, vocab_tokens
-from egpt_core.store import StoreReader, StoreWriter
+from egpt_core.store import StoreReader, StoreWriter, committed_inputs
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ def store_meta(cfg: ExtractConfig, drafter, target) -> dict:
     if cfg.frame_sampling != "linspace":  # (absent at the default: stores written before keep their key)
         settings["frame_sampling"] = cfg.frame_sampling
     return {
+        "model_fingerprints": settings["models"],  # defining: a store holds one model pair's rows
+        "config_fingerprint": hash_json({k: v for k, v in settings.items() if k != "models"}),
         "mode": cfg.mode,
         "position_convention": POSITION_CONVENTION,
         "hidden_size": hidden,
@@ -113,20 +116,26 @@ def store_meta(cfg: ExtractConfig, drafter, target) -> dict:
     }
 
 
-def _record(pair: Pair, status: str = "ok", reason: str | None = None) -> dict:
+def _record(pair: Pair, status: str = "ok", reason: str | None = None, input_fingerprint: str | None = None) -> dict:
     return {
         "pair_id": pair.pair_id, "scene_id": pair.scene.scene_id, "question_idx": pair.question_idx,
         "question": pair.question, "status": status, "reason": reason,
         "drafter_prompt_ids": [], "target_prompt_ids": [], "drafter_response_ids": [], "target_response_ids": [],
-        "drafter_text": "", "target_text": "", "length": 0,
+        "drafter_text": "", "target_text": "", "length": 0, "input_fingerprint": input_fingerprint,
     }
 
 
 class _Inputs:
-    """Per-shard input preparation with a per-scene memo; bad input becomes a recorded reason."""
+    """Per-shard input preparation with a per-scene memo; bad input becomes a recorded reason.
 
-    def __init__(self, cfg: ExtractConfig, drafter, target, writer, stats: dict):
+    ``fingerprints``: pair_id -> input fingerprint (recorded with each pair); ``reserved``: strings a
+    question must not contain (the models' placeholders and control tokens)."""
+
+    def __init__(self, cfg: ExtractConfig, drafter, target, writer, stats: dict,
+                 fingerprints: dict[str, str] | None = None, reserved: list[str] | None = None):
         self.cfg, self.drafter, self.target, self.writer, self.stats = cfg, drafter, target, writer, stats
+        self.fingerprints = fingerprints or {}
+        self.reserved = reserved if reserved is not None else guards.reserved_strings(drafter, target)
         self._features: dict[str, torch.Tensor | BadInputError] = {}
         self._video: dict[str, list | BadInputError] = {}
 
@@ -167,23 +176,36 @@ def _response_status(ids: list[int], eos: int | None, min_tokens: int) -> tuple[
 def _extract_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, target, inputs: _Inputs,
                    source_rows: dict | None) -> tuple[list[dict], list, list]:
     """Process one batch -> (records, drafter rows, target rows); rows are None for non-ok pairs."""
-    recs = [_record(p) for p in batch]
+    recs = [_record(p, input_fingerprint=inputs.fingerprints.get(p.pair_id)) for p in batch]
     d_rows: list = [None] * len(batch)
     t_rows: list = [None] * len(batch)
     live: list[int] = []
     feats, d_prompts, t_prompts, videos = {}, {}, {}, {}
     for i, p in enumerate(batch):
+        problem = guards.question_problem(p.question, inputs.reserved)
+        if problem:
+            recs[i].update(status="failed", reason=problem)
+            continue
+        new_tokens = cfg.max_new_tokens if mode != "retf" else int(source_rows[p.pair_id]["length"])
         try:
             if drafter is not None:
                 feats[i] = inputs.features(p)
                 d_prompts[i] = drafter.prompt_ids(p.question)
                 recs[i]["drafter_prompt_ids"] = [int(x) for x in d_prompts[i]]
-            if target is not None:
+                problem = guards.context_problem("drafter", drafter.model.expanded_len(d_prompts[i], feats[i].shape[0]),
+                                                 new_tokens, guards.context_size(drafter))
+            if target is not None and problem is None:
                 t_prompts[i], videos[i] = target.prepare(p.question, inputs.video(p))
                 recs[i]["target_prompt_ids"] = t_prompts[i]
-            live.append(i)
+                problem = guards.context_problem("target", len(t_prompts[i]), new_tokens, guards.context_size(target))
         except BadInputError as exc:
-            recs[i].update(status="failed", reason=str(exc))
+            problem = str(exc)
+        except ValueError as exc:  # the processor refusing a prompt: this pair's problem, not the run's
+            problem = f"the prompt could not be built: {exc}"
+        if problem:
+            recs[i].update(status="failed", reason=problem)
+        else:
+            live.append(i)
     if not live:
         return recs, d_rows, t_rows
 
@@ -274,11 +296,29 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None, only_pa
         ok = set(source.pair_ids(status="ok"))
         pairs = [p for p in pairs if p.pair_id in ok]
 
+    # content fingerprints of every planned pair's inputs, checked against what the store (and a retf
+    # source) committed, before any model work: another dataset is refused, never mixed in
+    fingerprints = guards.input_fingerprints(pairs, cfg.events, cfg.storage_options)
+    if source is not None:
+        side = ("event" if cfg.retf_side == "drafter" else "video", "question")
+        source_inputs = {r["pair_id"]: (r["status"], r["input_fingerprint"]) for r in
+                         source.pairs(columns=["pair_id", "status", "input_fingerprint"]).to_pylist()}
+        guards.check_committed_inputs(pairs, fingerprints, source_inputs, store=cfg.store, dataset=cfg.dataset,
+                                      render=cfg.events, only=side, source=cfg.source_store)
+        for p in pairs:  # the other side's rows are the source's: so are its inputs
+            fingerprints[p.pair_id] = source_inputs[p.pair_id][1] or fingerprints[p.pair_id]
+    unchecked = guards.check_committed_inputs(pairs, fingerprints, committed_inputs(cfg.store, cfg.storage_options),
+                                              store=cfg.store, dataset=cfg.dataset, render=cfg.events)
+    if unchecked:
+        log.warning("store %s: %d committed pairs were written before input fingerprints existed; their inputs "
+                    "cannot be checked against dataset %s", cfg.store, unchecked, cfg.dataset)
+
     drafter, target = models if models is not None else load_models(cfg)
     check_pair_vocab(cfg, drafter, target, source)
     writer = StoreWriter(cfg.store, store_meta(cfg, drafter, target), cfg.storage_options)
     committed = writer.committed_pair_ids()
     pending = [p for p in pairs if p.pair_id not in committed]
+    reserved = guards.reserved_strings(drafter, target)
     stats: dict[str, int] = {}
     lm_written = False
     if target is not None:
@@ -292,7 +332,7 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None, only_pa
     n_done = n_shards = 0
     bar = tqdm(total=len(pending), desc=f"extract[{cfg.mode}]", unit="pair", disable=None)
     for shard in shards:
-        inputs = _Inputs(cfg, drafter, target, writer, stats)
+        inputs = _Inputs(cfg, drafter, target, writer, stats, fingerprints, reserved)
         source_rows = _source_rows(source, shard) if source is not None else None
         records, d_rows, t_rows = [], [], []
         for b in range(0, len(shard), cfg.batch_size):

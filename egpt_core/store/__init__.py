@@ -27,7 +27,7 @@ from egpt_core.store.reader import (
     collate_pairs,
 )
 from egpt_core.store.research_import import import_research, research_pair_id
-from egpt_core.store.writer import NON_FINITE, ShardInfo, StoreWriter
+from egpt_core.store.writer import NON_FINITE, ShardInfo, StoreWriter, committed_inputs
 
 __all__ = [
     "DEFINING_FIELDS",
@@ -44,6 +44,7 @@ __all__ = [
     "StoreReader",
     "StoreWriter",
     "collate_pairs",
+    "committed_inputs",
     "import_research",
     "research_pair_id",
     "shard_name",

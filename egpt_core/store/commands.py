@@ -54,7 +54,7 @@ def store_summary(url: str, storage_options: dict | None = None, verify: bool = 
         "compat_key": meta.get("compat_key"),
         "models": meta.get("models"),
         "model_fingerprints": meta.get("model_fingerprints"),
-        "dataset_fingerprint": meta.get("dataset_fingerprint"),
+        "dataset_fingerprint": m.get("dataset_fingerprint") or meta.get("dataset_fingerprint"),
         "config_fingerprint": meta.get("config_fingerprint"),
         "notes": meta.get("notes"),
         "lm_head": m.get("lm_head"),

@@ -48,7 +48,11 @@ TMP_MARK = ".tmp-"
 POSITION_CONVENTION = "row t = final post-norm hidden state at input position P-1+t (predicts g_t)"
 
 #: Meta fields that define a store: a writer whose meta differs in one of them is refused.
-DEFINING_FIELDS = ("hidden_size", "dtype", "mode", "position_convention", "compat_key")
+DEFINING_FIELDS = ("hidden_size", "dtype", "mode", "position_convention", "model_fingerprints",
+                   "config_fingerprint", "compat_key")
+#: Defining fields newer than schema 1's first stores: enforced when the store records them; a store
+#: written before them (none recorded) takes the next writer's values.
+LATER_DEFINING_FIELDS = ("model_fingerprints", "config_fingerprint")
 
 STATUSES = ("ok", "failed", "skipped")
 
@@ -70,6 +74,9 @@ PAIR_SCHEMA = pa.schema(
         ("length", pa.int64()),
         ("row_offset", pa.int64()),
         ("shard", pa.string()),
+        # content fingerprint of the pair's inputs ("event=...,video=...,question=..."); null in
+        # stores written before it existed and for pairs without dataset files (imports, synthetic)
+        ("input_fingerprint", pa.string()),
     ]
 )
 PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
@@ -298,8 +305,151 @@ def refresh_manifest(m: dict) -> dict:
         for k in totals:
             totals[k] += int(sh[k])
     m["counts"], m["reasons"], m["totals"] = counts, dict(sorted(reasons.items())), totals
+    m["dataset_fingerprint"] = combine_inputs_digests([sh.get("inputs_digest") for sh in m["shards"]])
     m["fingerprint"] = store_fingerprint(m)
     return m
+
+
+# ------------------------------------------------------------------------------------------------
+# content fingerprints of the pairs' inputs (DESIGN.md §3.5)
+# ------------------------------------------------------------------------------------------------
+def inputs_digest(pairs: list[tuple[str, str | None]]) -> str | None:
+    """Order- and sharding-independent digest of (pair_id, input_fingerprint) pairs: the XOR of their
+    sha256s (a pair is in exactly one shard, so shard digests XOR into the store's). None when a pair
+    has no input fingerprint (imports, synthetic stores, stores written before fingerprints)."""
+    acc = 0
+    for pid, fp in pairs:
+        if not fp:
+            return None
+        acc ^= int.from_bytes(hashlib.sha256(f"{pid}\0{fp}".encode()).digest(), "big")
+    return f"{acc:064x}"
+
+
+def combine_inputs_digests(digests: list[str | None]) -> str | None:
+    """The store's dataset fingerprint (16 hex) from its shards' input digests; None if any is unknown."""
+    if not digests or any(not d for d in digests):
+        return None
+    acc = 0
+    for d in digests:
+        acc ^= int(d, 16)
+    return hashlib.sha256(f"{acc:064x}".encode()).hexdigest()[:16]
+
+
+def conform_pairs_table(table: pa.Table) -> pa.Table:
+    """A pairs table read from any schema-1 shard, with every current PAIR_SCHEMA column (columns a
+    store written by an older version lacks are null), in schema order."""
+    for f in PAIR_SCHEMA:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    extra = [c for c in table.column_names if c not in PAIR_COLUMNS]
+    return table.select(list(PAIR_COLUMNS) + extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# tensor shard layout: ONE validation for whole-shard loads and byte-range reads
+# ------------------------------------------------------------------------------------------------
+#: safetensors ``__metadata__`` key holding one digest per pairs-table row, concatenated: the first
+#: ROW_DIGEST_HEX hex digits of sha256(drafter rows bytes + target rows bytes). The header itself is
+#: anchored by the manifest (``sha256["header"]``), so a byte-range read can verify the rows it fetches.
+ROW_DIGESTS = "row_sha256"
+ROW_DIGEST_HEX = 32
+TENSOR_KEYS = ("drafter", "target", "offsets")
+
+
+def row_digest(drafter_raw: bytes | bytearray | memoryview, target_raw: bytes | bytearray | memoryview) -> str:
+    h = hashlib.sha256(drafter_raw)
+    h.update(target_raw)
+    return h.hexdigest()[:ROW_DIGEST_HEX]
+
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def header_len(head8: bytes | bytearray | memoryview, where: str) -> int:
+    if len(head8) < 8:
+        raise StoreError(f"{where} is truncated (no safetensors header)")
+    n = int.from_bytes(bytes(head8[:8]), "little")
+    if n < 2 or n > MAX_HEADER_BYTES:
+        raise StoreError(f"{where} is not readable: implausible safetensors header size {n}")
+    return n
+
+
+def parse_tensor_header(raw: bytes | bytearray | memoryview, where: str) -> tuple[dict, dict]:
+    """(tensor entries, __metadata__) of a safetensors header's JSON bytes."""
+    try:
+        hdr = json.loads(bytes(raw))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{where} is not readable: its header is not JSON ({exc})") from exc
+    if not isinstance(hdr, dict):
+        raise StoreError(f"{where} is not readable: its header is not a JSON object")
+    meta = hdr.pop("__metadata__", None) or {}
+    return hdr, meta if isinstance(meta, dict) else {}
+
+
+def check_tensor_layout(sh: dict, tensors: dict, *, hidden_size: int, dtype: torch.dtype, where: str,
+                        data_len: int | None = None) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """Validate a shard's safetensors header against its manifest entry; returns, per tensor,
+    (dtype, shape, begin, end) with begin/end relative to the data section.
+
+    ``drafter``/``target`` must be [rows, D] in the store dtype (rows = the manifest's row count),
+    ``offsets`` int64 [pairs + 1]; byte ranges must match the shapes, not overlap and (when
+    ``data_len`` is known) lie inside the file. Both read paths use this, so a header whose offsets
+    point one tensor at another's data is refused whichever path reads it.
+    """
+    keys = set(tensors)
+    if keys != set(TENSOR_KEYS):
+        raise StoreError(f"{where}: tensors {sorted(keys)} are not the shard layout {list(TENSOR_KEYS)}")
+    rows, pairs = sh.get("rows"), sh.get("pairs")
+    out: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+    for key in TENSOR_KEYS:
+        info = tensors[key]
+        try:
+            code, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"{where}: header entry {key!r} is malformed ({exc})") from exc
+        dt = ST_DTYPES.get(code)
+        ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, begin, end])
+        if key == "offsets":
+            want_dt, want_shape = torch.int64, [int(pairs) + 1] if pairs is not None else None
+        else:
+            want_dt, want_shape = dtype, [int(rows), hidden_size] if rows is not None else None
+        if (not ints or dt != want_dt or len(shape) != (1 if key == "offsets" else 2)
+                or (key != "offsets" and shape[1] != hidden_size)
+                or (want_shape is not None and shape != want_shape)):
+            raise StoreError(
+                f"{where}: tensor {key!r} is {code} {shape} but the manifest says "
+                f"{want_dt} {want_shape or ['R', hidden_size]}"
+            )
+        numel = 1
+        for v in shape:
+            numel *= v
+        if end - begin != numel * torch.empty((), dtype=dt).element_size():
+            raise StoreError(f"{where}: tensor {key!r} spans bytes {begin}..{end}, not {shape} {code}")
+        if data_len is not None and end > data_len:
+            raise StoreError(f"{where}: tensor {key!r} ends at byte {end}, past the file's data ({data_len})")
+        out[key] = (dt, shape, begin, end)
+    spans = sorted((b, e, k) for k, (_, _, b, e) in out.items() if e > b)
+    for (b1, e1, k1), (b2, e2, k2) in zip(spans, spans[1:]):
+        if b2 < e1:
+            raise StoreError(f"{where}: tensors {k1!r} and {k2!r} overlap (bytes {b1}..{e1} and {b2}..{e2})")
+    if out["drafter"][1][0] != out["target"][1][0]:
+        raise StoreError(f"{where}: drafter and target row counts differ")
+    return out
+
+
+def check_row_layout(table: pa.Table, rows: int, where: str) -> None:
+    """The pairs table packs rows contiguously in table order: row_offset = running sum of length,
+    non-ok pairs have none, and the lengths add up to the tensors' rows."""
+    ro = table.column("row_offset").to_pylist()
+    ln = table.column("length").to_pylist()
+    st = table.column("status").to_pylist()
+    off = 0
+    for o, n, s in zip(ro, ln, st):
+        if o != off or n is None or n < 0 or (s != "ok" and n != 0):
+            raise StoreError(f"{where}: the pairs table's row offsets/lengths are not a packing of the shard")
+        off += n
+    if off != rows:
+        raise StoreError(f"{where}: the pairs table's lengths add up to {off} rows, the tensors hold {rows}")
 
 
 def store_fingerprint(m: dict) -> str:
@@ -377,6 +527,8 @@ def load_manifest(fs: fsspec.AbstractFileSystem, root: str, store: str) -> dict 
 def check_compatible(existing: dict, new: dict, store: str) -> None:
     """ConfigError naming the first defining field whose value differs."""
     for f in DEFINING_FIELDS:
+        if f in LATER_DEFINING_FIELDS and existing.get(f) is None:
+            continue  # a store written before the field existed: compat_key still guards it
         if f in new and existing.get(f) != new[f]:
             raise ConfigError(
                 f"store {store} is incompatible: meta field {f!r} is {existing.get(f)!r} in the store "

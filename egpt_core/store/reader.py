@@ -3,14 +3,24 @@
 Only shards named by ``manifest.json`` exist for a reader; orphan files are invisible. Random access
 (:meth:`StoreReader.get`) parses the safetensors header itself and reads just the byte ranges of one
 pair's rows (ranged GETs on object stores).
+
+Everything read is checked against what the manifest recorded at commit, over the bytes already
+fetched (no second read): whole files (pairs tables, tensor shards, the LM head) against their sha256;
+byte-range reads against the header's sha256 (in the manifest) and the per-pair row sha256s the
+header holds. Stores written before per-pair digests existed get one streamed hash of the whole
+tensor shard per reader the first time a range of it is read. A mismatch is a :class:`StoreError`
+naming the shard (never retried: it is not a transient fault). Both read paths validate the tensor
+header against the manifest and the pairs table with the same function.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
+import logging
+import os
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +37,10 @@ from egpt_core.fsio import url_to_fs
 from egpt_core.store import manifest as mf
 from egpt_core.store.writer import _get_features
 
-_MAX_HEADER = 100 * 1024 * 1024
+log = logging.getLogger(__name__)
+
+_READ_CHUNK = 256 << 10  # hash each chunk while it is still in cache
+_WHOLE_VERIFY_LOCK = threading.Lock()  # old stores: one whole-shard hash at a time, not one per thread
 
 
 @dataclass
@@ -65,6 +78,8 @@ class ShardData:
 class _Header:
     data_start: int
     tensors: dict = field(default_factory=dict)
+    layout: dict = field(default_factory=dict)  # key -> (dtype, shape, begin, end), validated
+    row_digests: str | None = None  # per-pair digests (manifest.ROW_DIGESTS) when the header is anchored
 
 
 def _pair_rows(row: dict, drafter: torch.Tensor, target: torch.Tensor) -> PairRows:
@@ -109,6 +124,7 @@ class StoreReader:
         self.dtype = mf.torch_dtype(self.meta["dtype"])
         self._tables: dict[str, pa.Table] = {}
         self._headers: dict[str, _Header] = {}
+        self._whole_verified: set[str] = set()
         self._index: dict[str, tuple[int, int]] | None = None
 
     # -- manifest views ---------------------------------------------------------------------------
@@ -127,17 +143,64 @@ class StoreReader:
     def _abs(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
+    # -- verified whole-file reads ------------------------------------------------------------------
+    def _where(self, sh: dict, kind: str) -> str:
+        return f"store {self.url}: shard {sh['name']} ({sh['files'][kind]})"
+
+    def _fetch(self, rel: str, what: str, want_sha: str | None, want_size: int | None) -> bytearray:
+        """Read a whole committed file once, hashing the bytes as they arrive, and check them against
+        the manifest's sha256/size. A transient read error propagates as itself (retryable); a missing
+        or changed file is a StoreError naming it."""
+        path = self._abs(rel)
+        h = hashlib.sha256()
+        try:
+            if mf.is_local_fs(self.fs):
+                with open(path, "rb", buffering=0) as f:
+                    size = os.fstat(f.fileno()).st_size
+                    buf = bytearray(size)
+                    view, pos = memoryview(buf), 0
+                    while pos < size:
+                        n = f.readinto(view[pos:pos + _READ_CHUNK])
+                        if not n:
+                            break
+                        h.update(view[pos:pos + n])
+                        pos += n
+                    del view
+                    if pos != size:
+                        del buf[pos:]
+            else:
+                data = self.fs.cat_file(path)
+                h.update(data)
+                buf = bytearray(data)
+        except FileNotFoundError as exc:
+            raise StoreError(f"{what} is missing") from exc
+        if want_size is not None and len(buf) != int(want_size):
+            raise StoreError(f"{what} is not readable as committed: {len(buf)} bytes, the manifest recorded "
+                             f"{want_size}. The store is corrupt or was modified after commit; "
+                             f"`egpt inspect --verify {self.url}` lists every damaged file.")
+        got = h.hexdigest()
+        if want_sha and got != want_sha:
+            raise StoreError(f"{what} is not readable as committed: sha256 {got[:16]}... != {want_sha[:16]}... "
+                             "recorded in the manifest. The store is corrupt or was modified after commit; "
+                             f"`egpt inspect --verify {self.url}` lists every damaged file.")
+        return buf
+
+    def _fetch_shard_file(self, sh: dict, kind: str) -> bytearray:
+        return self._fetch(sh["files"][kind], self._where(sh, kind), (sh.get("sha256") or {}).get(kind),
+                           (sh.get("file_bytes") or {}).get(kind))
+
     # -- pairs tables -----------------------------------------------------------------------------
     def _table(self, sh: dict) -> pa.Table:
         name = sh["name"]
         if name not in self._tables:
-            path = self._abs(sh["files"]["pairs"])
+            data = self._fetch_shard_file(sh, "pairs")
             try:
-                with self.fs.open(path, "rb") as f:
-                    t = pq.read_table(f)
-            except FileNotFoundError as exc:
-                raise StoreError(f"store {self.url}: shard file {sh['files']['pairs']} is missing") from exc
-            self._tables[name] = t
+                # single-threaded: pyarrow's thread pools racing interpreter exit abort the process
+                # ("terminate called without an active exception") after torch is loaded
+                t = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise StoreError(f"{self._where(sh, 'pairs')} is not a readable Parquet file ({exc})") from exc
+            self._tables[name] = mf.conform_pairs_table(t)
         return self._tables[name]
 
     def pairs(self, status: str | None = None, columns: Sequence[str] | None = None) -> pa.Table:
@@ -153,44 +216,40 @@ class StoreReader:
 
     # -- whole shards -------------------------------------------------------------------------------
     def _load_tensors(self, sh: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        path = self._abs(sh["files"]["tensors"])
-        local = mf.is_local_fs(self.fs)
-        try:
-            # a transient read error propagates as itself (retryable); only a bad file is a StoreError
-            data = None if local else self.fs.cat_file(path)
-        except FileNotFoundError as exc:
-            raise StoreError(f"store {self.url}: shard file {sh['files']['tensors']} is missing") from exc
-        try:
-            ts = st.load_file(path) if local else st.load(data)
-        except FileNotFoundError as exc:
-            raise StoreError(f"store {self.url}: shard file {sh['files']['tensors']} is missing") from exc
-        except Exception as exc:  # safetensors' own errors
-            raise StoreError(f"store {self.url}: {sh['files']['tensors']} is not readable ({exc})") from exc
-        try:
-            d, t, off = ts["drafter"], ts["target"], ts["offsets"]
-        except KeyError as exc:
-            raise StoreError(f"store {self.url}: {sh['files']['tensors']} lacks tensor {exc}") from exc
-        if d.shape != t.shape or d.dim() != 2 or d.shape[1] != self.hidden_size or d.dtype != self.dtype:
-            raise StoreError(
-                f"store {self.url}: shard {sh['name']} tensors {tuple(d.shape)}/{tuple(t.shape)} {d.dtype} "
-                f"do not match the manifest ([R, {self.hidden_size}] {self.dtype})"
-            )
+        """drafter [R, D], target [R, D] (store dtype; views of one verified buffer) and offsets [n+1]."""
+        where = self._where(sh, "tensors")
+        buf = self._fetch_shard_file(sh, "tensors")
+        n = mf.header_len(buf[:8], where)
+        if 8 + n > len(buf):
+            raise StoreError(f"{where} is truncated (header of {n} bytes)")
+        tensors, _ = mf.parse_tensor_header(memoryview(buf)[8:8 + n], where)
+        layout = mf.check_tensor_layout(sh, tensors, hidden_size=self.hidden_size, dtype=self.dtype,
+                                        where=where, data_len=len(buf) - 8 - n)
+        if sys.byteorder != "little":  # safetensors is little-endian
+            d, t, off = (st.load(bytes(buf))[k] for k in mf.TENSOR_KEYS)
+        else:
+            def view(key: str) -> torch.Tensor:
+                dt, shape, begin, end = layout[key]
+                if end == begin:
+                    return torch.empty(shape, dtype=dt)
+                return torch.frombuffer(buf, dtype=dt, offset=8 + n + begin,
+                                        count=(end - begin) // dt.itemsize).view(shape)
+
+            d, t, off = view("drafter"), view("target"), view("offsets").clone()
+        self._check_offsets(sh, self._table(sh), off, d.shape[0])
         return d, t, off
 
     def _check_offsets(self, sh: dict, table: pa.Table, offsets: torch.Tensor, rows: int) -> None:
-        ro = table.column("row_offset").to_pylist()
-        ln = table.column("length").to_pylist()
-        if len(offsets) != len(ro) + 1 or offsets.tolist()[:-1] != ro or int(offsets[-1]) != rows or (
-            ro and ro[-1] + ln[-1] != rows
-        ):
-            raise StoreError(f"store {self.url}: shard {sh['name']} offsets disagree with its pairs table")
+        where = self._where(sh, "tensors")
+        mf.check_row_layout(table, rows, where)
+        if offsets.tolist()[:-1] != table.column("row_offset").to_pylist() or int(offsets[-1]) != rows:
+            raise StoreError(f"{where}: offsets disagree with its pairs table")
 
     def iter_shards(self) -> Iterator[ShardData]:
         """One shard at a time: (name, table of its ok pairs, drafter [R, D], target [R, D])."""
         for sh in self.shards:
             table = self._table(sh)
-            d, t, off = self._load_tensors(sh)
-            self._check_offsets(sh, table, off, d.shape[0])
+            d, t, _ = self._load_tensors(sh)
             ok = table.filter(pc.equal(table.column("status"), "ok"))
             yield ShardData(sh["name"], ok, d, t)
 
@@ -223,48 +282,90 @@ class StoreReader:
         return self._index
 
     def _header(self, sh: dict) -> _Header:
+        """The shard's tensor header (two small ranged reads), checked against the manifest's header
+        sha256 when recorded, and validated like a whole-shard load (layout vs manifest + pairs table)."""
         name = sh["name"]
         if name not in self._headers:
+            where = self._where(sh, "tensors")
             path = self._abs(sh["files"]["tensors"])
-            head = self.fs.cat_file(path, start=0, end=8)
-            if len(head) != 8:
-                raise StoreError(f"store {self.url}: {sh['files']['tensors']} is truncated")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER:
-                raise StoreError(f"store {self.url}: {sh['files']['tensors']} has an implausible header size {n}")
             try:
-                hdr = json.loads(self.fs.cat_file(path, start=8, end=8 + n))
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise StoreError(f"store {self.url}: {sh['files']['tensors']} header is not JSON") from exc
-            hdr.pop("__metadata__", None)
-            self._headers[name] = _Header(8 + n, hdr)
+                head = self.fs.cat_file(path, start=0, end=8)
+            except FileNotFoundError as exc:
+                raise StoreError(f"{where} is missing") from exc
+            n = mf.header_len(head, where)
+            raw = self.fs.cat_file(path, start=8, end=8 + n)
+            if len(raw) != n:
+                raise StoreError(f"{where} is truncated (header of {n} bytes)")
+            want = (sh.get("sha256") or {}).get("header")
+            got = hashlib.sha256(head + raw).hexdigest()
+            if want and got != want:
+                raise StoreError(f"{where} is not readable as committed: its header's sha256 {got[:16]}... != "
+                                 f"{want[:16]}... recorded in the manifest. The store is corrupt or was modified "
+                                 f"after commit; `egpt inspect --verify {self.url}` lists every damaged file.")
+            tensors, meta = mf.parse_tensor_header(raw, where)
+            layout = mf.check_tensor_layout(sh, tensors, hidden_size=self.hidden_size, dtype=self.dtype, where=where)
+            mf.check_row_layout(self._table(sh), layout["drafter"][1][0], where)
+            digests = meta.get(mf.ROW_DIGESTS) if want else None
+            if digests is not None and (not isinstance(digests, str)
+                                        or len(digests) != mf.ROW_DIGEST_HEX * self._table(sh).num_rows):
+                raise StoreError(f"{where}: per-pair row digests are malformed (one per pair expected)")
+            self._headers[name] = _Header(8 + n, tensors, layout, digests)
         return self._headers[name]
 
-    def _read_rows(self, sh: dict, key: str, row_offset: int, length: int) -> torch.Tensor:
+    def _verify_whole_once(self, sh: dict) -> None:
+        """A store written before per-pair digests: hash the whole tensor shard once per reader (streamed,
+        nothing kept) before trusting a byte range of it."""
+        name = sh["name"]
+        if name in self._whole_verified:
+            return
+        with _WHOLE_VERIFY_LOCK:
+            if name in self._whole_verified:
+                return
+            rel = sh["files"]["tensors"]
+            got = self._hash_file(rel)
+            where = self._where(sh, "tensors")
+            if got is None:
+                raise StoreError(f"{where} is missing")
+            want, size = (sh.get("sha256") or {}).get("tensors"), (sh.get("file_bytes") or {}).get("tensors")
+            if (size is not None and got[1] != size) or (want and got[0] != want):
+                raise StoreError(f"{where} is not readable as committed: sha256 {got[0][:16]}... != "
+                                 f"{str(want)[:16]}... recorded in the manifest. The store is corrupt or was "
+                                 f"modified after commit; `egpt inspect --verify {self.url}` lists every damaged file.")
+            log.info("%s: written before per-pair digests; verified the whole shard once", where)
+            self._whole_verified.add(name)
+
+    def _read_rows(self, sh: dict, index: int, row_offset: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """drafter and target rows ``row_offset .. row_offset+length`` [L, D] of the pair at table row
+        ``index``: one ranged request per side, checked against the pair's row digest."""
         D = self.hidden_size
         if length == 0:
-            return torch.zeros(0, D, dtype=self.dtype)
-        h = self._header(sh)
-        info = h.tensors.get(key)
-        if info is None:
-            raise StoreError(f"store {self.url}: {sh['files']['tensors']} lacks tensor {key!r}")
-        dt = mf.ST_DTYPES.get(info["dtype"])
-        shape = info["shape"]
-        if dt != self.dtype or len(shape) != 2 or shape[1] != D or row_offset + length > shape[0]:
-            raise StoreError(
-                f"store {self.url}: {sh['files']['tensors']}:{key} is {info['dtype']} {shape}; cannot read rows "
-                f"{row_offset}..{row_offset + length} of [R, {D}] {self.dtype}"
-            )
-        item = torch.empty((), dtype=dt).element_size()
-        begin, _ = info["data_offsets"]
-        start = h.data_start + begin + row_offset * D * item
-        nbytes = length * D * item
-        data = self.fs.cat_file(self._abs(sh["files"]["tensors"]), start=start, end=start + nbytes)
-        if len(data) != nbytes:
-            raise StoreError(f"store {self.url}: {sh['files']['tensors']} is truncated")
+            return torch.zeros(0, D, dtype=self.dtype), torch.zeros(0, D, dtype=self.dtype)
         if sys.byteorder != "little":  # safetensors is little-endian
             raise StoreError("random access needs a little-endian host; use iter_pairs()")
-        return torch.frombuffer(bytearray(data), dtype=dt).view(length, D)
+        h = self._header(sh)
+        where = self._where(sh, "tensors")
+        if h.row_digests is None:
+            self._verify_whole_once(sh)
+        raw = []
+        for key in ("drafter", "target"):
+            dt, shape, begin, _ = h.layout[key]
+            if row_offset < 0 or row_offset + length > shape[0]:
+                raise StoreError(f"{where}:{key} has {shape[0]} rows; cannot read rows "
+                                 f"{row_offset}..{row_offset + length}")
+            start = h.data_start + begin + row_offset * D * dt.itemsize
+            nbytes = length * D * dt.itemsize
+            data = self.fs.cat_file(self._abs(sh["files"]["tensors"]), start=start, end=start + nbytes)
+            if len(data) != nbytes:
+                raise StoreError(f"{where} is truncated")
+            raw.append(data)
+        if h.row_digests is not None:
+            want = h.row_digests[index * mf.ROW_DIGEST_HEX:(index + 1) * mf.ROW_DIGEST_HEX]
+            if mf.row_digest(*raw) != want:
+                pid = self._table(sh).column("pair_id")[index].as_py()
+                raise StoreError(f"{where} is not readable as committed: the rows of pair {pid!r} do not match "
+                                 "their sha256 in the shard header. The store is corrupt or was modified after "
+                                 f"commit; `egpt inspect --verify {self.url}` lists every damaged file.")
+        return tuple(torch.frombuffer(bytearray(b), dtype=self.dtype).view(length, D) for b in raw)
 
     def get(self, pair_id: str) -> PairRows:
         """One pair by id, reading only the byte ranges of its rows."""
@@ -274,7 +375,7 @@ class StoreReader:
         sh = self.shards[loc[0]]
         row = self._table(sh).slice(loc[1], 1).to_pylist()[0]
         a, n = row["row_offset"], row["length"]
-        return _pair_rows(row, self._read_rows(sh, "drafter", a, n), self._read_rows(sh, "target", a, n))
+        return _pair_rows(row, *self._read_rows(sh, loc[1], a, n))
 
     # -- integrity ----------------------------------------------------------------------------------
     def _hash_file(self, rel: str) -> tuple[str, int] | None:
@@ -346,10 +447,21 @@ class StoreReader:
         lm = self.manifest.get("lm_head")
         if not lm:
             raise StoreError(f"store {self.url} holds no target LM head (write_lm_head was never called)")
-        data = mf.read_bytes(self.fs, self._abs(lm["path"]))
-        if data is None:
-            raise StoreError(f"store {self.url}: {lm['path']} is missing")
-        return st.load(data)["weight"]
+        where = f"store {self.url}: LM head {lm['path']}"
+        buf = self._fetch(lm["path"], where, lm.get("sha256"), lm.get("bytes"))
+        n = mf.header_len(buf[:8], where)
+        tensors, _ = mf.parse_tensor_header(memoryview(buf)[8:8 + n], where)
+        info = tensors.get("weight")
+        try:
+            dt, shape, (begin, end) = mf.ST_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
+            numel = shape[0] * shape[1] if len(shape) == 2 else -1
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise StoreError(f"{where} is not readable: no 2-D 'weight' tensor ({exc})") from exc
+        if numel < 0 or end - begin != numel * dt.itemsize or 8 + n + end > len(buf):
+            raise StoreError(f"{where} is not readable: 'weight' {shape} does not match its bytes")
+        if sys.byteorder != "little" or numel == 0:
+            return st.load(bytes(buf))["weight"]
+        return torch.frombuffer(buf, dtype=dt, offset=8 + n + begin, count=numel).view(shape)
 
     def target_vocab(self) -> list[str | None] | None:
         """The target tokenizer's tokens in id order, as recorded with the LM head (sha256-checked);

@@ -55,6 +55,7 @@ class ShardInfo:
     counts: dict[str, int]
     reasons: dict[str, int] = field(default_factory=dict)
     meta_fingerprint: str = ""
+    inputs_digest: str | None = None  # XOR-sha256 of (pair_id, input_fingerprint): manifest.inputs_digest
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +104,33 @@ def _get_features(fs, root: str, key: str) -> dict[str, torch.Tensor] | None:
 
 
 # ------------------------------------------------------------------------------------------------
+# committed pairs (parquet id/status/input-fingerprint columns only, never tensors)
+# ------------------------------------------------------------------------------------------------
+def _committed_rows(fs, root: str, url: str, sh: dict) -> list[tuple[str, str, str | None]]:
+    """[(pair_id, status, input_fingerprint or None)] of one committed shard."""
+    try:
+        with fs.open(f"{root}/{sh['files']['pairs']}", "rb") as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in ("pair_id", "status", "input_fingerprint") if c in pf.schema_arrow.names]
+            t = pf.read(columns=cols, use_threads=False)  # no pyarrow thread pool (see reader._table)
+    except FileNotFoundError as exc:
+        raise StoreError(f"store {url}: committed shard file {sh['files']['pairs']} is missing") from exc
+    fps = t.column("input_fingerprint").to_pylist() if "input_fingerprint" in cols else [None] * t.num_rows
+    return list(zip(t.column("pair_id").to_pylist(), t.column("status").to_pylist(), fps))
+
+
+def committed_inputs(url: str, storage_options: dict | None = None) -> dict[str, tuple[str, str | None]]:
+    """pair_id -> (status, input_fingerprint or None) of every pair committed at ``url`` ({} when there
+    is no store yet). Reads the manifest and two or three parquet columns per shard."""
+    fs, root = url_to_fs(str(url), storage_options)
+    root = root.rstrip("/")
+    m = mf.load_manifest(fs, root, str(url))
+    if m is None:
+        return {}
+    return {p: (s, fp) for sh in m["shards"] for p, s, fp in _committed_rows(fs, root, str(url), sh)}
+
+
+# ------------------------------------------------------------------------------------------------
 # the writer
 # ------------------------------------------------------------------------------------------------
 class StoreWriter:
@@ -111,9 +139,11 @@ class StoreWriter:
     ``meta`` must give ``hidden_size`` and ``dtype`` ('bfloat16' | 'float16' | 'float32'), unless the
     store exists already; recognised further keys: ``mode``, ``position_convention`` (default
     :data:`POSITION_CONVENTION`), ``compat_key`` (any string that must match for writers to share a
-    store, e.g. a hash of model fingerprints + generation config), ``dataset_fingerprint``,
-    ``model_fingerprints``, ``config_fingerprint``, ``models``, ``notes``. On an existing store a
-    differing defining field (:data:`DEFINING_FIELDS`) raises :class:`ConfigError`.
+    store, e.g. a hash of model fingerprints + generation config), ``model_fingerprints`` and
+    ``config_fingerprint`` (defining too; a store written before they existed takes the first
+    values given), ``models``, ``notes``. On an existing store a differing defining field
+    (:data:`DEFINING_FIELDS`) raises :class:`ConfigError`. The manifest's ``dataset_fingerprint`` is
+    derived from the records' ``input_fingerprint`` (content fingerprints of each pair's inputs).
     """
 
     def __init__(self, url: str, meta: dict, storage_options: dict | None = None, *,
@@ -125,7 +155,7 @@ class StoreWriter:
         self.local = mf.is_local_fs(self.fs)
         self._lock_args = {"timeout_s": lock_timeout_s, "stale_s": stale_lock_s}
         self.meta = self._normalize_meta(meta)
-        self._committed: dict[str, list[tuple[str, str]]] = {}  # shard -> [(pair_id, status)]
+        self._committed: dict[str, list[tuple[str, str, str | None]]] = {}  # shard -> [(pair_id, status, input fp)]
         self._committed_ids: set[str] = set()
         self._feature_keys: set[str] | None = None  # listed once: no GET per cache miss
         m = self._load()
@@ -189,14 +219,8 @@ class StoreWriter:
         for sh in m["shards"]:
             if sh["name"] in self._committed:
                 continue
-            path = self._abs(sh["files"]["pairs"])
-            try:
-                with self.fs.open(path, "rb") as f:
-                    t = pq.read_table(f, columns=["pair_id", "status"])
-            except FileNotFoundError as exc:
-                raise StoreError(f"store {self.url}: committed shard file {sh['files']['pairs']} is missing") from exc
-            self._committed[sh["name"]] = list(zip(t.column("pair_id").to_pylist(), t.column("status").to_pylist()))
-        self._committed_ids = {p for rows in self._committed.values() for p, _ in rows}
+            self._committed[sh["name"]] = _committed_rows(self.fs, self.root, self.url, sh)
+        self._committed_ids = {p for rows in self._committed.values() for p, _, _ in rows}
 
     def committed_pair_ids(self, status: str | None = None) -> set[str]:
         """Pair ids already committed (any status, or only ``status``): reads the manifest and the
@@ -207,7 +231,15 @@ class StoreWriter:
         self._sync_committed(m)
         if status is None:
             return set(self._committed_ids)
-        return {p for rows in self._committed.values() for p, s in rows if s == status}
+        return {p for rows in self._committed.values() for p, s, _ in rows if s == status}
+
+    def committed_inputs(self) -> dict[str, tuple[str, str | None]]:
+        """pair_id -> (status, input_fingerprint or None) of every committed pair (parquet columns only)."""
+        m = self._load()
+        if m is None:
+            return {}
+        self._sync_committed(m)
+        return {p: (s, fp) for rows in self._committed.values() for p, s, fp in rows}
 
     # -- validation and serialisation --------------------------------------------------------------
     def _normalize_record(self, rec: dict, i: int) -> dict:
@@ -237,6 +269,7 @@ class StoreWriter:
             "drafter_text": str(rec.get("drafter_text") or ""),
             "target_text": str(rec.get("target_text") or ""),
             "length": int(rec.get("length") or 0),
+            "input_fingerprint": str(rec["input_fingerprint"]) if rec.get("input_fingerprint") else None,
         }
         for col in mf.TOKEN_COLUMNS:
             ids = rec.get(col)
@@ -316,11 +349,17 @@ class StoreWriter:
             "target": torch.cat([e.target for e in oks]) if oks else empty.clone(),
             "offsets": torch.tensor(offsets, dtype=torch.int64),
         }
+        # per-pair digests of the rows, in table order: byte-range readers verify what they fetch
+        nothing = memoryview(b"")
+        digests = "".join(mf.row_digest(_raw(e.drafter) if e.drafter is not None else nothing,
+                                        _raw(e.target) if e.target is not None else nothing) for e in entries)
         tensors_bytes = mf.safetensors_bytes(
             tensors,
             metadata={"format": mf.FORMAT, "schema_version": str(mf.SCHEMA_VERSION), "shard": name,
-                      "pairs": str(len(entries)), "dtype": mf.canonical_dtype(self.dtype)},
+                      "pairs": str(len(entries)), "dtype": mf.canonical_dtype(self.dtype),
+                      mf.ROW_DIGESTS: digests},
         )
+        header_bytes = tensors_bytes[: 8 + mf.header_len(tensors_bytes[:8], name)]
         files = {"pairs": mf.pairs_path(name), "tensors": mf.tensors_path(name)}
         info = ShardInfo(
             name=name,
@@ -330,10 +369,12 @@ class StoreWriter:
             bytes=len(pairs_bytes) + len(tensors_bytes),
             files=files,
             file_bytes={"pairs": len(pairs_bytes), "tensors": len(tensors_bytes)},
-            sha256={"pairs": mf.sha256_hex(pairs_bytes), "tensors": mf.sha256_hex(tensors_bytes)},
+            sha256={"pairs": mf.sha256_hex(pairs_bytes), "tensors": mf.sha256_hex(tensors_bytes),
+                    "header": mf.sha256_hex(header_bytes)},
             counts=counts,
             reasons=dict(sorted(reasons.items())),
             meta_fingerprint=hash_json(self.meta),
+            inputs_digest=mf.inputs_digest([(r["pair_id"], r["input_fingerprint"]) for r in rows]),
         )
         return _Serialized(name, pairs_bytes, tensors_bytes, info)
 
@@ -396,11 +437,12 @@ class StoreWriter:
                 self._place(s)
                 self._before_manifest(s.name)
                 for f, v in self.meta.items():  # non-defining meta: the latest writer's values
-                    if f not in mf.DEFINING_FIELDS:
+                    if f not in mf.DEFINING_FIELDS or (f in mf.LATER_DEFINING_FIELDS and m["meta"].get(f) is None):
                         m["meta"][f] = v
                 m["shards"].append(s.info.to_dict())
                 self._save(m)
-                self._committed[s.name] = [(e.rec["pair_id"], e.rec["status"]) for e in fresh]
+                self._committed[s.name] = [(e.rec["pair_id"], e.rec["status"], e.rec["input_fingerprint"])
+                                           for e in fresh]
                 self._committed_ids.update(e.rec["pair_id"] for e in fresh)
                 return s.info
         finally:
@@ -529,6 +571,11 @@ class StoreWriter:
             age = now - float(mtime) if mtime else float("inf")
             out.append((rel, age))
         return out
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as safetensors stores them (little-endian hosts)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 def _shape(x: Any) -> str:

@@ -166,7 +166,14 @@ def _hostile_cases(good_npy: bytes, marker: Path) -> dict[str, tuple]:
         "empty_mp4": ("good", b"", "mp4", "empty file (0 bytes)"),
         "not_a_video_mp4": ("good", b"this is a text file, not an MPEG-4 container\n" * 40, "mp4",
                             "unreadable or truncated video"),
+        "huge_coords_npy": (_far_events_npy(65535), "good", "npy", "needs a 65536x65536 canvas"),
     }
+
+
+def _far_events_npy(coord: int) -> bytes:
+    """Two events at (coord, coord): a few hundred bytes that ask for a coord^2-pixel canvas."""
+    xy = np.array([coord, coord], np.uint16 if coord < 2**16 else np.int64)
+    return events_to_npy_bytes(xy, xy.copy(), np.array([0, 1], np.int64), np.array([0, 1], np.uint8))
 
 
 CASE_LABELS = {
@@ -177,6 +184,7 @@ CASE_LABELS = {
     "missing_npy": "event .npy named by the record but absent",
     "empty_mp4": "0-byte .mp4",
     "not_a_video_mp4": "text file named .mp4",
+    "huge_coords_npy": "event .npy with 2 events at (65535, 65535) (a 32 GiB canvas)",
 }
 
 
@@ -215,7 +223,7 @@ def hostile(fixtures_dir, tmp_path_factory):
         files[name] = (npy_path if kind == "npy" else mp4_path, problem)
     # interleave: good, bad, good, bad, bad, good, bad, bad, good, bad, bad
     h = hostile_records
-    mixed = [records[0], h[0], records[1], h[1], h[2], records[2], h[3], h[4], records[3], h[5], h[6]]
+    mixed = [records[0], h[0], records[1], h[1], h[2], records[2], h[3], h[4], records[3], h[5], h[6], *h[7:]]
     (ds / "EventGPT_Instruction_Subset.json").write_text(json.dumps(mixed, indent=1))
 
     # a second manifest for the events.source='images' run: one good scene + an event image bomb
@@ -313,7 +321,7 @@ def test_nan_weights_fail_every_pair_and_nothing_else_breaks(fixtures_dir, model
 # --------------------------------------------------------------------------------------------------
 # 3. refused before any model work
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["empty_question", "record_escapes_root"])
+@pytest.mark.parametrize("case", ["empty_question", "record_escapes_root", "symlink_escapes_root"])
 def test_bad_questions_or_dataset_manifest_refused_before_model_work(case, fixtures_dir, tmp_path, monkeypatch, table):
     import egpt_core.extraction.run as run_mod
 
@@ -330,13 +338,23 @@ def test_bad_questions_or_dataset_manifest_refused_before_model_work(case, fixtu
                                          {"question": "   ", "count": 1}]))
         bad_file, problem = questions, "question 1 is empty"
         label = "questions file whose 2nd question is blank"
-    else:
+    elif case == "record_escapes_root":
         manifest = ds / "EventGPT_Instruction_Subset.json"
         recs = json.loads(manifest.read_text())
         recs[1]["event_data"] = "../../../../etc/passwd"
         manifest.write_text(json.dumps(recs))
         bad_file, problem = manifest, "escapes the dataset root"
         label = "dataset record with event_data '../../../../etc/passwd'"
+    else:  # a file inside the dataset that is a symlink to a file outside it
+        manifest = ds / "EventGPT_Instruction_Subset.json"
+        rec = json.loads(manifest.read_text())[1]
+        link = ds / "event_npy" / rec["event_data"]
+        outside = tmp_path / "outside.npy"
+        shutil.copyfile(link, outside)
+        link.unlink()
+        link.symlink_to(outside)
+        bad_file, problem = manifest, f"resolves to {outside}, outside the dataset root"
+        label = "event .npy that is a symlink to a file outside the dataset"
     store = tmp_path / "store"
     cfg = _cfg(ds, store, fx=fixtures_dir, questions=str(questions) if questions else None)
     with pytest.raises(BadInputError) as exc:
@@ -435,3 +453,109 @@ def test_event_image_declaring_a_huge_size_is_refused_without_decoding(fixtures_
     table.append(("event PNG declaring 100000x100000 (source='images')",
                   f"failed: {bad[0]['reason'].replace(str(hostile['dataset']) + '/', '')}; "
                   f"peak RSS +{max(grown_mib, 0):.0f} MiB"))
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. event coordinates of 2**40: `egpt render-events` fails with one line naming the file
+# --------------------------------------------------------------------------------------------------
+def test_render_events_with_coordinates_of_2_pow_40_fails_cleanly(tmp_path, capsys, table):
+    from egpt_core.cli import main as egpt_main
+
+    f = tmp_path / "far.npy"
+    f.write_bytes(_far_events_npy(2**40))
+    out = tmp_path / "frames"
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rc = egpt_main(["render-events", str(f), "--out", str(out)])
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    err = capsys.readouterr().err
+    assert rc == 1 and str(f) in err and "canvas" in err and "Traceback" not in err, err
+    assert grown_mib < 256 and not out.exists()
+    table.append(("`egpt render-events` on 2 events at (2**40, 2**40)",
+                  f"exit 1: {err.strip().replace(str(tmp_path) + '/', '')}"))
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. questions the prompt format cannot carry, and prompts longer than the context: per pair
+# --------------------------------------------------------------------------------------------------
+def _questions(tmp_path: Path, questions: list[str]) -> Path:
+    f = tmp_path / "questions.json"
+    f.write_text(json.dumps([{"question": q, "count": 1} for q in questions]))
+    return f
+
+
+def test_questions_holding_model_placeholders_fail_per_pair(fixtures_dir, models, tmp_path, table):
+    good = "What are the key elements in this scene?"
+    bad = {"What is in the <image> here?": "<image>", "Describe the <video> please.": "<video>",
+           "Where is the <event>?": "<event>"}
+    store = tmp_path / "store"
+    cfg = _cfg(fixtures_dir / "dataset", store, fx=fixtures_dir, max_scenes=1, max_questions=None,
+               questions=str(_questions(tmp_path, [good, *bad])))
+    summary = run_extraction(cfg, models=models)
+    assert summary.counts == {"ok": 1, "failed": 3, "skipped": 0}, summary
+    rows = {r["question"]: r for r in StoreReader(str(store)).pairs().to_pylist()}
+    assert rows[good]["status"] == "ok" and rows[good]["length"] > 0
+    for q, token in bad.items():
+        r = rows[q]
+        assert r["status"] == "failed" and repr(token) in r["reason"] and "placeholder" in r["reason"], r["reason"]
+    table.append(("questions containing '<image>', '<video>', '<event>'",
+                  f"each pair failed: {rows['What is in the <image> here?']['reason']}; the other question ok"))
+
+
+def test_a_prompt_longer_than_the_context_fails_per_pair(fixtures_dir, models, tmp_path, table):
+    good = "What are the key elements in this scene?"
+    long = "Describe every detail of this scene, " + "including each object and its motion, " * 620
+    assert len(long) > 23_000
+    store = tmp_path / "store"
+    cfg = _cfg(fixtures_dir / "dataset", store, fx=fixtures_dir, max_scenes=1, max_questions=None,
+               questions=str(_questions(tmp_path, [good, long])))
+    summary = run_extraction(cfg, models=models)
+    assert summary.counts == {"ok": 1, "failed": 1, "skipped": 0}, summary
+    rows = {r["question"]: r for r in StoreReader(str(store)).pairs().to_pylist()}
+    assert rows[good]["status"] == "ok"
+    reason = rows[long]["reason"]
+    assert rows[long]["status"] == "failed" and "max_position_embeddings 1024" in reason, reason
+    table.append((f"a {len(long):,}-character question (context 1024)", f"failed: {reason}"))
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. symlinks that stay inside the dataset are fine
+# --------------------------------------------------------------------------------------------------
+def test_a_symlink_inside_the_dataset_is_accepted(fixtures_dir, tmp_path):
+    from egpt_core.data import load_scenes
+
+    ds = tmp_path / "dataset"
+    shutil.copytree(fixtures_dir / "dataset", ds)
+    recs = json.loads((ds / "EventGPT_Instruction_Subset.json").read_text())
+    link = ds / "mp4" / (recs[1]["video_data"] + ".mp4")
+    link.unlink()
+    link.symlink_to(ds / "mp4" / (recs[0]["video_data"] + ".mp4"))
+    assert len(load_scenes(str(ds))) == len(recs)
+    (tmp_path / "alias").symlink_to(ds)  # the root itself may be reached through a link
+    assert len(load_scenes(str(tmp_path / "alias"))) == len(recs)
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. L6 reads target rows by byte ranges: altered rows are refused, naming the shard
+# --------------------------------------------------------------------------------------------------
+def test_l6_refuses_a_store_whose_target_rows_were_altered(fixtures_dir, clean_store, tmp_path, table):
+    from egpt_core.config import LoraTrainConfig
+    from egpt_core.lora import train_lora
+
+    store = tmp_path / "store"
+    shutil.copytree(clean_store, store)
+    sh = StoreReader(str(store)).shards[0]
+    path = store / sh["files"]["tensors"]
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    begin = 8 + n + json.loads(raw[8:8 + n])["target"]["data_offsets"][0]
+    for i in range(begin + 1, begin + 64 * 2, 2):  # flip the sign of the first 64 target values (bf16)
+        raw[i] ^= 0x80
+    path.write_bytes(bytes(raw))
+    cfg = LoraTrainConfig(store=str(store), drafter=str(fixtures_dir / "eventgpt"), out=str(tmp_path / "l6"),
+                          dataset=str(fixtures_dir / "dataset"), load=FP32, epochs=1, grad_accum=2,
+                          val_fraction=0.34)
+    with pytest.raises(StoreError) as exc:
+        train_lora(cfg)
+    assert sh["files"]["tensors"] in str(exc.value) and "modified after commit" in str(exc.value), str(exc.value)
+    table.append(("target rows of a shard sign-flipped, then `train-lora`",
+                  f"StoreError: {str(exc.value).replace(str(store), '<store>')[:150]}..."))
