@@ -92,3 +92,25 @@ def test_shapes_are_skipped_on_cpu_without_a_shape_and_refuse_bad_parts():
         bench_shapes.run(device="cpu", shape="tiny", parts=["extract"])
     with pytest.raises(ValueError, match="unknown model shape"):
         bench_shapes.run(device="cpu", shape="13b")
+
+
+@pytest.mark.slow
+def test_gpu_run_script_end_to_end_on_cpu_at_tiny_shape(tmp_path):
+    """benchmarks/gpu_run.sh as a GPU node runs it, but on CPU at the tiny shape: every part merges."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, GPU_RUN_DEVICE="cpu", GPU_RUN_SHAPE="tiny", PYTHON=sys.executable,
+               PYTHONPATH=str(repo))
+    proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_run.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "_failed_parts" not in results, results.get("_failed_parts")
+    assert {"tiny_extract_b16_pairs_per_s", "tiny_lora_nf4_step_s", "tiny_adapter_L4_train_pairs_per_s",
+            "nf4_tiny_rows_cos_vs_bf16"} <= set(results)
+    assert "torch" in (tmp_path / "out" / "env.txt").read_text()
