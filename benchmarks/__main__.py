@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default=None, choices=["tiny", "small", "7b"],
                     help="model shape for bench_shapes (default: 7b with a CUDA --device, else skipped)")
     args = ap.parse_args(argv)
+    if args.device and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error(f"--device {args.device}: CUDA is not available on this machine")
     options = {"device": args.device, "shape": args.shape}
     results: dict[str, dict] = {}
     names = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_"))

@@ -342,6 +342,8 @@ def _row(stage: str, small: dict, big: dict, k: int, store_mb: list[float] | Non
 def run(stages: tuple[str, ...] | list[str] | None = None, scale: int = SCALE) -> dict:
     """Every stage (or ``stages``) at 1x and ``scale``x; returns two entries per stage."""
     stages = tuple(stages or ROWS)
+    if scale < 2:
+        raise ValueError(f"scale must be at least 2 (it is compared with 1x), got {scale}")
     unknown = set(stages) - set(ROWS)
     if unknown:
         raise ValueError(f"unknown scaling stages {sorted(unknown)}; choose from {ROWS}")

@@ -259,6 +259,8 @@ def _lora(shape, device: torch.device, root: Path, handles: dict, sizes: dict) -
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the extraction's two bf16 models are gone
     t0 = time.perf_counter()
     res = train_lora(cfg, progress=progress)
     total = time.perf_counter() - t0

@@ -27,3 +27,14 @@ def test_options_reach_only_modules_that_take_them():
 def test_shape_group_is_skipped_on_cpu_without_a_shape(capsys):
     assert main(["--only", "bench_shapes", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {}
+
+
+def test_cuda_device_without_cuda_is_refused_before_any_benchmark_runs(capsys, monkeypatch):
+    import pytest
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cuda", "--only", "bench_render"])
+    assert exc.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err

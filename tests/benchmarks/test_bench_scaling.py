@@ -83,3 +83,10 @@ def test_whole_group_at_micro_size_including_ddp(micro_data, monkeypatch):
     assert set(res) == {f"scaling_{s}_{m}" for s in bs.ROWS for m in ("rss", "time_per_pair")}
     assert res["scaling_adapter_ddp2_rss"]["unit"].endswith("summed over 2 ranks")
     assert all(r["ratio"] > 0 for r in res.values())
+
+
+def test_bad_arguments_are_refused_before_any_data_is_written():
+    with pytest.raises(ValueError, match="at least 2"):
+        bs.run(scale=1)
+    with pytest.raises(ValueError, match="unknown scaling stages"):
+        bs.run(stages=["extract"])

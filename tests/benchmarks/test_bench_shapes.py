@@ -114,3 +114,28 @@ def test_gpu_run_script_end_to_end_on_cpu_at_tiny_shape(tmp_path):
     assert {"tiny_extract_b16_pairs_per_s", "tiny_lora_nf4_step_s", "tiny_adapter_L4_train_pairs_per_s",
             "nf4_tiny_rows_cos_vs_bf16"} <= set(results)
     assert "torch" in (tmp_path / "out" / "env.txt").read_text()
+
+
+def test_random_target_generates_exactly_50_tokens_the_drafter_can_embed(tok):
+    """With EOS and the ids past the drafter's vocabulary made the most likely tokens, the benchmark's
+    generation settings still give 50 tokens, all inside the drafter's vocabulary."""
+    from benchmarks.bench_shapes import NEW_TOKENS, _fixed_length_generation
+
+    target = build_videollava(SHAPES["tiny"], tok, device="cpu", dtype=torch.float32)
+    old = target.model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[300:] = 50.0  # ids the drafter (vocab 300 here) could not embed
+        head.bias[tok.eos_token_id] = 100.0  # EOS first of all
+    target.model.lm_head = head
+    rng = np.random.default_rng(0)
+    prompt, video = target.prepare("What is this scene about?",
+                                   [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(8)])
+    ids, _ = target.generate([prompt], [video], NEW_TOKENS)
+    assert ids[0] == [tok.eos_token_id]  # control: without the settings it stops at once
+    _fixed_length_generation(target, drafter_vocab=300)
+    ids, rows = target.generate([prompt], [video], NEW_TOKENS)
+    assert len(ids[0]) == NEW_TOKENS and rows[0].shape[0] == NEW_TOKENS
+    assert max(ids[0]) < 300 and tok.eos_token_id not in ids[0]
