@@ -20,16 +20,20 @@
 # On a bare GPU node (no package index) carry the missing wheels: here run
 # `bash benchmarks/gpu_wheels.sh`, then two device calls back to back (the machine stays warm ~30 s):
 #   run(command="bash benchmarks/gpu_run.sh --install .whl-a", carry=[".whl-a"], timeout_s=180)
-#   run(command="bash benchmarks/gpu_run.sh --install .whl-b && bash benchmarks/gpu_run.sh", carry=[".whl-b"],
-#       timeout_s=540)
+#   run(command="bash benchmarks/gpu_run.sh --install .whl-b && GPU_RUN_PARTS='nf4 extraction_lora adapter'
+#       bash benchmarks/gpu_run.sh", carry=[".whl-b"], timeout_s=600)
+# (.site/ stays on the warm machine between the calls; results come back in $OUT).
 #
 # GPU_RUN_DEVICE=cpu GPU_RUN_SHAPE=tiny bash benchmarks/gpu_run.sh DIR runs the same script on CPU at the
 # tiny shape (what the slow test in tests/benchmarks does), to catch mistakes before device time is spent.
+# GPU_RUN_PARTS="nf4 extraction_lora adapter" (default: those and sd) picks parts: the first three fit one
+# 600 s device call (limits 90 + 330 + 120 s); once the stage-5 benchmark exists give sd its own call.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DEVICE=${GPU_RUN_DEVICE:-cuda}
 SHAPE=${GPU_RUN_SHAPE:-7b}
+RUN_PARTS=${GPU_RUN_PARTS:-nf4 extraction_lora adapter sd}
 
 if [ "${1:-}" = "--install" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site "${2:?wheel dir}"/*.whl
@@ -70,13 +74,16 @@ part() {  # part NAME SECONDS COMMAND...
 }
 
 SHAPES=("$PY" -m benchmarks.bench_shapes --device "$DEVICE" --shape "$SHAPE")
-part nf4 120 "${SHAPES[@]}" --parts nf4
-part extraction_lora 360 "${SHAPES[@]}" --parts extraction,lora
-part adapter 150 "${SHAPES[@]}" --parts adapter
-if compgen -G "benchmarks/bench_*sd*.py" > /dev/null || compgen -G "benchmarks/bench_*specul*.py" > /dev/null; then
-  part sd 240 "$PY" -m benchmarks --only sd --only specul --device "$DEVICE" --json
-else
-  echo "=== sd skipped: no stage-5 benchmark module (benchmarks/bench_*sd*.py) yet" | tee -a "$LOG"
+wanted() { [[ " $RUN_PARTS " == *" $1 "* ]]; }
+wanted nf4 && part nf4 90 "${SHAPES[@]}" --parts nf4
+wanted extraction_lora && part extraction_lora 330 "${SHAPES[@]}" --parts extraction,lora
+wanted adapter && part adapter 120 "${SHAPES[@]}" --parts adapter
+if wanted sd; then
+  if compgen -G "benchmarks/bench_*sd*.py" > /dev/null || compgen -G "benchmarks/bench_*specul*.py" > /dev/null; then
+    part sd 240 "$PY" -m benchmarks --only sd --only specul --device "$DEVICE" --json
+  else
+    echo "=== sd skipped: no stage-5 benchmark module (benchmarks/bench_*sd*.py) yet" | tee -a "$LOG"
+  fi
 fi
 
 "$PY" - "$PARTS" "$OUTDIR/results.json" <<'EOF'
