@@ -1,0 +1,120 @@
+"""Extraction overhead: the share of a demo-sized extraction's wall time spent outside model forwards.
+
+The demo's extraction (`flows.demo.demo_config`: tiny fixtures, 8 scenes x 3 questions, batch 4,
+16 new tokens, CPU fp32) is measured twice:
+
+- ``extraction_outside_forward_fraction`` (goal <= 0.10): the Prefect ``extract`` flow on a
+  throwaway test server (features task, extraction task, store summary; model loading inside the
+  tasks), forward time taken with torch's global module hooks (outermost forward only);
+- the same work as one `run_extraction` call with the models already loaded, its wall time broken
+  down by timed sections (each net of the forwards inside it): HF generate's loop, the drafter's TF
+  batch preparation, event-frame rendering and CLIP preprocessing, the video processor, video decode,
+  tokenisation and decoding, store commits, feature-cache I/O and the rest (planning, manifest,
+  LM head).
+
+Forward time includes the hooks' own cost (two Python calls per submodule forward under the global
+hooks), so the outside share is if anything understated.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.forward_timer import ForwardTimer, SectionTimer
+
+
+def _library_breakdown(cfg) -> dict:
+    """One run_extraction call with preloaded models -> wall, forward and per-section seconds."""
+    import egpt_core.extraction.run as run_mod
+    from egpt_core.extraction.run import load_models, run_extraction
+    from egpt_core.store import StoreWriter
+
+    drafter, target = load_models(cfg)
+    fwd = ForwardTimer(None)  # every module: HF runs the vision towers outside the top-level forward
+    sections = SectionTimer(fwd)
+    targets = [
+        (target, "generate", "generate"), (drafter, "teacher_forced", "teacher_forced"),
+        (drafter, "event_features", "event_features"), (run_mod, "scene_features", "scene_features"),
+        (target, "prepare", "video_processor"), (run_mod, "read_video_frames", "video_decode"),
+        (drafter, "prompt_ids", "tokenise"), (target, "decode", "detokenise"), (drafter, "decode", "detokenise"),
+        (StoreWriter, "commit_shard", "store_commit"),
+    ]
+    with sections.patched(targets) as missing, fwd:
+        t0 = time.perf_counter()
+        summary = run_extraction(cfg, models=(drafter, target))
+        wall = time.perf_counter() - t0
+    net = {k: sections.wall[k] - sections.forward[k] for k in sections.wall}
+    if "scene_features" in net and "event_features" in net:  # event_features runs inside scene_features
+        net["feature_cache_io"] = net.pop("scene_features") - net["event_features"]
+    parts = {k: round(v, 3) for k, v in sorted(net.items(), key=lambda kv: -kv[1])}
+    parts["other"] = round(wall - fwd.seconds - sum(net.values()), 3)
+    return {"wall_s": round(wall, 3), "forward_s": round(fwd.seconds, 3), "pairs": summary.pairs_processed,
+            "outside_s_by_section": parts, "sections_not_found": missing}
+
+
+def _flow_fraction(cfg, root: Path) -> dict:
+    """The Prefect extract flow under global forward hooks -> wall, forward and per-section seconds."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    import egpt_core.extraction.run as run_mod
+    import tasks.extract as task_mod
+    from flows.extract import extract
+    from tasks.caching import FingerprintPolicy
+
+    fwd = ForwardTimer(None)
+    sections = SectionTimer(fwd)
+    targets = [(task_mod, "load_models", "model_load"), (task_mod, "load_eventgpt", "model_load"),
+               (run_mod, "load_models", "model_load_in_extract"), (task_mod, "run_extraction", "run_extraction"),
+               (task_mod, "scene_features", "features_task"), (FingerprintPolicy, "compute_key", "cache_keys")]
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(root / "prefect-results")}):
+        with prefect_test_harness(server_startup_timeout=120):
+            with sections.patched(targets) as missing, fwd:
+                t0 = time.perf_counter()
+                state = extract(cfg, return_state=True)
+                wall = time.perf_counter() - t0
+            if not state.is_completed():
+                raise AssertionError(f"extract flow ended {state.name}")
+    net = {k: sections.wall[k] - sections.forward[k] for k in sections.wall}
+    inner_load = net.pop("model_load_in_extract", 0.0)
+    if "run_extraction" in net:  # the library call's own overhead, without its model loading
+        net["run_extraction"] -= inner_load
+    net["model_load"] = net.get("model_load", 0.0) + inner_load
+    parts = {k: round(v, 3) for k, v in sorted(net.items(), key=lambda kv: -kv[1])}
+    parts["prefect_and_other"] = round(wall - fwd.seconds - sum(net.values()), 3)
+    return {"wall_s": round(wall, 3), "forward_s": round(fwd.seconds, 3), "outside_s_by_section": parts,
+            "sections_not_found": missing}
+
+
+def run() -> dict:
+    from flows.demo import demo_config, ensure_fixtures
+
+    with tempfile.TemporaryDirectory(prefix="egpt-bench-overhead-") as tmp:
+        root = Path(tmp)
+        fixtures, _ = ensure_fixtures(root / "fixtures")
+        lib_cfg = demo_config(root / "lib", fixtures).extract
+        flow_cfg = demo_config(root / "flow", fixtures).extract
+        lib = _library_breakdown(lib_cfg)
+        flow = _flow_fraction(flow_cfg, root)
+    flow_out = 1.0 - flow["forward_s"] / flow["wall_s"]
+    lib_out = 1.0 - lib["forward_s"] / lib["wall_s"]
+    return {
+        "extraction_outside_forward_fraction": {
+            "ratio": round(flow_out, 4), "goal": "<= 0.1",
+            "unit": f"share of wall time outside model forwards, demo-sized `extract` flow ({lib['pairs']} pairs, tiny "
+                    f"models, CPU): {flow['wall_s']:.2f} s wall, {flow['forward_s']:.2f} s in forwards",
+            "flow": flow,
+            "library_fraction": round(lib_out, 4),
+            "library": lib,
+        }
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(), indent=2))
