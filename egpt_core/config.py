@@ -107,7 +107,7 @@ def _storage_options_field() -> Any:
 class ModelLoadConfig(_Model):
     """How a checkpoint directory is loaded."""
 
-    model_config = ConfigDict(title="Model loading")
+    model_config = ConfigDict(title="Checkpoint loading")
 
     dtype: Dtype = Field("bfloat16", title="Compute dtype", description="float32 on CPU for exactness")
     quant: Quant = Field("none", title="Quantisation", description="'nf4' = bitsandbytes 4-bit NF4, double quant")
@@ -304,7 +304,7 @@ class PipelineLoraConfig(_LoraTraining, _PipelineEntry):
     """The L6 branch of the pipeline. Store, drafter and dataset default to the extraction's; the
     run directory, split, seed and storage options come from the pipeline."""
 
-    model_config = ConfigDict(title="L6 LoRA")
+    model_config = ConfigDict(title="L6 LoRA settings")
     form_first = ("store", "drafter", "dataset")
 
     store: str | None = Field(None, title="Train store", description="empty = the extraction store")
