@@ -67,7 +67,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     its own with default signal dispositions: launched from a script with `&` or nohup, a plain
     `prefect worker start` inherits an ignored SIGINT, and since it turns SIGTERM into SIGINT it
     then never stops. Each SIGTERM/SIGINT here is passed on as SIGTERM: the first stops the worker
-    taking runs and lets it wait for the flow runs it started; the second kills it (Prefect's rule)."""
+    (Prefect 3.9.1 ends the flow runs it started with it: drain the pool first, README §4), the
+    second kills it (Prefect's rule)."""
     if problem := server_problem(require_url=True):
         print(f"egpt worker: {problem}", file=sys.stderr)
         return 2
