@@ -22,6 +22,8 @@ AdapterLevel = Literal["L1", "L2", "L3", "L4", "L5", "B1", "L5F"]
 
 #: the key Prefect's UI puts in values it has not resolved ({"__prefect_kind": "json", "value": "<text>"})
 UI_MARKER = "__prefect_kind"
+#: a placeholder without a value: the field is left unset (its default applies)
+_UNSET = object()
 
 
 def _resolve_ui_markers(value: Any) -> Any:
@@ -51,9 +53,6 @@ def _resolve_ui_markers(value: Any) -> Any:
             return _resolve_ui_markers(value["value"])
         raise ValueError(f"unresolved Prefect UI placeholder {UI_MARKER}={kind!r}: enter the value itself")
     return {k: r for k, v in value.items() if (r := _resolve_ui_markers(v)) is not _UNSET}
-
-
-_UNSET = object()
 
 
 def _form_order(schema: dict[str, Any], model: type) -> None:
