@@ -1,5 +1,7 @@
 """Every stage's settings as pydantic models. They are also the Prefect flows' parameters, so the
-UI renders them as forms and validates them. Only this module and the CLI read the environment.
+UI renders them as forms (every field has a title and a description; the common path first,
+settings rarely changed last, titled "Advanced: ...") and the server validates them. Only this module
+and the CLI read the environment.
 """
 
 from __future__ import annotations
@@ -7,18 +9,95 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from egpt_core import credentials
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Quant = Literal["none", "nf4"]
 ExtractMode = Literal["shared_prefix", "independent", "retf"]
 AdapterLevel = Literal["L1", "L2", "L3", "L4", "L5", "B1", "L5F"]
 
+#: the key Prefect's UI puts in values it has not resolved ({"__prefect_kind": "json", "value": "<text>"})
+UI_MARKER = "__prefect_kind"
+#: a placeholder without a value: the field is left unset (its default applies)
+_UNSET = object()
+
+
+def _resolve_ui_markers(value: Any) -> Any:
+    """Parameters as Prefect's UI builds them, with its placeholders resolved the way its server would.
+
+    In "Use JSON Input" mode the UI sends a section as ``{"__prefect_kind": "json", "value": "<JSON
+    text>"}``; the server parses that text but not the placeholders *inside* it, so e.g. an untouched
+    ``storage_options`` arrives as ``{"__prefect_kind": "json"}`` (no value: the field is unset) and a
+    filled one as ``{"__prefect_kind": "json", "value": "{...}"}``. Unresolvable kinds (jinja,
+    workspace variables) are refused by name.
+    """
+    if isinstance(value, list):
+        return [v for v in (_resolve_ui_markers(v) for v in value) if v is not _UNSET]
+    if not isinstance(value, dict):
+        return value
+    if UI_MARKER in value:
+        kind = value[UI_MARKER]
+        if kind in ("json", "none") and "value" not in value:
+            return _UNSET
+        if kind == "json":
+            text = value["value"]
+            try:
+                return _resolve_ui_markers(json.loads(text) if isinstance(text, str) else text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"a field in JSON input mode holds invalid JSON: {exc}") from None
+        if kind == "none":
+            return _resolve_ui_markers(value["value"])
+        raise ValueError(f"unresolved Prefect UI placeholder {UI_MARKER}={kind!r}: enter the value itself")
+    return {k: r for k, v in value.items() if (r := _resolve_ui_markers(v)) is not _UNSET}
+
+
+def _form_order(schema: dict[str, Any], model: type) -> None:
+    """The form's field order: the model's ``form_first`` fields, then the rest, "Advanced: ..." last."""
+    first = getattr(model, "form_first", ())
+    props = schema.get("properties") or {}
+
+    def rank(name: str) -> tuple[int, int]:
+        if name in first:
+            return 0, first.index(name)
+        return (2 if str(props[name].get("title", "")).startswith("Advanced:") else 1), 0
+
+    schema["properties"] = {name: props[name] for name in sorted(props, key=rank)}
+
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # errors name the field and the rule, never echo the value (a credential pasted into the wrong field)
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, json_schema_extra=_form_order)
+    #: fields shown first in the Prefect form (then the others in class order, "Advanced: ..." last)
+    form_first: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ui_markers(cls, data: Any) -> Any:
+        return _resolve_ui_markers(data) if isinstance(data, dict) else data
+
+
+def _no_credentials(options: dict[str, Any]) -> dict[str, Any]:
+    if paths := credentials.credential_paths(options):
+        raise ValueError(credentials.refusal_message(paths))
+    return options
+
+
+#: fsspec options of a config: non-secret settings only (egpt_core.credentials); the server refuses
+#: credentials in them too (the JSON schema below), so a form never stores one
+StorageOptions = Annotated[dict[str, Any], AfterValidator(_no_credentials)]
+
+
+def _storage_options_field() -> Any:
+    return Field(default_factory=dict, title="Storage options",
+                 description="fsspec options of every URL, non-secret settings only, e.g. {\"endpoint_url\": "
+                 "\"https://minio.internal\"} or {\"profile\": \"egpt\"}. Credentials come from the machine (AWS "
+                 f"chain) or, in Prefect runs, from the Secret block named by \"{credentials.SECRET_BLOCK_OPTION}\"; "
+                 "a credential here is refused.",
+                 json_schema_extra=credentials.storage_options_json_schema())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -27,10 +106,13 @@ class _Model(BaseModel):
 class ModelLoadConfig(_Model):
     """How a checkpoint directory is loaded."""
 
-    dtype: Dtype = Field("bfloat16", description="compute dtype (float32 on CPU for exactness)")
-    quant: Quant = Field("none", description="'nf4' = bitsandbytes 4-bit NF4, double quant")
-    device: str = Field("auto", description="'auto' = cuda if available else cpu")
-    clip_path: str | None = Field(None, description="EventGPT only: local CLIP vision tower directory (config + "
+    model_config = ConfigDict(title="Checkpoint loading")
+
+    dtype: Dtype = Field("bfloat16", title="Compute dtype", description="float32 on CPU for exactness")
+    quant: Quant = Field("none", title="Quantisation", description="'nf4' = bitsandbytes 4-bit NF4, double quant")
+    device: str = Field("auto", title="Device", description="'auto' = cuda if available else cpu")
+    clip_path: str | None = Field(None, title="Advanced: CLIP tower directory",
+                                  description="EventGPT only: local CLIP vision tower directory (config + "
                                   "preprocessing; its weights only when the checkpoint has none), overriding "
                                   "config.json's mm_visual_tower")
 
@@ -38,42 +120,66 @@ class ModelLoadConfig(_Model):
 class EventRenderConfig(_Model):
     """How event streams become event frames (DESIGN.md §4.1)."""
 
-    n_frames: int = Field(1, ge=1, le=16, description="event frames per scene (equal event-count splits)")
-    sensor_size: tuple[int, int] | None = Field(None, description="(height, width); None = data-dependent canvas")
-    source: Literal["events", "images"] = Field("events", description="render from event .npy/.h5, or read pre-rendered PNGs")
-    double_feature_adaptor: bool = Field(False, description="research compatibility: apply the feature adaptor twice (bug B1)")
+    model_config = ConfigDict(title="Event rendering")
+
+    n_frames: int = Field(1, ge=1, le=16, title="Event frames per scene",
+                          description="event frames per scene (equal event-count splits)")
+    sensor_size: tuple[int, int] | None = Field(None, title="Sensor size",
+                                                description="(height, width); empty = data-dependent canvas")
+    source: Literal["events", "images"] = Field("events", title="Source",
+                                                description="render from event .npy/.h5, or read pre-rendered PNGs")
+    double_feature_adaptor: bool = Field(False, title="Research: double feature adaptor",
+                                         description="research compatibility: apply the feature adaptor twice (bug B1)")
 
 
 class ExtractConfig(_Model):
     """Stage 1-2 settings: `egpt extract`."""
 
-    dataset: str = Field(..., description="dataset root (URL or path) holding EventGPT_Instruction_Subset.json")
-    questions: str | None = Field(None, description="questions file; default: the dataset's questions.json")
-    drafter: str = Field(..., description="EventGPT checkpoint directory (URL or path)")
-    target: str = Field(..., description="Video-LLaVA checkpoint directory (URL or path)")
-    store: str = Field(..., description="store URL (path, file://, memory://, s3://)")
-    mode: ExtractMode = "shared_prefix"
-    retf_side: Literal["drafter", "target"] = Field("drafter", description="retf mode: which side to re-extract")
-    source_store: str | None = Field(None, description="retf mode: store whose token ids are re-used (default: --store)")
-    batch_size: int = Field(8, ge=1, le=512)
-    max_new_tokens: int = Field(50, ge=1, le=2048)
-    min_tokens: int = Field(5, ge=1)
-    shard_size: int = Field(64, ge=1, description="pairs per committed shard")
-    max_scenes: int | None = Field(None, ge=1)
-    max_questions: int | None = Field(None, ge=1)
-    load: ModelLoadConfig = ModelLoadConfig()
-    store_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    model_config = ConfigDict(title="Extraction (stages 1-2)")
+
+    dataset: str = Field(..., title="Dataset", description="dataset root (URL or path) holding "
+                         "EventGPT_Instruction_Subset.json, or that JSON file")
+    drafter: str = Field(..., title="Drafter checkpoint", description="EventGPT checkpoint directory (URL or path)")
+    target: str = Field(..., title="Target checkpoint", description="Video-LLaVA checkpoint directory (URL or path)")
+    store: str = Field(..., title="Store", description="hidden-state store URL (path, file://, memory://, s3://)")
+    storage_options: StorageOptions = _storage_options_field()
+    mode: ExtractMode = Field("shared_prefix", title="Mode", description="shared_prefix: the target is teacher-forced "
+                              "on the drafter's response; independent: each model generates (research pairing); "
+                              "retf: re-extract one side of an existing store teacher-forced")
+    batch_size: int = Field(8, ge=1, le=512, title="Batch size", description="pairs per forward pass")
+    max_new_tokens: int = Field(50, ge=1, le=2048, title="Max new tokens", description="generated tokens per pair")
+    max_scenes: int | None = Field(None, ge=1, title="Max scenes", description="only the first N scenes; empty = all")
+    max_questions: int | None = Field(None, ge=1, title="Max questions",
+                                      description="only the first N questions per scene; empty = all")
+    shard_groups: int = Field(1, ge=1, title="Shard groups (fan-out)",
+                              description="split the pairs into this many groups, each its own flow run on any worker")
+    load: ModelLoadConfig = Field(ModelLoadConfig(), title="Model loading",
+                                  description="dtype, quantisation and device of both models")
+    questions: str | None = Field(None, title="Advanced: questions file",
+                                  description="empty = the dataset's questions.json")
+    retf_side: Literal["drafter", "target"] = Field("drafter", title="Advanced: retf side",
+                                                    description="retf mode: which side to re-extract")
+    source_store: str | None = Field(None, title="Advanced: retf source store",
+                                     description="retf mode: store whose token ids are re-used; empty = the store")
+    min_tokens: int = Field(5, ge=1, title="Advanced: min tokens",
+                            description="pairs with fewer generated tokens are recorded as skipped")
+    shard_size: int = Field(64, ge=1, title="Advanced: shard size", description="pairs per committed shard")
+    store_dtype: Literal["bfloat16", "float16"] = Field("bfloat16", title="Advanced: store dtype",
+                                                        description="dtype of the hidden states in the store")
     lm_head_dtype: Literal["model", "float32"] = Field(
-        "model", description="target LM head in the store: as loaded ('model'), or the checkpoint's own values "
+        "model", title="Advanced: LM head dtype",
+        description="target LM head in the store: as loaded ('model'), or the checkpoint's own values "
         "in float32 (exact token metrics: near-tie argmaxes over the vocabulary can flip in bf16)")
-    events: EventRenderConfig = EventRenderConfig()
-    n_video_frames: int = Field(8, ge=1, le=64)
+    events: EventRenderConfig = Field(EventRenderConfig(), title="Advanced: event rendering",
+                                      description="how event streams become the drafter's frames")
+    n_video_frames: int = Field(8, ge=1, le=64, title="Advanced: video frames",
+                                description="frames sampled uniformly from each video for the target")
     frame_sampling: Literal["linspace", "model_card"] = Field(
-        "linspace", description="target video frames: 'linspace' = floor(linspace(0, n-1, k)) (research default); "
+        "linspace", title="Advanced: video frame sampling",
+        description="target video frames: 'linspace' = floor(linspace(0, n-1, k)) (research default); "
         "'model_card' = arange(0, n, n/k) as in the Video-LLaVA-7B-hf model card")
-    shard_groups: int = Field(1, ge=1, description="fan-out: split pairs into this many groups (flow runs)")
-    group_index: int | None = Field(None, ge=0, description="only extract this shard group")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (credentials never logged)")
+    group_index: int | None = Field(None, ge=0, title="Advanced: only this shard group",
+                                    description="set by the fan-out for each group's flow run; empty = all groups")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,79 +188,142 @@ class ExtractConfig(_Model):
 class AdapterConfig(_Model):
     """Architecture of one alignment adapter (research defaults)."""
 
-    level: AdapterLevel = "L4"
-    hidden_size: int | None = Field(None, description="None = the store's hidden size")
-    bottleneck_dim: int | None = Field(None, description="None = 1024 for L3, else 256")
-    num_blocks: int = Field(3, ge=1, description="L2 blocks / L3 blocks")
-    num_heads: int = Field(8, ge=1)
-    num_layers: int = Field(1, ge=1)
-    ffn_dim: int = Field(2048, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    max_seq_len: int = Field(512, ge=1, description="positional table size (L5, B1, L5F)")
-    prediction_weight: float = Field(0.5, ge=0.0, le=1.0, description="L5/B1/L5F next-position term weight")
-    separate_prediction_head: bool = Field(True, description="False = research objective: one output for y[t] and y[t+1]")
+    model_config = ConfigDict(title="Adapter architecture")
+
+    level: AdapterLevel = Field("L4", title="Level", description="L1..L5, B1, L5F (README: adapter levels)")
+    hidden_size: int | None = Field(None, title="Advanced: hidden size", description="empty = the store's hidden size")
+    bottleneck_dim: int | None = Field(None, title="Advanced: bottleneck size",
+                                       description="empty = 1024 for L3, else 256")
+    num_blocks: int = Field(3, ge=1, title="Advanced: blocks", description="L2 blocks / L3 blocks")
+    num_heads: int = Field(8, ge=1, title="Advanced: attention heads", description="L4/L5/B1/L5F attention heads")
+    num_layers: int = Field(1, ge=1, title="Advanced: layers", description="L4/L5/B1/L5F transformer layers")
+    ffn_dim: int = Field(2048, ge=1, title="Advanced: FFN size", description="feed-forward width of the attention levels")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, title="Advanced: dropout", description="dropout probability")
+    max_seq_len: int = Field(512, ge=1, title="Advanced: max sequence length",
+                             description="positional table size (L5, B1, L5F)")
+    prediction_weight: float = Field(0.5, ge=0.0, le=1.0, title="Advanced: prediction weight",
+                                     description="L5/B1/L5F next-position term weight")
+    separate_prediction_head: bool = Field(True, title="Advanced: separate prediction head",
+                                           description="off = research objective: one output for y[t] and y[t+1]")
 
 
-class TrainAdapterConfig(_Model):
-    """Stage 3a settings: `egpt train-adapter`."""
+class _AdapterTraining(_Model):
+    """The optimisation settings of adapter training (shared by the stage and the pipeline entry)."""
 
-    adapter: AdapterConfig = AdapterConfig()
-    train: list[str] = Field(default_factory=list, description="train store URLs")
-    val: str | None = Field(None, description="val store URL; None = seeded split by scene")
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    out: str = Field("egpt_runs/adapter", description="run directory URL")
-    epochs: int = Field(50, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    min_lr: float = Field(1e-6, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    early_stopping: int = Field(10, ge=1, description="patience in epochs")
-    allow_mixed_models: bool = Field(
-        False, description="train on stores of different drafter/target models (refused by default)")
-    seed: int = 0
-    device: str = "auto"
+    adapter: AdapterConfig = Field(AdapterConfig(), title="Adapter", description="level and architecture")
+    epochs: int = Field(50, ge=1, title="Epochs", description="maximum epochs (early stopping may end sooner)")
+    batch_size: int = Field(64, ge=1, title="Batch size", description="pairs per step")
+    lr: float = Field(1e-3, gt=0, title="Learning rate", description="peak learning rate (AdamW, cosine decay)")
+    device: str = Field("auto", title="Device", description="'auto' = cuda if available else cpu")
+    weight_decay: float = Field(0.01, ge=0, title="Advanced: weight decay", description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, title="Advanced: warmup steps", description="linear warmup steps")
+    min_lr: float = Field(1e-6, ge=0, title="Advanced: min learning rate", description="floor of the cosine decay")
+    grad_clip: float = Field(1.0, gt=0, title="Advanced: gradient clip", description="max gradient norm")
+    early_stopping: int = Field(10, ge=1, title="Advanced: early-stopping patience",
+                                description="epochs without a better validation loss before stopping")
     data_cache_gb: float | None = Field(
-        None, ge=0,
+        None, ge=0, title="Advanced: data in RAM up to (GB)",
         description="keep the stores' tensor shards in RAM (per process) when they total at most this many GB; "
         "larger data is read per pair with byte-range reads (global shuffle either way). None: half the memory "
         "available on the node, divided by its local ranks (the run's log and config.json say which path and why)",
     )
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainAdapterConfig(_AdapterTraining):
+    """Stage 3a settings: `egpt train-adapter`."""
+
+    model_config = ConfigDict(title="Adapter training (stage 3a)")
+    form_first = ("adapter", "train", "val", "val_fraction", "out")
+
+    train: list[str] = Field(default_factory=list, title="Train stores", description="train store URLs")
+    val: str | None = Field(None, title="Validation store",
+                            description="empty = a seeded split by scene of the train stores")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, title="Validation fraction",
+                                description="share of scenes held out when there is no validation store")
+    out: str = Field("egpt_runs/adapter", title="Run directory", description="run directory URL")
+    storage_options: StorageOptions = _storage_options_field()
+    seed: int = Field(0, title="Advanced: seed", description="split, initialisation and shuffling seed")
+    allow_mixed_models: bool = Field(False, title="Advanced: allow mixed model pairs",
+                                     description="train on stores of different drafter/target models (refused by default)")
+
+
+class _PipelineEntry(_Model):
+    """A stage's settings minus the fields the pipeline assigns itself (flows/plan.py), so that what
+    a form shows is what runs."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_stage_config(cls, data: Any) -> Any:
+        """A stage config is taken by the fields set in it; one the pipeline assigns is refused."""
+        return data.model_dump(exclude_unset=True) if isinstance(data, BaseModel) and not isinstance(data, cls) else data
+
+
+class PipelineAdapterConfig(_AdapterTraining, _PipelineEntry):
+    """One adapter the pipeline trains: what to train and how. Its data (the pipeline's stores), its
+    validation split (the pipeline's `val_fraction`/`split_seed`), storage options and run directory
+    come from the pipeline."""
+
+    model_config = ConfigDict(title="Adapter to train")
 
 
 # --------------------------------------------------------------------------------------------------
 # L6 LoRA (stage 3b)
 # --------------------------------------------------------------------------------------------------
-class LoraTrainConfig(_Model):
+class _LoraTraining(_Model):
+    """The settings of L6 training shared by the stage and the pipeline entry."""
+
+    val_store: str | None = Field(None, title="Validation store",
+                                  description="empty = a seeded split by scene of the train store")
+    load: ModelLoadConfig = Field(ModelLoadConfig(quant="nf4"), title="Drafter loading",
+                                  description="dtype, quantisation (QLoRA: nf4) and device of the drafter")
+    rank: int = Field(16, ge=1, title="LoRA rank", description="rank of the LoRA matrices")
+    alpha: int = Field(32, ge=1, title="LoRA alpha", description="LoRA scaling numerator (scale = alpha / rank)")
+    epochs: int = Field(20, ge=1, title="Epochs", description="maximum epochs (early stopping may end sooner)")
+    lr: float = Field(1e-4, gt=0, title="Learning rate", description="peak learning rate")
+    dropout: float = Field(0.05, ge=0, lt=1, title="Advanced: LoRA dropout", description="dropout on the LoRA input")
+    mse_weight: float = Field(1.0, title="Advanced: MSE weight", description="weight of the hidden-state MSE term")
+    cos_weight: float = Field(0.5, title="Advanced: cosine weight", description="weight of the (1 - cosine) term")
+    ce_weight: float = Field(0.1, title="Advanced: CE weight",
+                             description="weight of the cross-entropy against the target's tokens")
+    micro_batch: int = Field(1, ge=1, title="Advanced: micro batch", description="pairs per forward pass")
+    grad_accum: int = Field(16, ge=1, title="Advanced: gradient accumulation", description="micro batches per step")
+    weight_decay: float = Field(0.01, ge=0, title="Advanced: weight decay", description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, title="Advanced: warmup steps", description="linear warmup steps")
+    min_lr: float = Field(1e-6, ge=0, title="Advanced: min learning rate", description="floor of the cosine decay")
+    grad_clip: float = Field(1.0, gt=0, title="Advanced: gradient clip", description="max gradient norm")
+    early_stopping: int = Field(5, ge=1, title="Advanced: early-stopping patience",
+                                description="epochs without a better validation loss before stopping")
+    gradient_checkpointing: bool = Field(True, title="Advanced: gradient checkpointing",
+                                         description="trade compute for activation memory")
+
+
+class LoraTrainConfig(_LoraTraining):
     """Stage 3b settings: `egpt train-lora`."""
 
-    store: str = Field(..., description="store with token ids + target rows + LM head")
-    val_store: str | None = None
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    drafter: str = Field(..., description="EventGPT checkpoint directory")
-    dataset: str | None = Field(None, description="dataset root (needed when features are not cached)")
-    out: str = Field("egpt_runs/lora", description="output directory")
-    load: ModelLoadConfig = ModelLoadConfig(quant="nf4")
-    rank: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    mse_weight: float = 1.0
-    cos_weight: float = 0.5
-    ce_weight: float = 0.1
-    epochs: int = Field(20, ge=1)
-    micro_batch: int = Field(1, ge=1)
-    grad_accum: int = Field(16, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    min_lr: float = Field(1e-6, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    early_stopping: int = Field(5, ge=1)
-    gradient_checkpointing: bool = True
-    seed: int = 0
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    model_config = ConfigDict(title="L6 LoRA training (stage 3b)")
+    form_first = ("store", "drafter", "dataset", "out", "val_store", "val_fraction")
+
+    store: str = Field(..., title="Train store", description="store with token ids + target rows + LM head")
+    drafter: str = Field(..., title="Drafter checkpoint", description="EventGPT checkpoint directory")
+    dataset: str | None = Field(None, title="Dataset",
+                                description="dataset root (needed when the store has no cached event features)")
+    out: str = Field("egpt_runs/lora", title="Run directory", description="output directory URL")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, title="Validation fraction",
+                                description="share of scenes held out when there is no validation store")
+    storage_options: StorageOptions = _storage_options_field()
+    seed: int = Field(0, title="Advanced: seed", description="split, initialisation and shuffling seed")
+
+
+class PipelineLoraConfig(_LoraTraining, _PipelineEntry):
+    """The L6 branch of the pipeline. Store, drafter and dataset default to the extraction's; the
+    run directory, split, seed and storage options come from the pipeline."""
+
+    model_config = ConfigDict(title="L6 LoRA settings")
+    form_first = ("store", "drafter", "dataset")
+
+    store: str | None = Field(None, title="Train store", description="empty = the extraction store")
+    drafter: str | None = Field(None, title="Drafter checkpoint", description="empty = the extraction's drafter")
+    dataset: str | None = Field(None, title="Dataset", description="empty = the extraction's dataset")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,40 +332,51 @@ class LoraTrainConfig(_Model):
 class TimingConfig(_Model):
     """Per-token costs (ms) for the speedup model; measure them, don't guess."""
 
-    drafter_prefill_ms: float = Field(..., gt=0)
-    drafter_step_ms: float = Field(..., gt=0)
-    target_prefill_ms: float = Field(..., gt=0)
-    target_step_ms: float = Field(..., gt=0)
-    verify_ms_per_token: float = Field(0.0, ge=0, description="extra cost per verified draft token")
-    adapter_ms: float = Field(0.0, ge=0)
-    output_tokens: int = Field(50, ge=1)
+    model_config = ConfigDict(title="Per-token timing (speedup model)")
+
+    drafter_prefill_ms: float = Field(..., gt=0, title="Drafter prefill (ms)", description="drafter prompt prefill")
+    drafter_step_ms: float = Field(..., gt=0, title="Drafter step (ms)", description="drafter decode step per token")
+    target_prefill_ms: float = Field(..., gt=0, title="Target prefill (ms)", description="target prompt prefill")
+    target_step_ms: float = Field(..., gt=0, title="Target step (ms)", description="target decode step per token")
+    verify_ms_per_token: float = Field(0.0, ge=0, title="Verify per draft token (ms)",
+                                       description="extra cost per verified draft token")
+    adapter_ms: float = Field(0.0, ge=0, title="Adapter (ms)", description="adapter cost per drafted token")
+    output_tokens: int = Field(50, ge=1, title="Output tokens", description="response length the speedup assumes")
 
 
 class EvalConfig(_Model):
     """Stage 4 settings: `egpt evaluate`."""
 
-    store: str
-    extra_stores: list[str] = Field(default_factory=list, description="more stores of the same models evaluated "
-                                    "together with `store` (e.g. pairs added after a drafter change); "
-                                    "split='val' splits all their scenes at once")
-    out: str
-    adapter_run: str | None = Field(None, description="adapter run directory")
-    lora: str | None = Field(None, description="L6 peft adapter directory (evaluated on retf rows)")
-    identity: bool = Field(False, description="evaluate raw drafter rows")
-    adapter_which: str = Field("best", description="adapter checkpoint in the run: 'best', 'last' or a .safetensors name")
-    name: str | None = Field(None, description="run name in reports/comparisons; None = derived from the prediction source")
-    split: Literal["all", "val"] = Field("all", description="'val' = only the validation scenes of the seeded split "
-                                                            "by scene (when there is no separate test store)")
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    split_seed: int = 0
-    taus: list[float] = Field(default_factory=lambda: [0.80, 0.85, 0.90, 0.95])
-    gammas: list[int] = Field(default_factory=lambda: list(range(1, 9)))
-    max_positions: int = Field(50, ge=1, description="per-position statistics up to this position")
-    timing: TimingConfig | None = None
-    timing_file: str | None = Field(None, description="JSON file with TimingConfig fields")
-    batch_size: int = Field(64, ge=1)
-    device: str = "auto"
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    model_config = ConfigDict(title="Evaluation (stage 4)")
+
+    store: str = Field(..., title="Store", description="store URL to evaluate on")
+    extra_stores: list[str] = Field(default_factory=list, title="Advanced: extra stores",
+                                    description="more stores of the same models evaluated together with the store "
+                                    "(e.g. pairs added after a drafter change); split 'val' splits all their scenes at once")
+    out: str = Field(..., title="Output directory", description="where metrics.json, report.md and plots go")
+    identity: bool = Field(False, title="Identity", description="evaluate raw drafter rows")
+    adapter_run: str | None = Field(None, title="Adapter run", description="adapter run directory")
+    lora: str | None = Field(None, title="L6 LoRA", description="L6 peft adapter directory (evaluated on retf rows)")
+    name: str | None = Field(None, title="Name",
+                             description="run name in reports/comparisons; empty = derived from the prediction source")
+    split: Literal["all", "val"] = Field("all", title="Pairs", description="'val' = only the validation scenes of the "
+                                         "seeded split by scene (when there is no separate test store)")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, title="Validation fraction",
+                                description="split 'val': share of scenes held out")
+    split_seed: int = Field(0, title="Split seed", description="split 'val': seed of the split by scene")
+    timing: TimingConfig | None = Field(None, title="Timing", description="per-token costs for the speedup estimate")
+    timing_file: str | None = Field(None, title="Timing file", description="JSON file with the timing fields")
+    storage_options: StorageOptions = _storage_options_field()
+    device: str = Field("auto", title="Device", description="'auto' = cuda if available else cpu")
+    adapter_which: str = Field("best", title="Advanced: adapter checkpoint",
+                               description="checkpoint in the adapter run: 'best', 'last' or a .safetensors name")
+    taus: list[float] = Field(default_factory=lambda: [0.80, 0.85, 0.90, 0.95], title="Advanced: cosine thresholds",
+                              description="acceptance thresholds tau of the cosine metrics")
+    gammas: list[int] = Field(default_factory=lambda: list(range(1, 9)), title="Advanced: draft lengths",
+                              description="draft lengths gamma of the speedup estimate")
+    max_positions: int = Field(50, ge=1, title="Advanced: max positions",
+                               description="per-position statistics up to this position")
+    batch_size: int = Field(64, ge=1, title="Advanced: batch size", description="pairs per forward pass")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,16 +385,27 @@ class EvalConfig(_Model):
 class PipelineConfig(_Model):
     """End-to-end: extract, train the configured adapters and/or L6, evaluate each, compare."""
 
-    extract: ExtractConfig
-    test_store: str | None = Field(None, description="evaluation store; None = the val split of the extraction store")
-    adapters: list[TrainAdapterConfig] = Field(default_factory=list)
-    lora: LoraTrainConfig | None = None
-    evaluate_identity: bool = True
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="without test_store: share of scenes held out "
-                                "from training (adapters, L6) and evaluated")
-    split_seed: int = 0
-    out: str = Field("egpt_runs", description="where runs, evaluations and the report go")
-    timing: TimingConfig | None = None
+    model_config = ConfigDict(title="Pipeline")
+
+    extract: ExtractConfig = Field(..., title="Extraction",
+                                   description="dataset, models, store (and its storage options) of stages 1-2")
+    adapters: list[PipelineAdapterConfig] = Field(
+        default_factory=list, title="Adapters",
+        description="adapters to train on the extracted store, each evaluated; empty = none")
+    lora: PipelineLoraConfig | None = Field(None, title="L6 LoRA",
+                                            description="train L6 on the drafter and evaluate it; empty = skip L6")
+    out: str = Field("egpt_runs", title="Output directory",
+                     description="where runs, evaluations and the report go (URL or path)")
+    evaluate_identity: bool = Field(True, title="Evaluate the raw drafter",
+                                    description="also evaluate the drafter rows without an adapter (the baseline)")
+    test_store: str | None = Field(None, title="Advanced: test store",
+                                   description="evaluation store; empty = the held-out scenes of the extraction store")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, title="Advanced: held-out fraction",
+                                description="without a test store: share of scenes held out from training "
+                                "(adapters, L6) and evaluated")
+    split_seed: int = Field(0, title="Advanced: split seed", description="seed of the split by scene")
+    timing: TimingConfig | None = Field(None, title="Advanced: timing",
+                                        description="per-token costs for the speedup estimate; empty = none")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,6 +419,16 @@ def cache_dir() -> Path:
 def worker_gpu_limit() -> str | None:
     """$EGPT_GPU_LIMIT: the Prefect concurrency limit a worker's GPU sections occupy (e.g. gpu:<node>)."""
     return os.environ.get("EGPT_GPU_LIMIT") or None
+
+
+#: environment variables that hold storage credentials (values are scrubbed from logs)
+CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY",
+                       "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING")
+
+
+def credential_env_values() -> list[str]:
+    """The storage credentials in this process's environment (to keep them out of log records)."""
+    return [v for name in CREDENTIAL_ENV_VARS if (v := os.environ.get(name))]
 
 
 def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:

@@ -1,8 +1,10 @@
 """One filesystem abstraction for every URL setting: plain paths, file://, memory://, s3://, gs://.
 
 Everything that reads or writes a URL goes through :func:`url_to_fs`; nothing calls ``open()`` on a
-URL by hand. ``storage_options`` (credentials, ``endpoint_url``) are passed through to fsspec and
-never logged.
+URL by hand. ``storage_options`` (``endpoint_url``, ``profile``, ...) are passed through to fsspec;
+credentials never are part of them (``egpt_core.credentials``): they come from the environment's
+standard chain or, in Prefect runs, from the Secret block named by ``storage_options.secret_block``,
+merged in here at run time and scrubbed from every log record.
 """
 
 from __future__ import annotations
@@ -10,15 +12,45 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs as _url_to_fs
 
+from egpt_core import credentials
+from egpt_core.config import credential_env_values
+from egpt_core.errors import ConfigError
+
+#: resolves a Prefect Secret block name to fsspec options; installed by tasks/ (egpt_core never imports Prefect)
+_secret_resolver: Callable[[str], dict[str, Any]] | None = None
+
+
+def set_secret_resolver(resolver: Callable[[str], dict[str, Any]] | None) -> None:
+    """Install how ``storage_options.secret_block`` names are resolved (tasks/credentials.py does it)."""
+    global _secret_resolver
+    _secret_resolver = resolver
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
 
 def normalize_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """Map the project's flat ``endpoint_url`` convenience onto s3fs's ``client_kwargs``."""
+    """The fsspec options for ``url``: the credentials of ``secret_block`` merged in, the project's
+    flat ``endpoint_url`` convenience mapped onto s3fs's ``client_kwargs``."""
     opts = dict(storage_options or {})
+    block = opts.pop(credentials.SECRET_BLOCK_OPTION, None)
+    if block:
+        if _secret_resolver is None:
+            raise ConfigError(f"storage_options.{credentials.SECRET_BLOCK_OPTION}={block!r} names a Prefect Secret "
+                              "block, which only Prefect runs (flows/, tasks/) resolve; outside Prefect give the "
+                              "credentials through the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                              "AWS_PROFILE) or the machine's role")
+        opts = _merge(_secret_resolver(str(block)), opts)
     _remember_secrets(opts)
     if str(url).startswith(("s3://", "s3a://")) and "endpoint_url" in opts:
         ck = dict(opts.get("client_kwargs") or {})
@@ -60,28 +92,19 @@ def is_local(url: str) -> bool:
     return "://" not in u or u.startswith("file://")
 
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
 _secrets: frozenset[str] = frozenset()
 _base_record_factory = None
 
 
 def _remember_secrets(options: dict[str, Any]) -> None:
-    """Credentials passed in storage options are scrubbed from every log record created afterwards.
+    """Credentials in (resolved) storage options or the environment are scrubbed from every log
+    record created afterwards.
 
     Third-party DEBUG logging would otherwise carry them (botocore logs each request's headers,
     the access key id inside ``Authorization: ... Credential=<key>/...``).
     """
     global _secrets, _base_record_factory
-    found = set()
-
-    def walk(d: dict[str, Any]) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v)
-            elif isinstance(v, str) and len(v) >= 8 and any(w in str(k).lower() for w in _SECRET_WORDS):
-                found.add(v)
-
-    walk(options)
+    found = credentials.secret_strings(options) | {v for v in credential_env_values() if len(v) >= 8}
     if not found - _secrets:
         return
     _secrets = frozenset(_secrets | found)
@@ -105,17 +128,8 @@ def _scrubbing_record_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
 
 
 def redact(options: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of storage options safe to log: secrets replaced by '***'."""
-    secret_words = _SECRET_WORDS
-    out: dict[str, Any] = {}
-    for k, v in (options or {}).items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif any(w in k.lower() for w in secret_words):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out
+    """A copy of storage options safe to log: credentials replaced by '***' (by name and by value)."""
+    return credentials.redact(dict(options or {}))
 
 
 def open_input(url: str, storage_options: dict[str, Any] | None = None):

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from egpt_core.credentials import redact_values
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import is_local, join, redact, url_to_fs
+from egpt_core.fsio import is_local, join, url_to_fs
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
@@ -194,7 +195,6 @@ def config_fingerprint(cfg, exclude: set[str]) -> str:
 
 
 def config_record(cfg) -> dict[str, Any]:
-    """A pydantic config as written to a run's config.json: credentials in storage_options redacted."""
-    dump = cfg.model_dump(mode="json")
-    dump["storage_options"] = redact(dump.get("storage_options"))
-    return dump
+    """A pydantic config as written to a run's files: without storage_options (they say how to reach
+    the storage, not what was computed), secret parts of any value (a URL's password) masked."""
+    return redact_values(cfg.model_dump(mode="json", exclude={"storage_options"}))

@@ -34,6 +34,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     root = Path(args.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     where = _prefect_env(root / ".prefect")
+    from flows.server import server_problem
+
+    if problem := server_problem():
+        print(f"egpt demo: {problem}", file=sys.stderr)
+        return 2
     print(f"egpt demo: outputs under {root}; {where}")
     from flows.demo import run_demo
 
@@ -49,6 +54,11 @@ def _run_config_flow(args: argparse.Namespace, flow_name: str) -> int:
         cfg = load_config(args.config, PipelineConfig)
     except (OSError, ValueError, ConfigError) as exc:
         print(f"egpt {flow_name}: cannot read {args.config}: {exc}", file=sys.stderr)
+        return 2
+    from flows.server import server_problem
+
+    if problem := server_problem():
+        print(f"egpt {flow_name}: {problem}", file=sys.stderr)
         return 2
     print(f"egpt {flow_name}: {where}")
     if flow_name == "pipeline":
@@ -67,6 +77,9 @@ def _run_config_flow(args: argparse.Namespace, flow_name: str) -> int:
 
 
 def register(sub) -> None:
+    from flows import server
+
+    server.register(sub)
     p = sub.add_parser("demo", help="run the pipeline flow on tiny fixtures (CPU, local store); a rerun is served from cache")
     p.add_argument("--out", default="egpt-demo", help="demo directory (fixtures, store, runs, Prefect home)")
     p.add_argument("--no-lora", action="store_true", help="skip the L6 LoRA branch")

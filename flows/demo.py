@@ -9,11 +9,11 @@ from pathlib import Path
 from egpt_core.config import (
     AdapterConfig,
     ExtractConfig,
-    LoraTrainConfig,
     ModelLoadConfig,
+    PipelineAdapterConfig,
     PipelineConfig,
+    PipelineLoraConfig,
     TimingConfig,
-    TrainAdapterConfig,
 )
 
 CPU_FP32 = ModelLoadConfig(dtype="float32", quant="none", device="cpu")
@@ -35,10 +35,9 @@ def demo_config(root: Path, fixtures: dict[str, Path], lora: bool = True, epochs
     extract = ExtractConfig(dataset=str(fixtures["dataset"]), drafter=str(fixtures["eventgpt"]),
                             target=str(fixtures["videollava"]), store=store, load=CPU_FP32, batch_size=4,
                             max_new_tokens=16, shard_size=6, store_dtype="float16")
-    adapters = [TrainAdapterConfig(adapter=AdapterConfig(level=level), epochs=epochs, batch_size=4, device="cpu")
+    adapters = [PipelineAdapterConfig(adapter=AdapterConfig(level=level), epochs=epochs, batch_size=4, device="cpu")
                 for level in ("L1", "L4")]
-    l6 = LoraTrainConfig(store=store, drafter=str(fixtures["eventgpt"]), dataset=str(fixtures["dataset"]),
-                         load=CPU_FP32, rank=4, alpha=8, epochs=3, grad_accum=2, gradient_checkpointing=False)
+    l6 = PipelineLoraConfig(load=CPU_FP32, rank=4, alpha=8, epochs=3, grad_accum=2, gradient_checkpointing=False)
     # per-token costs for the speedup model: the research pipeline's measured RTX 4090 / 4-bit figures
     # (reference §9.1: T_ep ~ 90, t_e ~ 10, T_vp ~ 316, t_v ~ 14.6 ms); real runs pass their own timing file
     timing = TimingConfig(drafter_prefill_ms=90.0, drafter_step_ms=10.0, target_prefill_ms=316.0,

@@ -8,6 +8,7 @@ from prefect.runtime import flow_run
 
 from egpt_core.config import ExtractConfig
 from flows.plan import group_configs
+from flows.preflight import extract_inputs, require_inputs
 from tasks.caching import needs_drafter
 from tasks.extract import (
     compute_features,
@@ -54,5 +55,12 @@ def extract_run_name() -> str:
 def extract(cfg: ExtractConfig, deployment: str | None = None) -> StoreRef:
     """Stages 1-2 into ``cfg.store``. With ``cfg.shard_groups`` > 1 and a ``deployment`` (e.g.
     "extract/gpu") every shard group runs as its own flow run of it, on any worker of its pool;
-    otherwise the groups run here, one after another."""
+    otherwise the groups run here, one after another.
+
+    Args:
+        cfg: dataset, models, store and how to extract.
+        deployment: the deployment each shard group runs as (e.g. "extract/gpu"); empty = the
+            groups run one after another in this flow run.
+    """
+    require_inputs("extract", extract_inputs(cfg), cfg.storage_options)
     return extract_stage(cfg, deployment)

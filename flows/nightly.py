@@ -11,6 +11,7 @@ from egpt_core.config import PipelineConfig
 from flows.extract import extract_stage
 from flows.pipeline import train_and_evaluate
 from flows.plan import retf_config
+from flows.preflight import pipeline_inputs, require_inputs
 from tasks.extract import plan_nightly, summarize_store
 from tasks.refs import PipelineResult
 from tasks.runtime import url_name
@@ -26,7 +27,14 @@ def nightly_reextract(cfg: PipelineConfig, extract_deployment: str | None = None
     """Extract only the pairs new to the dataset. When the drafter's fingerprint differs from the
     store's, re-extract the store's drafter rows teacher-forced (retf) into a store named by the new
     fingerprint, and put new pairs in a store of that drafter too. Then retrain and re-evaluate what
-    ``cfg`` names (served from the cache where nothing changed)."""
+    ``cfg`` names (served from the cache where nothing changed).
+
+    Args:
+        cfg: the pipeline to keep up to date (its extraction store receives the new pairs).
+        extract_deployment: the deployment shard groups fan out to (e.g. "extract/gpu"); empty =
+            the groups run one after another in this flow run.
+    """
+    require_inputs("nightly-reextract", pipeline_inputs(cfg), cfg.extract.storage_options)
     plan = plan_nightly(cfg.extract)
     base, stores = cfg.extract, []
     if plan.drafter_changed:

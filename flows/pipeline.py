@@ -10,7 +10,8 @@ from prefect.runtime import flow_run
 from egpt_core.config import PipelineConfig
 from egpt_core.fsio import join
 from flows.extract import extract_stage
-from flows.plan import adapter_configs, eval_config, lora_config, retf_config
+from flows.plan import adapter_configs, eval_config, lora_config, lora_store_url, retf_config
+from flows.preflight import pipeline_inputs, require_inputs
 from tasks.evaluate import compare_task, evaluate_task
 from tasks.extract import summarize_store
 from tasks.refs import EvalRef, LoraRef, PipelineResult, StoreRef
@@ -22,7 +23,8 @@ def l6_stage(cfg: PipelineConfig, stores: list[StoreRef], tests: list[StoreRef])
     """L6: train the LoRA, merge it into the drafter, re-extract the test stores' drafter rows with
     the merged drafter (retf, into new stores), evaluate those rows."""
     so = cfg.extract.storage_options
-    train_store = next((s for s in stores if s.url == cfg.lora.store), None) or summarize_store(cfg.lora.store, so)
+    url = lora_store_url(cfg)
+    train_store = next((s for s in stores if s.url == url), None) or summarize_store(url, so)
     lora = train_lora_task(lora_config(cfg, {train_store.url: train_store.fingerprint}))
     drafter = export_drafter_task(lora.adapter_dir, join(lora.run_url, "merged-drafter"), so)
     test, *extra = [extract_stage(retf_config(cfg.extract, t, drafter.path, drafter.fingerprint)) for t in tests]
@@ -83,6 +85,13 @@ def _run_name() -> str:
 @flow(name="pipeline", flow_run_name=_run_name, log_prints=True)
 def pipeline(cfg: PipelineConfig, extract_deployment: str | None = None) -> PipelineResult:
     """Extract ``cfg.extract`` (fanned out over ``extract_deployment`` when it has shard groups),
-    train each configured adapter and/or L6, evaluate each and the raw drafter, compare."""
+    train each configured adapter and/or L6, evaluate each and the raw drafter, compare.
+
+    Args:
+        cfg: what to extract, which adapters and whether L6 to train, where outputs go.
+        extract_deployment: the deployment shard groups fan out to (e.g. "extract/gpu"); empty =
+            the groups run one after another in this flow run.
+    """
+    require_inputs("pipeline", pipeline_inputs(cfg), cfg.extract.storage_options)
     store = extract_stage(cfg.extract, extract_deployment)
     return train_and_evaluate(cfg, [store])

@@ -26,25 +26,33 @@ def _run_id(settings, fingerprints: dict[str, str]) -> str:
 
 
 def adapter_configs(cfg: PipelineConfig, stores: list[StoreRef]) -> list[tuple[str, TrainAdapterConfig]]:
-    """(display name, config) per configured adapter; ``train`` defaults to the extracted stores."""
+    """(display name, config) per configured adapter: its own settings, plus what the pipeline
+    assigns: the stores to train on, the split by scene held out for evaluation, the storage
+    options and a content-addressed run directory."""
     out, seen = [], {}
-    for a in cfg.adapters:
-        level = str(a.adapter.level)
+    for entry in cfg.adapters:
+        level = str(entry.adapter.level)
         seen[level] = seen.get(level, 0) + 1
         name = level if seen[level] == 1 else f"{level}-{seen[level]}"
-        a = a.model_copy(update={"train": a.train or [s.url for s in stores],
-                                 "storage_options": a.storage_options or cfg.extract.storage_options})
-        if a.val is None:  # validate on the scenes the evaluation holds out (never on the test store)
-            a = a.model_copy(update={"val_fraction": cfg.val_fraction, "seed": cfg.split_seed})
-        fps = {s.url: s.fingerprint for s in stores if s.url in a.train or s.url == a.val}
+        a = TrainAdapterConfig(**entry.model_dump(), train=[s.url for s in stores], val_fraction=cfg.val_fraction,
+                               seed=cfg.split_seed, storage_options=cfg.extract.storage_options)
+        fps = {s.url: s.fingerprint for s in stores}
         out.append((name, a.model_copy(update={"out": join(cfg.out, "adapters", f"{level}-{_run_id(a, fps)}")})))
     return out
 
 
+def lora_store_url(cfg: PipelineConfig) -> str:
+    """The store L6 trains on (default: the extraction store)."""
+    return cfg.lora.store or cfg.extract.store
+
+
 def lora_config(cfg: PipelineConfig, store_fingerprints: dict[str, str]) -> LoraTrainConfig:
-    lora = cfg.lora.model_copy(update={"storage_options": cfg.lora.storage_options or cfg.extract.storage_options})
-    if lora.val_store is None:  # validate on the scenes the evaluation holds out (never on the test store)
-        lora = lora.model_copy(update={"val_fraction": cfg.val_fraction, "seed": cfg.split_seed})
+    """The L6 stage config: the entry's settings, store/drafter/dataset defaulting to the extraction's,
+    the pipeline's split, seed and storage options, a content-addressed run directory."""
+    entry = cfg.lora.model_dump(exclude={"store", "drafter", "dataset"})
+    lora = LoraTrainConfig(**entry, store=lora_store_url(cfg), drafter=cfg.lora.drafter or cfg.extract.drafter,
+                           dataset=cfg.lora.dataset or cfg.extract.dataset, val_fraction=cfg.val_fraction,
+                           seed=cfg.split_seed, storage_options=cfg.extract.storage_options)
     return lora.model_copy(update={"out": join(cfg.out, "lora", f"L6-{_run_id(lora, store_fingerprints)}")})
 
 

@@ -54,9 +54,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: the S3 credentials of the test session: given the standard way, as AWS variables of the environment
+#: (configs refuse credentials in storage_options)
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "egpt-test-key", "AWS_SECRET_ACCESS_KEY": "egpt-test-SECRET-do-not-log"}
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's standalone S3 server on a loopback port; yields storage_options for it."""
+    """moto's standalone S3 server on a loopback port; yields storage_options for it
+    (``{"endpoint_url": ...}``); its credentials are in this process's environment while it runs."""
     import subprocess
     import sys
     import time
@@ -76,15 +82,27 @@ def s3_server():
                 proc.kill()
                 raise RuntimeError("moto S3 server did not start") from None
             time.sleep(0.2)
-    options = {"key": "egpt-test-key", "secret": "egpt-test-SECRET-do-not-log", "endpoint_url": endpoint}
+    saved = {k: os.environ.get(k) for k in S3_TEST_CREDENTIALS}
+    os.environ.update(S3_TEST_CREDENTIALS)
     try:
-        yield options
+        yield {"endpoint_url": endpoint}
     finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_secret() -> str:
+    """The secret access key of the moto session (to check that it never leaks)."""
+    return S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ from egpt_core.evaluation.plots import write_plots
 from egpt_core.evaluation.report import write_report
 from egpt_core.evaluation.speedup import resolve_timing, speedup_table
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
-from egpt_core.fsio import join, redact, url_to_fs
+from egpt_core.fsio import join, url_to_fs
+from egpt_core.runfiles import config_record
 from egpt_core.store import StoreReader
 
 #: Bumped whenever a metric definition changes (part of the evaluation fingerprint).
@@ -249,9 +250,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
             metrics["summary"][f"speedup_e2e_gamma{g}"] = None if d is None else d["e2e_speedup"]
             metrics["summary"][f"speedup_decode_gamma{g}"] = None if d is None else d["decode_speedup"]
 
-    cfg_dump = cfg.model_dump(mode="json")
-    cfg_dump["storage_options"] = redact(cfg.storage_options)
-    inputs["config"] = cfg_dump
+    inputs["config"] = config_record(cfg)
     inputs["eval_version"] = EVAL_VERSION
     inputs["eval_fingerprint"] = hash_json({
         "version": EVAL_VERSION, "store": inputs["store_fingerprint"], "mode": mode,

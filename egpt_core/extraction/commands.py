@@ -9,18 +9,7 @@ from dataclasses import asdict
 
 from egpt_core.config import ExtractConfig, load_config
 from egpt_core.errors import BadInputError, ConfigError
-
-
-def parse_storage_options(items: list[str] | None) -> dict:
-    """`--storage-option key=value` pairs (values parsed as JSON when possible)."""
-    out: dict = {}
-    for item in items or []:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+from egpt_core.store.commands import parse_storage_options
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:

@@ -7,12 +7,14 @@ import json
 import sys
 from typing import Any
 
+from egpt_core.credentials import credential_paths, refusal_message
 from egpt_core.errors import BadInputError, ConfigError, StoreError
 
 
 def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
     """``k=v`` pairs -> dict; values are JSON when they parse (true, 3, {...}), else strings;
-    dotted keys nest (``client_kwargs.region_name=eu-west-1``)."""
+    dotted keys nest (``client_kwargs.region_name=eu-west-1``). Credentials are refused: a command
+    line lands in shell history and `ps` (they come from the environment's AWS chain)."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -27,6 +29,8 @@ def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = val
+    if paths := credential_paths(out):
+        raise ConfigError(refusal_message(paths, "--storage-option"))
     return out
 
 

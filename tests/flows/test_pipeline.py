@@ -14,10 +14,15 @@ EXPENSIVE = ("features-", "extract-", "train-", "evaluate-", "export-drafter")
 
 @pytest.fixture(scope="module")
 def cfg(fixture_paths, tmp_path_factory, secret):
+    """The demo's pipeline; its storage options name a Prefect Secret block holding a credential,
+    which every filesystem call of the run receives (the local filesystem ignores it)."""
+    from prefect.blocks.system import Secret
+
     from flows.demo import demo_config
 
+    Secret(value={"key": secret}).save("egpt-test-credentials", overwrite=True)
     base = demo_config(tmp_path_factory.mktemp("pipeline"), fixture_paths, lora=True)
-    extract = base.extract.model_copy(update={"storage_options": {"key": secret}})
+    extract = base.extract.model_copy(update={"storage_options": {"secret_block": "egpt-test-credentials"}})
     return base.model_copy(update={"extract": extract})
 
 
@@ -58,17 +63,29 @@ def test_pipeline_end_to_end(first_run, states_by_name):
     assert any(a.type == "progress" and a.data == 100.0 for a in artifacts)
 
 
-def test_credentials_never_leak(cfg, first_run, secret, prefect_harness):
-    """storage_options secrets stay out of logs, artifacts, run names, results and output files."""
+def test_credentials_never_leak(cfg, first_run, secret, prefect_harness, task_runs):
+    """The Secret block's credential stays out of flow and task parameters, logs, artifacts, run
+    names, results, output files and the server's database (only the block's name is stored)."""
     from prefect import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 
+    import egpt_core.fsio
+
+    assert secret in egpt_core.fsio._secrets  # the credential did reach the filesystem layer
     run_id = first_run.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
         flow_run = client.read_flow_run(run_id)
     assert logs and not [log.message for log in logs if secret in log.message]
     assert secret not in flow_run.name
+    assert flow_run.parameters["cfg"]["extract"]["storage_options"] == {"secret_block": "egpt-test-credentials"}
+    assert secret not in json.dumps(flow_run.parameters)
+    runs = task_runs(run_id)
+    assert runs and not [r.name for r in runs if secret in r.model_dump_json()]
+    database = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[1])
+    db_files = [f for f in database.parent.iterdir() if f.name.startswith(database.name)]  # with -wal, -shm
+    assert database in db_files and not [f for f in db_files if secret.encode() in f.read_bytes()]
     for a in _artifacts(run_id):
         assert secret not in json.dumps(a.data, default=str) + str(a.description)
     assert secret not in first_run.result().model_dump_json()

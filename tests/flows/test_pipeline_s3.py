@@ -1,6 +1,6 @@
 """The whole `pipeline` flow (extract, L1 + L4 adapters, L6 LoRA + merged-drafter export + retf
 re-extraction, evaluations, comparison) with its store and run outputs on `s3://` (moto's standalone
-S3 server on loopback, credentials in storage_options) equals the same config on local disk: same
+S3 server on loopback, credentials from the environment) equals the same config on local disk: same
 pairs, bitwise the same shards and tensors (both stores), the same metrics per run, and the S3
 credentials appear in no output object and no task result."""
 
@@ -136,11 +136,11 @@ def test_pipeline_on_s3_equals_local_disk(runs):
            [{k: v for k, v in row.items() if k != "store_fingerprint"} for row in remote.comparison.rows]
 
 
-def test_s3_credentials_stay_out_of_outputs_and_results(runs):
+def test_s3_credentials_stay_out_of_outputs_and_results(runs, s3_secret):
     from egpt_core.fsio import url_to_fs
 
     s3_cfg, remote = runs["s3"]
-    secret = s3_cfg.extract.storage_options["secret"]
+    secret = s3_secret
     assert secret not in remote.model_dump_json()
     fs, root = url_to_fs(s3_cfg.out.rsplit("/", 1)[0], s3_cfg.extract.storage_options)
     texts = [p for p in fs.find(root) if p.endswith((".json", ".md", ".yaml", ".txt"))]

@@ -92,10 +92,14 @@ def test_only_transient_errors_are_retried(fixture_paths, tmp_path, monkeypatch,
 
 def test_a_real_config_error_fails_fast(tmp_path, task_runs):
     """egpt_core's own ConfigError (two prediction sources) ends the evaluate flow after one attempt."""
+    from egpt_core.adapters.synthetic import write_synthetic_pair_store
     from egpt_core.config import EvalConfig
     from flows.evaluate import evaluate
 
-    cfg = EvalConfig(store=str(tmp_path / "missing-store"), out=str(tmp_path / "eval"), identity=True, adapter_run="x")
+    store = str(tmp_path / "store")  # inputs that exist: the flow's input check passes, the task refuses
+    write_synthetic_pair_store(store, hidden_size=8, n_scenes=2, pairs_per_scene=2, shard_size=4)
+    (tmp_path / "run").mkdir()
+    cfg = EvalConfig(store=store, out=str(tmp_path / "eval"), identity=True, adapter_run=str(tmp_path / "run"))
     state = evaluate(cfg, return_state=True)
     assert state.is_failed()
     [run] = task_runs(state.state_details.flow_run_id)

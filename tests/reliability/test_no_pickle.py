@@ -7,8 +7,9 @@
   `pickle.load(s)` call, no unrestricted `Unpickler`, no `np.load(allow_pickle=True)`.
 * The restricted unpickler of event `.npy` files refuses `os.system` & co.; research import refuses
   a chunk (and an LM head file) holding an arbitrary object.
-* Credentials: an extraction to S3 (moto) with a distinctive key/secret; every log record (root at
-  DEBUG), stdout/stderr, `egpt inspect` output and every file in the store are free of both.
+* Credentials: an extraction to S3 (moto) with a distinctive key/secret in the environment; every
+  log record (root at DEBUG), stdout/stderr, `egpt inspect` output and every file in the store are
+  free of both; `--storage-option key=...` is refused without echoing it.
 """
 
 from __future__ import annotations
@@ -376,25 +377,36 @@ SECRET = "egpt-reliability-S3CRET-7f3a9c0de"
 
 
 def test_credentials_never_logged_printed_or_stored(fixtures_dir, drafter, target, s3_server, s3_bucket, caplog,
-                                                    capfd):
+                                                    capfd, monkeypatch):
+    import s3fs
+
     from egpt_core.cli import main as egpt_main
     from egpt_core.extraction import run_extraction
     from egpt_core.fsio import url_to_fs
     from egpt_core.store import StoreReader
 
-    opts = {**s3_server, "key": KEY, "secret": SECRET}
+    # the credentials come the standard way (environment); storage_options only say where S3 is
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    s3fs.S3FileSystem.clear_instance_cache()  # clients made with the session's credentials must not be reused
+    opts = dict(s3_server)
     url = f"{s3_bucket}/stores/creds"
-    caplog.set_level(logging.DEBUG)  # root: every library's DEBUG records too
+    caplog.set_level(logging.DEBUG)  # root: every library's DEBUG records too (botocore logs request headers)
     summary = run_extraction(_extract_cfg(fixtures_dir, url, storage_options=opts, max_scenes=2),
                              models=(drafter, target))
     r = StoreReader(url, opts)
     assert r.counts["ok"] == 4 and r.verify()["problems"] == []
-    cli = ["--storage-option", f"key={KEY}", "--storage-option", f"secret={SECRET}",
-           "--storage-option", f"endpoint_url={s3_server['endpoint_url']}"]
+    # botocore logged its signed request headers: the access key id inside them was scrubbed
+    assert any("Credential=***" in rec.getMessage() for rec in caplog.records)
+    cli = ["--storage-option", f"endpoint_url={s3_server['endpoint_url']}"]
     assert egpt_main(["inspect", "--json", "--verify", url, *cli]) == 0
     assert egpt_main(["inspect", url, *cli]) == 0
     assert egpt_main(["inspect", "--json", f"{s3_bucket}/no-such-store", *cli]) == 2  # an error path too
+    # credentials on a command line are refused (shell history, `ps`), without echoing them
+    assert egpt_main(["inspect", url, "--storage-option", f"key={KEY}", "--storage-option", f"secret={SECRET}",
+                      *cli]) == 2
     out = capfd.readouterr()
+    assert "--storage-option hold credentials (key, secret)" in out.err and "AWS_ACCESS_KEY_ID" in out.err
     start = out.out.index("{\n")  # the first command's JSON object
     inspected = json.loads(out.out[start: out.out.index("\n}\n", start) + 3])
     assert inspected["pairs"]["ok"] == 4 and inspected["verify"]["problems"] == []

@@ -20,7 +20,7 @@ def _cfg(fx, store, **kw):
     return ExtractConfig(**base)
 
 
-def test_extraction_to_s3_equals_local(tmp_path, fixtures_dir, s3_server, s3_bucket):
+def test_extraction_to_s3_equals_local(tmp_path, fixtures_dir, s3_server, s3_bucket, s3_secret):
     from egpt_core.extraction import load_models
 
     models = load_models(_cfg(fixtures_dir, str(tmp_path / "x")))
@@ -44,7 +44,7 @@ def test_extraction_to_s3_equals_local(tmp_path, fixtures_dir, s3_server, s3_buc
     fs, root = url_to_fs(remote, s3_server)
     for path in fs.find(root):
         if path.endswith(".json"):
-            assert s3_server["secret"].encode() not in fs.cat(path)
+            assert s3_secret.encode() not in fs.cat(path)
 
 
 def test_s3_checkpoints_fetched_once_into_local_cache(tmp_path, fixtures_dir, s3_server, s3_bucket, monkeypatch):
