@@ -67,7 +67,7 @@ def test_common_path_is_at_the_top_of_the_pipeline_form():
 
 
 #: what the pipeline assigns to each adapter / L6 run itself, so these are not fields of its entries
-ADAPTER_ASSIGNED = {"train", "val", "val_fraction", "seed", "out", "storage_options"}
+ADAPTER_ASSIGNED = {"train", "val", "val_fraction", "seed", "out", "storage_options", "allow_mixed_models"}
 LORA_ASSIGNED = {"val_fraction", "seed", "out", "storage_options"}
 
 
