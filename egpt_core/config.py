@@ -59,7 +59,8 @@ class ExtractConfig(_Model):
     max_scenes: int | None = Field(None, ge=1)
     max_questions: int | None = Field(None, ge=1)
     load: ModelLoadConfig = ModelLoadConfig()
-    store_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    store_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of the stored rows; float32 for exact checks (e.g. measured vs simulated acceptance)")
     events: EventRenderConfig = EventRenderConfig()
     n_video_frames: int = Field(8, ge=1, le=64)
     shard_groups: int = Field(1, ge=1, description="fan-out: split pairs into this many groups (flow runs)")
@@ -185,6 +186,85 @@ class EvalConfig(_Model):
 
 
 # --------------------------------------------------------------------------------------------------
+# speculative decoding (stage 5)
+# --------------------------------------------------------------------------------------------------
+SpeculativeMode = Literal["resync", "research"]
+
+
+class SpeculateConfig(_Model):
+    """Stage 5 settings: `egpt speculate` (one drafter configuration; the target-only baseline runs
+    in the same run on the same pairs)."""
+
+    target: str = Field(..., description="Video-LLaVA checkpoint directory (URL or path)")
+    drafter: str | None = Field(None, description="EventGPT checkpoint directory (base, or an L6-merged export)")
+    dataset: str | None = Field(None, description="dataset root; default: the dataset the --store was extracted from")
+    questions: str | None = Field(None, description="questions file; default: the dataset's questions.json")
+    store: str | None = Field(None, description="take the pairs (its ok pairs) and the target LM head from this store; "
+                              "a shared_prefix / retf store of the same pairs also cross-checks measured against "
+                              "simulated acceptance")
+    adapter_run: str | None = Field(None, description="adapter run directory (L1..L5, B1, L5F)")
+    adapter_which: str = Field("best", description="adapter checkpoint in the run: 'best', 'last' or a file name")
+    lora: str | None = Field(None, description="L6 peft adapter directory, merged into the drafter in memory")
+    identity: bool = Field(False, description="raw drafter rows through the target's LM head (no adapter)")
+    target_only: bool = Field(False, description="no drafter: only the target-only greedy baseline")
+    name: str | None = Field(None, description="configuration name in reports; None = derived from the source")
+    gammas: list[int] = Field(default_factory=lambda: [1, 3, 5], description="draft windows γ to measure")
+    mode: SpeculativeMode = Field("resync", description="'resync': draft from the accepted prefix (KV rollback); "
+                                  "'research': windows of the drafter's own answer (the research benchmark)")
+    max_new_tokens: int = Field(50, ge=1, le=2048)
+    max_pairs: int | None = Field(None, ge=1, description="at most this many pairs (in order)")
+    max_scenes: int | None = Field(None, ge=1)
+    max_questions: int | None = Field(None, ge=1)
+    split: Literal["all", "val"] = Field("all", description="'val' = only the held-out scenes of the seeded split")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    load: ModelLoadConfig = ModelLoadConfig()
+    drafter_device: str | None = Field(None, description="put the drafter on another device (e.g. cuda:1); "
+                                       "default: load.device")
+    events: EventRenderConfig = EventRenderConfig()
+    n_video_frames: int = Field(8, ge=1, le=64)
+    prefill_hiding: bool = Field(True, description="run the drafter's vision + prefill + first drafts concurrently "
+                                 "with the target's prefill (threads on CPU; CUDA streams or a second device)")
+    warmup_pairs: int = Field(1, ge=0, description="pairs run once untimed before measuring")
+    out: str = Field(..., description="output directory URL (sd_pairs.parquet, sd_metrics.json, report.md, plots)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (credentials never logged)")
+
+
+class SDConfigSpec(_Model):
+    """One configuration of an end-to-end benchmark (the research `--configs` entries)."""
+
+    kind: Literal["target_only", "identity", "adapter", "lora"]
+    name: str | None = Field(None, description="row name; None = derived")
+    adapter_run: str | None = None
+    lora: str | None = Field(None, description="L6 peft adapter directory (merged in memory)")
+    drafter: str | None = Field(None, description="drafter checkpoint for this configuration (e.g. an L6-merged "
+                                "export); None = the benchmark's drafter")
+    store: str | None = Field(None, description="cross-check store for this configuration (e.g. L6's retf store)")
+
+
+class BenchmarkE2EConfig(_Model):
+    """Flow `benchmark_e2e`: several configurations measured on the same pairs."""
+
+    base: SpeculateConfig = Field(..., description="shared settings (its own source/name/out are ignored)")
+    configs: list[SDConfigSpec] = Field(default_factory=lambda: [SDConfigSpec(kind="target_only"),
+                                                                 SDConfigSpec(kind="identity")])
+    out: str = Field(..., description="where each configuration's run and the comparison go")
+
+
+class PipelineSpeculativeConfig(_Model):
+    """Stage 5 inside `pipeline`: measured on the evaluation's pairs (its held-out scenes)."""
+
+    gammas: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    mode: SpeculativeMode = "resync"
+    configs: list[str] | None = Field(None, description="subset of 'target_only', 'identity', adapter names "
+                                      "(L1, L4, ...), 'L6'; None = all")
+    max_pairs: int | None = Field(None, ge=1)
+    load: ModelLoadConfig | None = Field(None, description="None = the extraction's load settings")
+    prefill_hiding: bool = True
+    warmup_pairs: int = Field(1, ge=0)
+
+
+# --------------------------------------------------------------------------------------------------
 # pipeline (flows)
 # --------------------------------------------------------------------------------------------------
 class PipelineConfig(_Model):
@@ -200,6 +280,9 @@ class PipelineConfig(_Model):
     split_seed: int = 0
     out: str = Field("egpt_runs", description="where runs, evaluations and the report go")
     timing: TimingConfig | None = None
+    speculative: PipelineSpeculativeConfig | None = Field(
+        None, description="stage 5 after evaluation: real draft->verify runs of target_only, identity, each adapter "
+                          "and L6 on the evaluated pairs (None = skip)")
 
 
 # --------------------------------------------------------------------------------------------------

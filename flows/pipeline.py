@@ -9,8 +9,9 @@ from prefect.runtime import flow_run
 
 from egpt_core.config import PipelineConfig
 from egpt_core.fsio import join
+from flows.benchmark_e2e import benchmark_e2e_stage
 from flows.extract import extract_stage
-from flows.plan import adapter_configs, eval_config, lora_config, retf_config
+from flows.plan import adapter_configs, benchmark_config, eval_config, lora_config, retf_config
 from tasks.evaluate import compare_task, evaluate_task
 from tasks.extract import summarize_store
 from tasks.refs import EvalRef, LoraRef, PipelineResult, StoreRef
@@ -18,33 +19,43 @@ from tasks.runtime import url_name
 from tasks.train import export_drafter_task, train_adapter_task, train_lora_task
 
 
-def l6_stage(cfg: PipelineConfig, stores: list[StoreRef], test: StoreRef) -> tuple[LoraRef, EvalRef]:
+def l6_stage(cfg: PipelineConfig, stores: list[StoreRef], test: StoreRef) -> tuple[LoraRef, EvalRef, StoreRef]:
     """L6: train the LoRA, merge it into the drafter, re-extract the test store's drafter rows with
-    the merged drafter (retf, into a new store), evaluate those rows."""
+    the merged drafter (retf, into a new store), evaluate those rows; returns the retf store too."""
     so = cfg.extract.storage_options
     train_store = next((s for s in stores if s.url == cfg.lora.store), None) or summarize_store(cfg.lora.store, so)
     lora = train_lora_task(lora_config(cfg, {train_store.url: train_store.fingerprint}))
     drafter = export_drafter_task(lora.adapter_dir, join(lora.run_url, "merged-drafter"), so)
     retf_store = extract_stage(retf_config(cfg.extract, test, drafter.path, drafter.fingerprint))
     run = evaluate_task(eval_config(cfg, retf_store, "L6", lora=lora.adapter_dir))
-    return lora.model_copy(update={"merged_drafter": drafter}), run
+    return lora.model_copy(update={"merged_drafter": drafter}), run, retf_store
 
 
 def train_and_evaluate(cfg: PipelineConfig, stores: list[StoreRef], notes: list[str] | None = None) -> PipelineResult:
-    """Identity, every adapter and L6 evaluated on the test store (default: the first store), compared."""
+    """Identity, every adapter and L6 evaluated on the test store (default: the first store), then
+    (with ``cfg.speculative``) measured in the real draft -> verify loop on the same pairs, compared."""
     test = summarize_store(cfg.test_store, cfg.extract.storage_options) if cfg.test_store else stores[0]
     result = PipelineResult(stores=stores, runs=[])
     if cfg.evaluate_identity:
         result.runs.append(evaluate_task(eval_config(cfg, test, "identity", identity=True)))
+    trained: list[tuple[str, str]] = []
     for name, adapter_cfg in adapter_configs(cfg, stores):
         adapter = train_adapter_task(adapter_cfg)
         result.adapters.append(adapter)
+        trained.append((name, adapter.run_url))
         result.runs.append(evaluate_task(eval_config(cfg, test, name, adapter_run=adapter.run_url)))
+    l6 = None
     if cfg.lora is not None:
-        result.lora, l6_run = l6_stage(cfg, stores, test)
+        result.lora, l6_run, retf_store = l6_stage(cfg, stores, test)
         result.runs.append(l6_run)
+        l6 = (result.lora.merged_drafter.path, retf_store.url)
+    bench = benchmark_config(cfg, test, trained, l6) if cfg.speculative is not None else None
+    if bench is not None:
+        result.benchmark = benchmark_e2e_stage(bench)
     if result.runs:
-        result.comparison = compare_task(result.runs, join(cfg.out, "comparison"), cfg.extract.storage_options)
+        measured = {r.name: r.summary for r in result.benchmark.runs} if result.benchmark else None
+        result.comparison = compare_task(result.runs, join(cfg.out, "comparison"), cfg.extract.storage_options,
+                                         measured=measured)
     create_markdown_artifact(key="pipeline-report", markdown=report_markdown(result, notes or []),
                              description=f"outputs under {cfg.out}")
     return result
@@ -64,8 +75,12 @@ def report_markdown(result: PipelineResult, notes: list[str]) -> str:
         lines.append(f"- L6 LoRA: `{result.lora.adapter_dir}`; merged drafter: "
                      f"`{result.lora.merged_drafter.path if result.lora.merged_drafter else '-'}`")
     lines += [f"- evaluation {r.name}: `{r.out_url}` ({r.n_pairs} pairs)" for r in result.runs]
+    if result.benchmark:
+        lines += [f"- speculative decoding (measured): `{result.benchmark.out_url}`"]
     if result.comparison:
         lines += [f"- comparison: `{result.comparison.out_url}`", "", result.comparison.markdown]
+    if result.benchmark:
+        lines += ["", result.benchmark.markdown]
     return "\n".join(lines)
 
 
