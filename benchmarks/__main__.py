@@ -1,13 +1,16 @@
-"""`python -m benchmarks [--json] [--only NAME]`: speed/size goals measured as ratios in one run.
+"""`python -m benchmarks [--json] [--only NAME] [--device cuda]`: speed/size goals measured as ratios
+in one run.
 
 Each module ``benchmarks/bench_*.py`` exposes ``run() -> dict[name, {"ratio", "goal", "unit", ...}]``
-where ``goal`` is a string like ">= 10" or "<= 0.4".
+where ``goal`` is a string like ">= 10" or "<= 0.4". Modules whose ``run`` takes a ``device`` argument
+(the speculative-decoding benchmarks) get ``--device`` (default cpu; ``cuda`` = GPU, bf16).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import pkgutil
 import sys
@@ -27,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--only", action="append", default=[], help="run only benchmarks whose module name contains this")
+    ap.add_argument("--device", default="cpu", help="device for benchmarks that take one (cpu | cuda | cuda:N)")
     args = ap.parse_args(argv)
     results: dict[str, dict] = {}
     names = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_"))
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         mod = importlib.import_module(f"benchmarks.{name}")
-        for key, res in mod.run().items():
+        kwargs = {"device": args.device} if "device" in inspect.signature(mod.run).parameters else {}
+        for key, res in mod.run(**kwargs).items():
             res.setdefault("seconds", round(time.perf_counter() - t0, 2))
             res["met"] = _meets(res["ratio"], res.get("goal"))
             results[key] = res

@@ -240,6 +240,7 @@ class SDConfigSpec(_Model):
     drafter: str | None = Field(None, description="drafter checkpoint for this configuration (e.g. an L6-merged "
                                 "export); None = the benchmark's drafter")
     store: str | None = Field(None, description="cross-check store for this configuration (e.g. L6's retf store)")
+    mode: SpeculativeMode | None = Field(None, description="None = the benchmark's mode")
 
 
 class BenchmarkE2EConfig(_Model):

@@ -46,6 +46,8 @@ def speculate_configs(cfg: BenchmarkE2EConfig) -> list[SpeculateConfig]:
             update["drafter"] = spec.drafter
         if spec.store:
             update["store"] = spec.store
+        if spec.mode:
+            update["mode"] = spec.mode
         c = base.model_copy(update=update)
         run_id = hash_json(c.model_dump(mode="json", exclude={"out", "storage_options"}))[:10]
         out.append(c.model_copy(update={"out": join(cfg.out, "sd", f"{name}-{run_id}")}))

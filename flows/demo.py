@@ -1,8 +1,10 @@
-"""`egpt demo`: the pipeline on tiny fixtures (CPU, float32, local store), and how much of a run the
-task cache served."""
+"""`egpt demo`: the pipeline on tiny fixtures (CPU, float32, local store) - extraction, L1 / L4 / L6
+training, evaluation and the real draft -> verify loop on the held-out scenes - and how much of a run
+the task cache served."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,39 +14,53 @@ from egpt_core.config import (
     LoraTrainConfig,
     ModelLoadConfig,
     PipelineConfig,
+    PipelineSpeculativeConfig,
     TimingConfig,
     TrainAdapterConfig,
 )
 
 CPU_FP32 = ModelLoadConfig(dtype="float32", quant="none", device="cpu")
+#: the demo's dataset: 40 scenes x 8 questions = 320 pairs (240 to train on, 80 held out)
+DEMO_SCENES, DEMO_QUESTIONS = 40, 8
+DEMO_MARKER = "DEMO_FIXTURES.json"
 
 
-def ensure_fixtures(out: Path) -> tuple[dict[str, Path], bool]:
-    """Tiny checkpoints + a synthetic dataset under ``out`` (built once); returns (paths, built)."""
+def ensure_fixtures(out: Path, scenes: int = DEMO_SCENES, questions: int = DEMO_QUESTIONS) -> tuple[dict[str, Path], bool]:
+    """Tiny checkpoints + a synthetic dataset under ``out`` (built once per size); returns (paths, built)."""
     paths = {"eventgpt": out / "eventgpt", "videollava": out / "videollava", "dataset": out / "dataset"}
-    if (out / "FIXTURES.json").is_file() and all(p.is_dir() for p in paths.values()):
+    wanted = {"scenes": scenes, "questions": questions, "seed": 0}
+    marker = out / DEMO_MARKER
+    if (out / "FIXTURES.json").is_file() and all(p.is_dir() for p in paths.values()) and marker.is_file() \
+            and json.loads(marker.read_text()) == wanted:
         return paths, False
     from egpt_core.models.commands import write_fixtures
 
-    return write_fixtures(out, scenes=8, questions=3, seed=0), True
+    paths = write_fixtures(out, scenes=scenes, questions=questions, seed=0)
+    marker.write_text(json.dumps(wanted))
+    return paths, True
 
 
-def demo_config(root: Path, fixtures: dict[str, Path], lora: bool = True, epochs: int = 8) -> PipelineConfig:
-    """Identity + L1 + L4 (+ L6) on the fixtures: float32 on the CPU, a local store under ``root``."""
+def demo_config(root: Path, fixtures: dict[str, Path], lora: bool = True, epochs: int = 15,
+                speculative: bool = True) -> PipelineConfig:
+    """Identity + L1 + L4 (+ L6) on the fixtures: float32 on the CPU, a local float32 store under
+    ``root`` (exact for the measured-vs-simulated check), then (``speculative``) the real loop."""
     store = str(root / "store")
     extract = ExtractConfig(dataset=str(fixtures["dataset"]), drafter=str(fixtures["eventgpt"]),
-                            target=str(fixtures["videollava"]), store=store, load=CPU_FP32, batch_size=4,
-                            max_new_tokens=16, shard_size=6, store_dtype="float16")
-    adapters = [TrainAdapterConfig(adapter=AdapterConfig(level=level), epochs=epochs, batch_size=4, device="cpu")
-                for level in ("L1", "L4")]
+                            target=str(fixtures["videollava"]), store=store, load=CPU_FP32, batch_size=16,
+                            max_new_tokens=20, shard_size=64, store_dtype="float32")
+    adapters = [TrainAdapterConfig(adapter=AdapterConfig(level="L1"), epochs=epochs, batch_size=16, lr=3e-3,
+                                   device="cpu"),
+                TrainAdapterConfig(adapter=AdapterConfig(level="L4", num_heads=4, ffn_dim=256), epochs=epochs,
+                                   batch_size=16, lr=3e-3, device="cpu")]
     l6 = LoraTrainConfig(store=store, drafter=str(fixtures["eventgpt"]), dataset=str(fixtures["dataset"]),
-                         load=CPU_FP32, rank=4, alpha=8, epochs=3, grad_accum=2, gradient_checkpointing=False)
+                         load=CPU_FP32, rank=4, alpha=8, epochs=2, grad_accum=8, lr=1e-3, gradient_checkpointing=False)
     # per-token costs for the speedup model: the research pipeline's measured RTX 4090 / 4-bit figures
     # (reference §9.1: T_ep ~ 90, t_e ~ 10, T_vp ~ 316, t_v ~ 14.6 ms); real runs pass their own timing file
     timing = TimingConfig(drafter_prefill_ms=90.0, drafter_step_ms=10.0, target_prefill_ms=316.0,
                           target_step_ms=14.6)
+    sd = PipelineSpeculativeConfig(gammas=[1, 3, 5], max_pairs=16, load=CPU_FP32) if speculative else None
     return PipelineConfig(extract=extract, adapters=adapters, lora=l6 if lora else None, out=str(root / "runs"),
-                          val_fraction=0.25, timing=timing)
+                          val_fraction=0.25, timing=timing, speculative=sd)
 
 
 def task_states(flow_run_id, timeout_s: float = 15.0) -> list[tuple[str, str]]:
@@ -81,15 +97,24 @@ def describe(result) -> str:
         lines.append(f"L6 LoRA      {result.lora.adapter_dir}")
         lines.append(f"  merged     {result.lora.merged_drafter.path if result.lora.merged_drafter else '-'}")
     lines += [f"evaluation   {r.name:8s} {r.out_url}" for r in result.runs]
+    if result.benchmark:
+        lines += [f"speculative  {r.name:11s} {r.out_url}" for r in result.benchmark.runs]
     if result.comparison:
         lines += [f"comparison   {result.comparison.out_url}/comparison.md", "", result.comparison.markdown]
+    if result.benchmark:
+        lines += [f"benchmark    {result.benchmark.out_url}/benchmark.md", "", result.benchmark.markdown]
     return "\n".join(lines)
 
 
 def run_demo(root: Path, lora: bool = True) -> int:
     """Build fixtures if missing, run the pipeline flow, print where everything went."""
+    import torch
+
     from flows.pipeline import pipeline
 
+    # tiny models: per-op work is microseconds, so one intra-op thread per Python thread is fastest and
+    # never spins against the second thread of prefill hiding (or other processes) on a 2-core host
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     fixtures, built = ensure_fixtures(root / "fixtures")
     state = pipeline(demo_config(root, fixtures, lora=lora), return_state=True)

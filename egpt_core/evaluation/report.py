@@ -179,11 +179,12 @@ COMPARE_COLUMNS: list[tuple[str, str, bool]] = [
 ]
 
 
-#: measured columns (stage 5, joined by run name) shown next to the simulated ones when given
+#: measured columns (stage 5 summary keys, joined by run name; stored as ``measured_<key>``) shown
+#: next to the simulated ones when given
 MEASURED_COLUMNS: list[tuple[str, str, bool]] = [
-    ("acceptance_length_gamma5", "measured acc len γ=5", False),
-    ("speedup_e2e_gamma5", "measured e2e speedup γ=5", False),
-    ("lossless_mismatches_gamma5", "lossless mismatches γ=5", False),
+    ("measured_acceptance_length_gamma5", "measured acc len γ=5", False),
+    ("measured_speedup_e2e_gamma5", "measured e2e speedup γ=5", False),
+    ("measured_lossless_mismatches_gamma5", "lossless mismatches γ=5", False),
 ]
 
 
@@ -202,7 +203,7 @@ def comparison_rows(results: list[dict[str, Any]], measured: dict[str, dict[str,
         row["store_fingerprint"] = (m.get("inputs") or {}).get("store_fingerprint")
         if measured is not None:
             for key, _, _ in MEASURED_COLUMNS:
-                row[key] = (measured.get(row["name"]) or {}).get(key)
+                row[key] = (measured.get(row["name"]) or {}).get(key.removeprefix("measured_"))
         rows.append(row)
     return rows
 

@@ -63,6 +63,7 @@ class RoundRecord:
     drafted: int
     accepted: int
     new_tokens: int
+    draft_tokens: list[int] = field(default_factory=list)
     draft_margins: list[float] = field(default_factory=list)
     target_margins: list[float] = field(default_factory=list)
     target_cache: int = 0
@@ -256,7 +257,7 @@ def speculative_generate(
         out += new
         done = (eos_id is not None and new[-1] == eos_id) or len(out) >= max_new_tokens
         rec = RoundRecord(start=s, drafted=len(drafts), accepted=min(a, len(new)), new_tokens=len(new),
-                          draft_margins=[d.margin for d in drafts], target_margins=ver.margins[: len(drafts) + 1],
+                          draft_tokens=[d.token for d in drafts], draft_margins=[d.margin for d in drafts], target_margins=ver.margins[: len(drafts) + 1],
                           hidden_in_prefill=hidden)
         if not done:
             target.crop(target.cache_len - len(pending) - len(drafts) + len(new))

@@ -145,11 +145,24 @@ def plan_pairs(cfg: SpeculateConfig) -> PairPlan:
         keep_scenes = list(dict.fromkeys(p.scene.scene_id for p in pairs))[: cfg.max_scenes or None]
         pairs = [p for p in pairs if p.scene.scene_id in set(keep_scenes)
                  and (cfg.max_questions is None or p.question_idx < cfg.max_questions)]
-    if cfg.max_pairs is not None:
-        pairs = pairs[: cfg.max_pairs]
+    if cfg.max_pairs is not None and cfg.max_pairs < len(pairs):
+        pairs = spread_over_scenes(pairs)[: cfg.max_pairs]
+        notes.append(f"{cfg.max_pairs} pairs measured, spread over the scenes (each scene's first question, then "
+                     "each scene's second, ...)")
     if not pairs:
         raise ConfigError("no pairs to measure (check the dataset/store, split and max_* settings)")
     return PairPlan(pairs, reader, dataset, notes, missing)
+
+
+def spread_over_scenes(pairs: list[Pair]) -> list[Pair]:
+    """Pairs reordered round-robin over scenes (stable): a prefix of it covers as many scenes as it can."""
+    rank: dict[str, int] = {}
+    order = []
+    for i, p in enumerate(pairs):
+        k = rank.get(p.scene.scene_id, 0)
+        rank[p.scene.scene_id] = k + 1
+        order.append((k, i))
+    return [pairs[i] for _, i in sorted(order)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,8 +410,9 @@ def _cross_check_setup(cfg, reader, store_mode, models: Models, lm_head, gammas)
         return None, (f"cross-check skipped: the store's answers were generated with max_new_tokens "
                       f"{gen.get('max_new_tokens')}, this run uses {cfg.max_new_tokens}")
     note = "cross-check: measured acceptance vs `egpt evaluate`'s simulated rounds on the store's rows of the same pairs"
-    if reader.manifest.get("dtype") != "float32" or (reader.manifest.get("lm_head") or {}).get("dtype") != "float32":
-        note += (f" (store dtype {reader.manifest.get('dtype')}: rounding of the stored rows can flip near-ties; "
+    dtypes = ((reader.meta or {}).get("dtype"), (reader.manifest.get("lm_head") or {}).get("dtype"))
+    if dtypes != ("float32", "float32"):
+        note += (f" (store rows / LM head in {dtypes[0]} / {dtypes[1]}: rounding of the stored rows can flip near-ties; "
                  "extract with store_dtype float32 for an exact check)")
     return measure.CrossCheck(lm_head, gammas, cfg.max_new_tokens, models.head.device), note
 
