@@ -253,40 +253,54 @@ class CrossCheck:
 # (b) the speedup model
 # ------------------------------------------------------------------------------------------------
 def measured_timing(agg: dict[str, Any], records: list[dict[str, Any]], gamma: int) -> TimingConfig | None:
-    """TimingConfig from this run's measurements at window γ (means over its ok pairs)."""
+    """TimingConfig from this run's measurements at window γ (sums over its ok pairs).
+
+    ``drafter_prefill_ms`` is the drafter's whole prefill-phase work (vision, prefill, round-0 drafts:
+    what has to hide under the target's prefill); ``target_step_ms`` is the baseline's decode wall time per token (host time between forwards
+    included, as in the baseline's total); ``drafter_step_ms`` the mean drafter forward; ``adapter_ms``
+    everything else a round costs besides its drafter forwards and its verify forward (draft head,
+    host bookkeeping); ``verify_ms_per_token`` what a verify forward costs above one decode forward,
+    per draft token."""
     rows = [r for r in records if r.get("status") == "ok" and r.get("gamma") == gamma]
     if not rows or agg.get("acceptance_length") is None:
         return None
     eps = 1e-6
     steps = _sum(rows, "baseline_decode_steps")
-    target_step = _sum(rows, "baseline_decode_ms") / steps if steps else eps
+    base_decode_wall = _sum(rows, "baseline_total_ms") - _sum(rows, "baseline_target_vision_ms") \
+        - _sum(rows, "baseline_target_prefill_ms")
+    forward_ms = _sum(rows, "baseline_decode_ms") / steps if steps else eps
     fwd = _sum(rows, "drafter_forwards")
     verifies = _sum(rows, "verify_forwards")
-    verify_ms = _sum(rows, "verify_ms") / verifies if verifies else target_step
-    drafted_per_round = _sum(rows, "drafted") / max(1.0, _sum(rows, "rounds"))
+    drafted_per_verify = _sum(rows, "drafted") / verifies if verifies else 0.0
+    verify_ms = _sum(rows, "verify_ms") / verifies if verifies else forward_ms
+    decode_wall = _sum(rows, "total_ms") - _sum(rows, "prefill_phase_ms")
+    other = decode_wall - _sum(rows, "drafter_forward_ms") - _sum(rows, "verify_ms")
     return TimingConfig(
-        drafter_prefill_ms=max(eps, _mean(rows, "drafter_vision_ms") + _mean(rows, "drafter_prefill_ms")),
+        drafter_prefill_ms=max(eps, _mean(rows, "drafter_vision_ms") + _mean(rows, "drafter_prefill_ms")
+                               + _mean(rows, "hidden_drafting_ms")),
         drafter_step_ms=max(eps, _sum(rows, "drafter_forward_ms") / fwd if fwd else eps),
         target_prefill_ms=max(eps, _mean(rows, "baseline_target_vision_ms") + _mean(rows, "baseline_target_prefill_ms")),
-        target_step_ms=max(eps, target_step),
-        verify_ms_per_token=max(0.0, (verify_ms - target_step) / drafted_per_round) if drafted_per_round else 0.0,
-        adapter_ms=_sum(rows, "draft_head_ms") / max(1.0, _sum(rows, "rounds")),
+        target_step_ms=max(eps, base_decode_wall / steps if steps else eps),
+        verify_ms_per_token=max(0.0, (verify_ms - forward_ms) / drafted_per_verify) if drafted_per_verify else 0.0,
+        adapter_ms=max(0.0, other / verifies) if verifies else 0.0,
         output_tokens=max(1, round(_mean(rows, "n_tokens"))),
     )
 
 
 def speedup_model_check(aggregates: dict[str, dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per γ: the speedup model's e2e prediction from measured timings + measured acceptance vs the
-    measured e2e speedup (relative error)."""
+    """Per γ: the speedup model's e2e prediction from measured timings + the measured acceptance per
+    round (over every drafted round: what the number of rounds depends on) vs the measured e2e speedup
+    (relative error)."""
     out: dict[str, Any] = {}
     for g, agg in aggregates.items():
         timing = measured_timing(agg, records, int(g))
         if timing is None or agg.get("speedup_e2e") is None:
             out[g] = None
             continue
-        pred = expected_speedup(agg["acceptance_length"], int(g), timing)
+        acc = agg.get("acceptance_length_all_rounds") or 0.0
+        pred = expected_speedup(min(acc, float(g)), int(g), timing)
         measured = agg["speedup_e2e"]
-        out[g] = {"timing": timing.model_dump(), "predicted_e2e": pred["e2e_speedup"],
+        out[g] = {"timing": timing.model_dump(), "acceptance_length_fed": acc, "predicted_e2e": pred["e2e_speedup"],
                   "predicted_decode": pred["decode_speedup"], "measured_e2e": measured,
                   "measured_decode": agg.get("speedup_decode"),
                   "relative_error": abs(pred["e2e_speedup"] - measured) / measured}

@@ -85,8 +85,8 @@ def _client(api):
 def test_every_flow_is_deployed_and_nightly_has_its_schedule(deployed):
     api, _ = deployed
     with _client(api) as client:
-        names = ["extract/gpu", "train-adapter/gpu", "train-lora/gpu", "evaluate/gpu", "pipeline/gpu",
-                 "nightly-reextract/nightly"]
+        names = ["extract/gpu", "train-adapter/gpu", "train-lora/gpu", "evaluate/gpu", "benchmark-e2e/gpu",
+                 "pipeline/gpu", "nightly-reextract/nightly"]
         deployments = {n: client.read_deployment_by_name(n) for n in names}
         nightly = deployments["nightly-reextract/nightly"]
     assert {d.work_pool_name for d in deployments.values()} == {"gpu"}
