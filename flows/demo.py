@@ -106,7 +106,7 @@ def describe(result) -> str:
     return "\n".join(lines)
 
 
-def run_demo(root: Path, lora: bool = True) -> int:
+def run_demo(root: Path, lora: bool = True, scenes: int = DEMO_SCENES, questions: int = DEMO_QUESTIONS) -> int:
     """Build fixtures if missing, run the pipeline flow, print where everything went."""
     import torch
 
@@ -116,7 +116,7 @@ def run_demo(root: Path, lora: bool = True) -> int:
     # never spins against the second thread of prefill hiding (or other processes) on a 2-core host
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    fixtures, built = ensure_fixtures(root / "fixtures")
+    fixtures, built = ensure_fixtures(root / "fixtures", scenes, questions)
     state = pipeline(demo_config(root, fixtures, lora=lora), return_state=True)
     if not state.is_completed():
         print(f"egpt demo: the pipeline flow run ended {state.name}: {state.message}")

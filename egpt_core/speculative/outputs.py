@@ -27,8 +27,17 @@ METRICS_FILE = "sd_metrics.json"
 REPORT_FILE = "report.md"
 
 
+MARKER_FILE = "sd_run.json"
+MARKER_KIND = "egpt-speculate-run"
+
+
 def write_sd_outputs(out_url: str, files: dict[str, bytes], storage_options: dict | None = None) -> list[str]:
-    """Write ``files`` (name -> bytes) into the run directory ``out_url``, each atomically."""
+    """Write ``files`` (name -> bytes) into the run directory ``out_url``, each atomically.
+
+    Ownership (minimal, until the project-wide run-directory rule replaces it here): a directory that
+    holds files but no ``sd_run.json`` of a speculative run was not written by this project, and is
+    refused rather than written into."""
+    _check_owned(out_url, storage_options)
     written = []
     for name, data in files.items():
         if "/" in name or name.startswith("."):
@@ -73,3 +82,25 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_json_safe(v) for v in obj]
     return obj
+
+
+def _check_owned(out_url: str, storage_options: dict | None) -> None:
+    from egpt_core.errors import ConfigError
+    from egpt_core.fsio import url_to_fs
+
+    fs, path = url_to_fs(out_url, storage_options)
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise ConfigError(f"out={out_url!r} is a file, not a directory")
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    if not names:
+        return
+    marker = rf.read_bytes(join(out_url, MARKER_FILE), storage_options)
+    try:
+        ours = marker is not None and json.loads(marker).get("kind") == MARKER_KIND
+    except (ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ConfigError(f"out={out_url!r} already holds files that no `egpt speculate` run wrote "
+                          f"({', '.join(sorted(names)[:5])}); choose an empty or new directory")

@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -295,8 +296,9 @@ def run_speculative(cfg: SpeculateConfig, progress: Progress | None = None) -> S
     source = check_config(cfg)
     so = cfg.storage_options
     gammas = sorted(cfg.gammas)
-    write_sd_outputs(cfg.out, {"sd_run.json": _run_marker(cfg, "running")}, so)  # claims the directory first
     plan = plan_pairs(cfg)
+    _check_checkpoints(cfg, source)
+    write_sd_outputs(cfg.out, {"sd_run.json": _run_marker(cfg, "running")}, so)  # claims the directory
     reader = plan.reader
     store_mode = (reader.meta or {}).get("mode") if reader is not None else None
     lm_head = None
@@ -378,6 +380,17 @@ def run_speculative(cfg: SpeculateConfig, progress: Progress | None = None) -> S
         progress(1.0, f"wrote {cfg.out}")
     return SpeculateResult(out_url=cfg.out, name=name, source=source, mode=cfg.mode, n_pairs=len({r["pair_id"] for r in ok}),
                            n_failed=len(failed), summary=doc["summary"])
+
+
+def _check_checkpoints(cfg: SpeculateConfig, source: str) -> None:
+    """Local checkpoint directories must exist (a cheap check before the output directory is claimed)."""
+    from egpt_core.fsio import is_local
+
+    named = {"target": cfg.target, "drafter": cfg.drafter if source != "target_only" else None,
+             "adapter_run": cfg.adapter_run, "lora": cfg.lora}
+    for what, url in named.items():
+        if url and is_local(url) and not Path(str(url).removeprefix("file://")).is_dir():
+            raise ConfigError(f"{what}={url!r} is not a directory (give the checkpoint / run directory)")
 
 
 def _ids(pair: Pair) -> dict[str, Any]:

@@ -59,10 +59,10 @@ def test_lossless_with_partial_acceptance_and_cache_lengths(target, sessions, pa
                                                              target_as_drafter):
     tsess, _ = sessions
     seen = {"partial": 0, "full": 0, "reject": 0}
-    for si, qi in PAIRS:
+    for si, qi in PAIRS[:2]:
         inp = pair_inputs(si, qi)
         base = target_greedy(tsess, inp, N, eos).output_ids
-        for g in GAMMAS:
+        for g in (1, 2, 3, 5, 8):
             dsess = target_as_drafter(inp)
             gen = speculative_generate(tsess, dsess, noisy_self_head, inp, g, N, eos)
             assert gen.output_ids == base, (si, qi, g)
@@ -98,7 +98,7 @@ def test_a_drafter_that_is_the_target_accepts_gamma_every_full_round(target, ses
                                                                     target_as_drafter):
     tsess, _ = sessions
     head = DraftHead(target.lm_head_weight(), "cpu")
-    for si, qi in PAIRS:
+    for si, qi in PAIRS[:2]:
         inp = pair_inputs(si, qi)
         base = target_greedy(tsess, inp, N, eos).output_ids
         for g in GAMMAS:
@@ -114,11 +114,12 @@ def test_a_random_drafter_still_yields_exactly_the_targets_output(target, sessio
     tsess, dsess = sessions
     module, cfg = _random_adapter(level, target.hidden_size, 2.0, seed=11)
     head = DraftHead(target.lm_head_weight(), "cpu", module, cfg)
-    for si, qi in PAIRS[:2]:
-        inp = pair_inputs(si, qi)
-        base = target_greedy(tsess, inp, N, eos).output_ids
-        for g in GAMMAS:
-            assert speculative_generate(tsess, dsess, head, inp, g, N, eos).output_ids == base
+    inp = pair_inputs(*PAIRS[1])
+    base = target_greedy(tsess, inp, N, eos).output_ids
+    for g in GAMMAS if level == "L1" else (2, 5, 8):
+        gen = speculative_generate(tsess, dsess, head, inp, g, N, eos)
+        assert gen.output_ids == base
+        assert sum(r.accepted for r in gen.rounds) <= len(base) // 4  # it really is a bad drafter
 
 
 def test_eos_falling_mid_round(target, sessions, pair_inputs, target_as_drafter, noisy_self_head):

@@ -37,7 +37,7 @@ def l1_run(fp32_store, tmp_path_factory):
 
     out = str(tmp_path_factory.mktemp("sd") / "L1")
     train_adapter(TrainAdapterConfig(adapter=AdapterConfig(level="L1"), train=[fp32_store], val_fraction=0.25,
-                                     out=out, epochs=30, batch_size=4, lr=3e-3, device="cpu"))
+                                     out=out, epochs=20, batch_size=4, lr=3e-3, device="cpu"))
     return out
 
 
@@ -201,3 +201,23 @@ def test_cli_speculate(fixtures_dir, fp32_store, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["speculate", "--gammas", "1,x", "--out", "o", "--target", "t", "--identity"])
     assert exc.value.code == 2 and "--gammas" in capsys.readouterr().err
+
+
+def test_an_out_dir_with_files_no_run_wrote_is_refused_and_left_alone(fixtures_dir, fp32, fp32_store, tmp_path):
+    from egpt_core.speculative import run_speculative
+
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "report.md").write_text("somebody else's report")
+    with pytest.raises(ConfigError, match="no `egpt speculate` run wrote"):
+        run_speculative(_cfg(fixtures_dir, fp32, out, store=fp32_store, identity=True, max_pairs=1, gammas=[1]))
+    assert [p.name for p in out.iterdir()] == ["report.md"] and (out / "report.md").read_text() == "somebody else's report"
+
+
+def test_a_missing_checkpoint_fails_before_the_out_dir_is_claimed(fixtures_dir, fp32, fp32_store, tmp_path):
+    from egpt_core.speculative import run_speculative
+
+    with pytest.raises(ConfigError, match="target=.*is not a directory"):
+        run_speculative(_cfg(fixtures_dir, fp32, tmp_path / "o", store=fp32_store, identity=True,
+                             target=str(tmp_path / "no-such-target")))
+    assert not (tmp_path / "o").exists()
