@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from egpt_core.config import SpeculateConfig, load_config
-from egpt_core.errors import BadInputError, ConfigError
+from egpt_core.errors import BadInputError, ConfigError, StoreError
 
 
 def parse_gammas(text: str) -> list[int]:
@@ -78,7 +78,7 @@ def _cmd_speculate(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         res = run_speculative(cfg)
-    except (ConfigError, BadInputError) as exc:
+    except (ConfigError, BadInputError, StoreError) as exc:
         print(f"egpt speculate: {exc}", file=sys.stderr)
         return 2
     print(f"{res.name} ({res.mode}): {res.n_pairs} pairs measured, {res.n_failed} failed")

@@ -47,6 +47,8 @@ class DraftHead:
         self.adapter = adapter.to(self.device).eval() if adapter is not None else None
         self.adapter_cfg = adapter_cfg
         self.level = str(adapter_cfg.level) if adapter_cfg is not None else None
+        if self.device.type == "cuda":  # made on the default stream, read on the drafter's stream
+            torch.cuda.synchronize(self.device)
 
     @property
     def kind(self) -> str:
@@ -93,25 +95,8 @@ class DraftHead:
         """Draft position t: argmax of W · estimate (see the module table)."""
         row = self.estimate(t, drafter_rows, target_rows)
         top = (self.weight @ row).topk(2)
-        vals = top.values.tolist()
-        return Draft(int(top.indices[0]), float(vals[0] - vals[1]), row)
-
-    @torch.no_grad()
-    def draft_rows(self, rows: torch.Tensor) -> tuple[list[int], list[float]]:
-        """Offline: drafts for a whole drafter row matrix [T, D] the way the loop drafts each position
-        (identity / position-wise / causal-prefix sequence adapters) -> (ids, margins)."""
-        if self.uses_target_rows:
-            raise ValueError(f"{self.level} drafts from the target's verified rows; use draft() in a loop")
-        rows = rows.to(self.device, torch.float32)
-        if self.kind == "identity":
-            est = rows
-        elif self.kind == "position":
-            est = apply_adapter(self.adapter, self.adapter_cfg, rows[None], None)[0]
-        else:
-            est = torch.stack([apply_adapter(self.adapter, self.adapter_cfg, rows[None, : t + 1], None,
-                                             _ones(rows[None, : t + 1]))[0, -1] for t in range(rows.shape[0])])
-        top = (est @ self.weight.T).topk(2, dim=-1)
-        return top.indices[:, 0].tolist(), (top.values[:, 0] - top.values[:, 1]).tolist()
+        idx, _, v1, v2 = torch.cat([top.indices.to(top.values.dtype), top.values]).tolist()  # one host transfer
+        return Draft(int(idx), float(v1 - v2), row)
 
 
 def _stack(rows: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -49,8 +49,6 @@ def plot_speedup(doc: dict[str, Any]) -> bytes:
 def plot_timing(doc: dict[str, Any]) -> bytes:
     pg = doc["per_gamma"]
     gs = [g for g, a in pg.items() if a.get("timing_ms")]
-    parts = [("vision (target)", "target_vision_ms"), ("prefill phase beyond target vision", None),
-             ("drafting", "drafting_ms"), ("verification", "verify_ms"), ("other (Python, host)", None)]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = ["baseline"] + [f"γ={g}" for g in gs]
     base = pg[gs[0]]["baseline_timing_ms"] if gs else {}
@@ -67,7 +65,7 @@ def plot_timing(doc: dict[str, Any]) -> bytes:
         vals = [s[j] for s in stacks]
         ax.bar(labels, vals, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.bar(labels, [max(0.0, t - b) for t, b in zip(totals, bottom)], bottom=bottom, label=parts[-1][0],
+    ax.bar(labels, [max(0.0, t - b) for t, b in zip(totals, bottom)], bottom=bottom, label="other (host time)",
            color="lightgrey")
     ax.set_ylabel("mean ms per pair")
     ax.set_title(f"{doc['name']}: wall-clock breakdown")
