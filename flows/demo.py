@@ -40,7 +40,7 @@ def ensure_fixtures(out: Path, scenes: int = DEMO_SCENES, questions: int = DEMO_
     return paths, True
 
 
-def demo_config(root: Path, fixtures: dict[str, Path], lora: bool = True, epochs: int = 15,
+def demo_config(root: Path, fixtures: dict[str, Path], lora: bool = True, epochs: int = 30,
                 speculative: bool = True) -> PipelineConfig:
     """Identity + L1 + L4 (+ L6) on the fixtures: float32 on the CPU, a local float32 store under
     ``root`` (exact for the measured-vs-simulated check), then (``speculative``) the real loop."""
@@ -53,12 +53,12 @@ def demo_config(root: Path, fixtures: dict[str, Path], lora: bool = True, epochs
                 TrainAdapterConfig(adapter=AdapterConfig(level="L4", num_heads=4, ffn_dim=256), epochs=epochs,
                                    batch_size=16, lr=3e-3, device="cpu")]
     l6 = LoraTrainConfig(store=store, drafter=str(fixtures["eventgpt"]), dataset=str(fixtures["dataset"]),
-                         load=CPU_FP32, rank=4, alpha=8, epochs=2, grad_accum=8, lr=1e-3, gradient_checkpointing=False)
+                         load=CPU_FP32, rank=4, alpha=8, epochs=3, grad_accum=8, lr=1e-3, gradient_checkpointing=False)
     # per-token costs for the speedup model: the research pipeline's measured RTX 4090 / 4-bit figures
     # (reference §9.1: T_ep ~ 90, t_e ~ 10, T_vp ~ 316, t_v ~ 14.6 ms); real runs pass their own timing file
     timing = TimingConfig(drafter_prefill_ms=90.0, drafter_step_ms=10.0, target_prefill_ms=316.0,
                           target_step_ms=14.6)
-    sd = PipelineSpeculativeConfig(gammas=[1, 3, 5], max_pairs=16, load=CPU_FP32) if speculative else None
+    sd = PipelineSpeculativeConfig(gammas=[1, 3, 5], max_pairs=40, load=CPU_FP32) if speculative else None
     return PipelineConfig(extract=extract, adapters=adapters, lora=l6 if lora else None, out=str(root / "runs"),
                           val_fraction=0.25, timing=timing, speculative=sd)
 
