@@ -30,6 +30,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         "store": args.store, "mode": args.mode, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
         "shard_size": args.shard_size, "max_scenes": args.max_scenes, "max_questions": args.max_questions,
         "source_store": args.source_store, "retf_side": args.retf_side,
+        "store_dtype": getattr(args, "store_dtype", None),
     }
     base.update({k: v for k, v in flags.items() if v is not None})
     load = dict(base.get("load") or {})
@@ -90,6 +91,8 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-questions", type=int)
     p.add_argument("--event-frames", type=int)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--store-dtype", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the stored rows (default bfloat16; float32 for an exact `egpt speculate` cross-check)")
     p.add_argument("--quant", choices=["none", "nf4"])
     p.add_argument("--device")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE")

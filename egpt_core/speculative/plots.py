@@ -134,10 +134,12 @@ def speedup_per_configuration(summaries: list[dict[str, Any]], gamma: int = 5) -
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
     ax.set_ylabel("speedup vs target-only")
     ax2 = ax.twinx()
-    ax2.plot(names, [s.get(f"acceptance_length_gamma{gamma}") or 0 for s in summaries], "o-", color="tab:red",
+    acc = [s.get(f"acceptance_length_gamma{gamma}") for s in summaries]
+    ax2.plot(names, [float("nan") if a is None else a for a in acc], "o", color="tab:red", ms=8,
              label="measured acceptance length")
+    ax2.set_ylim(bottom=0)
     ax2.set_ylabel("accepted per round")
     ax.set_title(f"speedup per configuration (γ={gamma})")
-    ax.legend(fontsize=8, loc="upper left")
-    ax2.legend(fontsize=8, loc="upper right")
+    fig.legend(fontsize=8, loc="lower center", ncol=2, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _png(fig)

@@ -391,6 +391,10 @@ def _check_checkpoints(cfg: SpeculateConfig, source: str) -> None:
     for what, url in named.items():
         if url and is_local(url) and not Path(str(url).removeprefix("file://")).is_dir():
             raise ConfigError(f"{what}={url!r} is not a directory (give the checkpoint / run directory)")
+    if cfg.adapter_run and is_local(cfg.adapter_run):
+        which = cfg.adapter_which if cfg.adapter_which.endswith(".safetensors") else f"{cfg.adapter_which}.safetensors"
+        if not (Path(str(cfg.adapter_run).removeprefix("file://")) / which).is_file():
+            raise ConfigError(f"adapter_run={cfg.adapter_run!r} has no {which} (is it an adapter run directory?)")
 
 
 def _ids(pair: Pair) -> dict[str, Any]:
