@@ -72,6 +72,23 @@ def render_report(m: dict[str, Any]) -> str:
     out += [_table(["γ", "pairs", "acceptance length", "simulated", "agreement", "accept rate", "tokens/round",
                     "e2e speedup", "decode speedup", "predicted e2e", "model error", "lossless mismatches"], rows), ""]
 
+    if any(model.get(g) for g in pg):
+        out += ["## Speedup model fed this run's timings", "",
+                "`evaluation/speedup.py` with the timings measured here (ms; *round overhead* = a round's cost "
+                "besides its drafter forwards and its verify forward: draft head and host time) and the "
+                "measured acceptance per drafted round.", ""]
+        rows = []
+        for g, mc in model.items():
+            if not mc:
+                continue
+            t = mc["timing"]
+            rows.append([g, fmt(t["drafter_prefill_ms"], digits=2), fmt(t["drafter_step_ms"], digits=2),
+                         fmt(t["target_prefill_ms"], digits=2), fmt(t["target_step_ms"], digits=2),
+                         fmt(t["verify_ms_per_token"], digits=2), fmt(t["adapter_ms"], digits=2), t["output_tokens"],
+                         fmt(mc["acceptance_length_fed"], digits=3), fmt(mc["predicted_e2e"], digits=3),
+                         fmt(mc["measured_e2e"], digits=3), fmt(mc["relative_error"], pct=True)])
+        out += [_table(["γ", "drafter prefill", "drafter step", "target prefill", "target step", "verify/token",
+                        "round overhead", "tokens", "acceptance", "predicted e2e", "measured e2e", "error"], rows), ""]
     out += ["## Wall-clock breakdown (mean ms per pair)", ""]
     gs = list(pg)
     rows = [[label] + [fmt((pg[g].get("timing_ms") or {}).get(k), digits=2) for g in gs] for k, label in TIMING_ROWS]
