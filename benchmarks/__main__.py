@@ -4,7 +4,8 @@ measured as ratios in one run.
 Each module ``benchmarks/bench_*.py`` exposes ``run() -> dict[name, {"ratio", "goal", "unit", ...}]``
 where ``goal`` is a string like ">= 10" or "<= 0.4" (or None for a plain figure). ``--device`` and
 ``--shape`` reach only the modules whose ``run`` takes a parameter of that name (bench_shapes); the
-others run as before, on CPU.
+others run as before, on CPU. The speculative-decoding benchmarks (bench_speculative) take
+``--device`` too (``cuda`` = GPU, bf16).
 """
 
 from __future__ import annotations

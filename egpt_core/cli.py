@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "egpt_core.adapters.commands",
     "egpt_core.lora.commands",
     "egpt_core.evaluation.commands",
+    "egpt_core.speculative.commands",
     "flows.commands",
 ]
 

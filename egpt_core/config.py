@@ -164,8 +164,10 @@ class ExtractConfig(_Model):
     min_tokens: int = Field(5, ge=1, title="Advanced: min tokens",
                             description="pairs with fewer generated tokens are recorded as skipped")
     shard_size: int = Field(64, ge=1, title="Advanced: shard size", description="pairs per committed shard")
-    store_dtype: Literal["bfloat16", "float16"] = Field("bfloat16", title="Advanced: store dtype",
-                                                        description="dtype of the hidden states in the store")
+    store_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", title="Advanced: store dtype",
+        description="dtype of the hidden states in the store; float32 for exact checks (e.g. measured vs "
+        "simulated acceptance)")
     lm_head_dtype: Literal["model", "float32"] = Field(
         "model", title="Advanced: LM head dtype",
         description="target LM head in the store: as loaded ('model'), or the checkpoint's own values "
@@ -380,6 +382,129 @@ class EvalConfig(_Model):
 
 
 # --------------------------------------------------------------------------------------------------
+# speculative decoding (stage 5)
+# --------------------------------------------------------------------------------------------------
+SpeculativeMode = Literal["resync", "research"]
+
+
+class SpeculateConfig(_Model):
+    """Stage 5 settings: `egpt speculate` (one drafter configuration; the target-only baseline runs
+    in the same run on the same pairs)."""
+
+    model_config = ConfigDict(title="Speculative decoding (stage 5)")
+
+    target: str = Field(..., title="Target checkpoint", description="Video-LLaVA checkpoint directory (URL or path)")
+    drafter: str | None = Field(None, title="Drafter checkpoint",
+                                description="EventGPT checkpoint directory (base, or an L6-merged export)")
+    store: str | None = Field(None, title="Store", description="take the pairs (its ok pairs) and the target LM head "
+                              "from this store; a shared_prefix / retf store of the same pairs also cross-checks "
+                              "measured against simulated acceptance")
+    dataset: str | None = Field(None, title="Dataset",
+                                description="dataset root; empty = the dataset the store was extracted from")
+    adapter_run: str | None = Field(None, title="Adapter run", description="adapter run directory (L1..L5, B1, L5F)")
+    lora: str | None = Field(None, title="L6 LoRA", description="L6 peft adapter directory, merged into the drafter "
+                             "in memory")
+    identity: bool = Field(False, title="Identity", description="raw drafter rows through the target's LM head "
+                           "(no adapter)")
+    target_only: bool = Field(False, title="Target only", description="no drafter: only the target-only greedy baseline")
+    gammas: list[int] = Field(default_factory=lambda: [1, 3, 5], title="Draft lengths",
+                              description="draft windows gamma to measure")
+    mode: SpeculativeMode = Field("resync", title="Mode", description="'resync': draft from the accepted prefix (KV "
+                                  "rollback); 'research': windows of the drafter's own answer (the research benchmark)")
+    out: str = Field(..., title="Output directory",
+                     description="output directory URL (sd_pairs.parquet, sd_metrics.json, report.md, plots)")
+    storage_options: StorageOptions = _storage_options_field()
+    name: str | None = Field(None, title="Name", description="configuration name in reports; empty = derived from "
+                             "the source")
+    load: ModelLoadConfig = Field(ModelLoadConfig(), title="Model loading",
+                                  description="dtype, quantisation and device of both models")
+    max_new_tokens: int = Field(50, ge=1, le=2048, title="Max new tokens", description="generated tokens per pair")
+    max_pairs: int | None = Field(None, ge=1, title="Max pairs", description="at most this many pairs (in order); "
+                                  "empty = all")
+    questions: str | None = Field(None, title="Advanced: questions file",
+                                  description="empty = the dataset's questions.json")
+    adapter_which: str = Field("best", title="Advanced: adapter checkpoint",
+                               description="checkpoint in the adapter run: 'best', 'last' or a file name")
+    max_scenes: int | None = Field(None, ge=1, title="Advanced: max scenes",
+                                   description="only the first N scenes; empty = all")
+    max_questions: int | None = Field(None, ge=1, title="Advanced: max questions",
+                                      description="only the first N questions per scene; empty = all")
+    split: Literal["all", "val"] = Field("all", title="Advanced: pairs",
+                                         description="'val' = only the held-out scenes of the seeded split by scene")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, title="Advanced: validation fraction",
+                                description="split 'val': share of scenes held out")
+    split_seed: int = Field(0, title="Advanced: split seed", description="split 'val': seed of the split by scene")
+    drafter_device: str | None = Field(None, title="Advanced: drafter device",
+                                       description="put the drafter on another device (e.g. cuda:1); "
+                                       "empty = the load device")
+    events: EventRenderConfig = Field(EventRenderConfig(), title="Advanced: event rendering",
+                                      description="how event streams become the drafter's frames")
+    n_video_frames: int = Field(8, ge=1, le=64, title="Advanced: video frames",
+                                description="frames sampled uniformly from each video for the target")
+    prefill_hiding: bool = Field(True, title="Advanced: prefill hiding",
+                                 description="run the drafter's vision + prefill + first drafts concurrently "
+                                 "with the target's prefill (threads on CPU; CUDA streams or a second device)")
+    warmup_pairs: int = Field(1, ge=0, title="Advanced: warm-up pairs",
+                              description="pairs run once untimed before measuring")
+
+
+class SDConfigSpec(_Model):
+    """One configuration of an end-to-end benchmark (the research `--configs` entries)."""
+
+    model_config = ConfigDict(title="Benchmark configuration")
+
+    kind: Literal["target_only", "identity", "adapter", "lora"] = Field(
+        ..., title="Kind", description="target_only (baseline), identity (raw drafter), adapter run, or L6 LoRA")
+    name: str | None = Field(None, title="Name", description="row name; empty = derived")
+    adapter_run: str | None = Field(None, title="Adapter run", description="adapter run directory (kind 'adapter')")
+    lora: str | None = Field(None, title="L6 LoRA", description="L6 peft adapter directory, merged in memory "
+                             "(kind 'lora')")
+    drafter: str | None = Field(None, title="Drafter checkpoint",
+                                description="drafter checkpoint for this configuration (e.g. an L6-merged "
+                                "export); empty = the benchmark's drafter")
+    store: str | None = Field(None, title="Cross-check store",
+                              description="cross-check store for this configuration (e.g. L6's retf store)")
+    mode: SpeculativeMode | None = Field(None, title="Mode", description="empty = the benchmark's mode")
+
+
+class BenchmarkE2EConfig(_Model):
+    """Flow `benchmark_e2e`: several configurations measured on the same pairs."""
+
+    model_config = ConfigDict(title="End-to-end speculative benchmark")
+
+    base: SpeculateConfig = Field(..., title="Shared settings",
+                                  description="target, drafter, pairs and loop settings shared by every "
+                                  "configuration (its own source, name and output directory are ignored)")
+    configs: list[SDConfigSpec] = Field(default_factory=lambda: [SDConfigSpec(kind="target_only"),
+                                                                 SDConfigSpec(kind="identity")],
+                                        title="Configurations", description="what to measure, like the research "
+                                        "benchmark's --configs")
+    out: str = Field(..., title="Output directory",
+                     description="where each configuration's run and the comparison go")
+
+
+class PipelineSpeculativeConfig(_Model):
+    """Stage 5 inside `pipeline`: measured on the evaluation's pairs (its held-out scenes)."""
+
+    model_config = ConfigDict(title="Speculative decoding (measured)")
+
+    gammas: list[int] = Field(default_factory=lambda: [1, 3, 5], title="Draft lengths",
+                              description="draft windows gamma to measure")
+    mode: SpeculativeMode = Field("resync", title="Mode", description="'resync' (draft from the accepted prefix) or "
+                                  "'research' (windows of the drafter's own answer)")
+    configs: list[str] | None = Field(None, title="Configurations", description="subset of 'target_only', "
+                                      "'identity', adapter names (L1, L4, ...), 'L6'; empty = all")
+    max_pairs: int | None = Field(None, ge=1, title="Max pairs", description="at most this many evaluated pairs; "
+                                  "empty = all")
+    load: ModelLoadConfig | None = Field(None, title="Advanced: model loading",
+                                         description="empty = the extraction's load settings")
+    prefill_hiding: bool = Field(True, title="Advanced: prefill hiding",
+                                 description="overlap the drafter's prefill with the target's")
+    warmup_pairs: int = Field(1, ge=0, title="Advanced: warm-up pairs",
+                              description="pairs run once untimed before measuring")
+
+
+# --------------------------------------------------------------------------------------------------
 # pipeline (flows)
 # --------------------------------------------------------------------------------------------------
 class PipelineConfig(_Model):
@@ -406,6 +531,10 @@ class PipelineConfig(_Model):
     split_seed: int = Field(0, title="Advanced: split seed", description="seed of the split by scene")
     timing: TimingConfig | None = Field(None, title="Advanced: timing",
                                         description="per-token costs for the speedup estimate; empty = none")
+    speculative: PipelineSpeculativeConfig | None = Field(
+        None, title="Speculative decoding (stage 5)",
+        description="after evaluation: real draft->verify runs of target_only, identity, each adapter and L6 on "
+        "the evaluated pairs, measured; empty = skip")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"egpt demo: outputs under {root}; {where}")
     from flows.demo import run_demo
 
-    return run_demo(root, lora=not args.no_lora)
+    return run_demo(root, lora=not args.no_lora, scenes=args.scenes, questions=args.questions)
 
 
 def _run_config_flow(args: argparse.Namespace, flow_name: str) -> int:
@@ -83,6 +83,8 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="run the pipeline flow on tiny fixtures (CPU, local store); a rerun is served from cache")
     p.add_argument("--out", default="egpt-demo", help="demo directory (fixtures, store, runs, Prefect home)")
     p.add_argument("--no-lora", action="store_true", help="skip the L6 LoRA branch")
+    p.add_argument("--scenes", type=int, default=40, help="synthetic scenes (default 40; 75 %% train, 25 %% held out)")
+    p.add_argument("--questions", type=int, default=8, help="questions per scene (default 8, at most 10)")
     p.set_defaults(func=_cmd_demo)
     for name, what in (("pipeline", "extract, train adapters/L6, evaluate, compare"),
                        ("nightly", "extract new pairs, re-extract for a changed drafter, retrain, re-evaluate")):

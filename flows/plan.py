@@ -9,7 +9,16 @@ overwrite or resume an older run, and a cache hit always points at files made fr
 
 from __future__ import annotations
 
-from egpt_core.config import EvalConfig, ExtractConfig, LoraTrainConfig, PipelineConfig, TrainAdapterConfig
+from egpt_core.config import (
+    BenchmarkE2EConfig,
+    EvalConfig,
+    ExtractConfig,
+    LoraTrainConfig,
+    PipelineConfig,
+    SDConfigSpec,
+    SpeculateConfig,
+    TrainAdapterConfig,
+)
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import canonical_url, is_relative_path, join
 from tasks.refs import StoreRef, derived_store_url
@@ -93,3 +102,28 @@ def group_configs(cfg: ExtractConfig) -> list[ExtractConfig]:
     if cfg.group_index is not None or cfg.shard_groups == 1:
         return [cfg]
     return [cfg.model_copy(update={"group_index": g}) for g in range(cfg.shard_groups)]
+
+
+def benchmark_config(cfg: PipelineConfig, test: StoreRef, adapters: list[tuple[str, str]],
+                     l6: tuple[str, str] | None) -> BenchmarkE2EConfig | None:
+    """Stage 5 of a pipeline: target_only, identity, each adapter ``(name, run_url)`` and L6
+    ``(merged drafter path, its retf store)`` measured on the evaluated pairs (the held-out scenes
+    of the test store), cross-checked against that store's rows. None when nothing is selected."""
+    sd = cfg.speculative
+    x = cfg.extract
+    split = {} if cfg.test_store else {"split": "val", "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
+    base = SpeculateConfig(target=x.target, drafter=x.drafter, store=test.url, dataset=test.dataset or x.dataset,
+                           gammas=sd.gammas, mode=sd.mode, max_new_tokens=x.max_new_tokens, max_pairs=sd.max_pairs,
+                           load=sd.load or x.load, events=x.events, n_video_frames=x.n_video_frames,
+                           prefill_hiding=sd.prefill_hiding, warmup_pairs=sd.warmup_pairs, out="unused",
+                           storage_options=x.storage_options, **split)
+    specs = [SDConfigSpec(kind="target_only"), SDConfigSpec(kind="identity")]
+    specs += [SDConfigSpec(kind="adapter", name=name, adapter_run=url) for name, url in adapters]
+    if l6 is not None:
+        specs.append(SDConfigSpec(kind="identity", name="L6", drafter=l6[0], store=l6[1]))
+    wanted = set(sd.configs) if sd.configs is not None else None
+    specs = [s for s in specs if wanted is None or (s.name or s.kind) in wanted]
+    if not specs:
+        return None
+    run_id = hash_json({"store": test.fingerprint, "settings": sd.model_dump(mode="json")})[:10]
+    return BenchmarkE2EConfig(base=base, configs=specs, out=join(cfg.out, "speculative", f"bench-{run_id}"))

@@ -24,6 +24,7 @@ from egpt_core.extraction.run import EXTRACTION_VERSION
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
 from egpt_core.fsio import is_local, join, url_to_fs
 from egpt_core.models.loading import checkpoint_fingerprint
+from egpt_core.speculative.run import SPECULATE_VERSION
 from egpt_core.store import StoreReader
 from egpt_core.store.manifest import load_manifest
 
@@ -37,6 +38,7 @@ STAGE_VERSIONS = {
     "train-lora": "tasks-1",
     "export-drafter": "tasks-1",
     "evaluate": f"tasks-1/{EVAL_VERSION}",
+    "speculate": f"tasks-1/{SPECULATE_VERSION}",
 }
 
 #: what never goes into key material (credentials, and where the same work runs)
@@ -168,3 +170,29 @@ def evaluate_material(inputs: dict[str, Any]) -> dict[str, Any]:
             "timing_file": file_fingerprint(cfg.timing_file, so) if cfg.timing_file else None,
             "config": config_material(cfg)}
 
+
+
+def speculate_material(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Drafter, adapter run (its weights), LoRA, target, the pairs (store manifest or dataset files),
+    and the settings (γ list, mode, max_new_tokens, split, load...)."""
+    cfg = inputs["cfg"]
+    so = cfg.storage_options
+    adapter = None
+    if cfg.adapter_run:
+        which = cfg.adapter_which if cfg.adapter_which.endswith(".safetensors") else f"{cfg.adapter_which}.safetensors"
+        adapter = file_fingerprint(join(cfg.adapter_run, which), so)
+    dataset = None
+    if cfg.dataset:  # which scenes exist (+ the questions, unless the store names the pairs)
+        files = [cfg.dataset if str(cfg.dataset).endswith(".json") else join(cfg.dataset, MANIFEST_NAME)]
+        if not cfg.store:
+            files.append(cfg.questions or join(cfg.dataset, QUESTIONS_NAME))
+        dataset = hash_json([file_fingerprint(u, so) for u in files])
+    return {
+        "target": model_fingerprint(cfg.target, so),
+        "drafter": model_fingerprint(cfg.drafter, so) if cfg.drafter and not cfg.target_only else None,
+        "adapter": adapter,
+        "lora": dir_fingerprint(cfg.lora, so) if cfg.lora else None,
+        "store": store_fingerprint(cfg.store, so) if cfg.store else None,
+        "dataset": dataset,
+        "config": config_material(cfg),
+    }

@@ -38,15 +38,17 @@ def evaluate_task(cfg: EvalConfig) -> EvalRef:
 
 
 @task(name="compare-runs", task_run_name="compare-runs", cache_policy=NO_CACHE, **RETRY)
-def compare_task(runs: list[EvalRef], out_url: str, storage_options: dict | None = None) -> ComparisonRef:
+def compare_task(runs: list[EvalRef], out_url: str, storage_options: dict | None = None,
+                 measured: dict[str, dict] | None = None) -> ComparisonRef:
     """Write comparison.md/.json of the evaluations under ``out_url`` (rewritten every run, so it
-    always shows this run's evaluations; it reads small JSON files) and publish it as a table."""
+    always shows this run's evaluations; it reads small JSON files) and publish it as a table.
+    ``measured`` (run name -> stage-5 summary) adds the real-loop columns."""
     docs = []
     for run in runs:
         fs, path = url_to_fs(join(run.out_url, "metrics.json"), storage_options)
         with fs.open(path, "rt") as f:
             docs.append(json.load(f))
-    markdown = compare_runs(docs, out_url, storage_options)
-    rows = comparison_rows(docs)
+    markdown = compare_runs(docs, out_url, storage_options, measured=measured)
+    rows = comparison_rows(docs, measured)
     create_table_artifact(table=rows, key="comparison", description=f"evaluations compared -> `{out_url}`")
     return ComparisonRef(out_url=out_url, markdown=markdown, rows=rows)

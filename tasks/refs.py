@@ -100,6 +100,27 @@ def derived_store_url(base: str, tag: str, fingerprint: str) -> str:
     return f"{str(base).rstrip('/')}-{tag}-{fingerprint[:12]}"
 
 
+class SpeculateRef(BaseModel):
+    """A speculative-decoding run directory (sd_pairs.parquet, sd_metrics.json, report, plots) and its
+    headline numbers per γ (measured acceptance, speedups, lossless mismatches, cross-checks)."""
+
+    out_url: str
+    name: str
+    mode: str
+    n_pairs: int
+    n_failed: int = 0
+    metrics_fingerprint: str
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+
+class BenchmarkRef(BaseModel):
+    """The end-to-end benchmark of several configurations: their runs and the comparison."""
+
+    out_url: str
+    runs: list[SpeculateRef]
+    markdown: str
+
+
 class NightlyPlan(BaseModel):
     """What the nightly run has to do: new pairs and whether the drafter changed."""
 
@@ -124,3 +145,4 @@ class PipelineResult(BaseModel):
     adapters: list[AdapterRef] = Field(default_factory=list)
     lora: LoraRef | None = None
     notes: list[str] = Field(default_factory=list, description="what the run found (nightly: new pairs, drafter)")
+    benchmark: BenchmarkRef | None = None

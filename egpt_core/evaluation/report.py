@@ -187,7 +187,18 @@ COMPARE_COLUMNS: list[tuple[str, str, bool]] = [
 ]
 
 
-def comparison_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+#: measured columns (stage 5 summary keys, joined by run name; stored as ``measured_<key>``) shown
+#: next to the simulated ones when given
+MEASURED_COLUMNS: list[tuple[str, str, bool]] = [
+    ("measured_acceptance_length_gamma5", "measured acc len γ=5", False),
+    ("measured_speedup_e2e_gamma5", "measured e2e speedup γ=5", False),
+    ("measured_lossless_mismatches_gamma5", "lossless mismatches γ=5", False),
+]
+
+
+def comparison_rows(results: list[dict[str, Any]], measured: dict[str, dict[str, Any]] | None = None
+                    ) -> list[dict[str, Any]]:
+    """One row per evaluation; ``measured`` (name -> stage-5 summary) adds the measured columns."""
     rows = []
     for i, m in enumerate(results):
         s = m.get("summary", m)
@@ -198,15 +209,22 @@ def comparison_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["speedup_basis"] = s.get("speedup_basis")
         row["n_pairs"] = s.get("n_pairs")
         row["store_fingerprint"] = (m.get("inputs") or {}).get("store_fingerprint")
+        if measured is not None:
+            for key, _, _ in MEASURED_COLUMNS:
+                row[key] = (measured.get(row["name"]) or {}).get(key.removeprefix("measured_"))
         rows.append(row)
     return rows
 
 
-def compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: dict | None = None) -> str:
-    """Write ``comparison.md`` and ``comparison.json`` (one row per run) under ``out_url``; return the markdown."""
-    rows = comparison_rows(results)
-    header = ["run"] + [label for _, label, _ in COMPARE_COLUMNS] + ["pairs", "acc-len basis"]
-    table = [[r["name"]] + [fmt(r[k], pct=pct, digits=3) for k, _, pct in COMPARE_COLUMNS]
+def compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: dict | None = None,
+                 measured: dict[str, dict[str, Any]] | None = None) -> str:
+    """Write ``comparison.md`` and ``comparison.json`` (one row per run) under ``out_url``; return the markdown.
+
+    ``measured`` (run name -> `egpt speculate` summary) adds the real-loop columns next to the simulated ones."""
+    rows = comparison_rows(results, measured)
+    columns = COMPARE_COLUMNS + (MEASURED_COLUMNS if measured is not None else [])
+    header = ["run"] + [label for _, label, _ in columns] + ["pairs", "acc-len basis"]
+    table = [[r["name"]] + [fmt(r[k], pct=pct, digits=3) for k, _, pct in columns]
              + [fmt(r["n_pairs"]), r["acc_len_basis"] or "—"] for r in rows]
     md = ["# Comparison", "", _table(header, table), ""]
     stores = {r["store_fingerprint"] for r in rows}
@@ -216,6 +234,10 @@ def compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: d
     md += ["*sim* = SpecForge simulated acceptance length from per-position rates (from position 0); *rounds* = "
            "simulated SD rounds over the whole response; speedup uses the rounds acceptance length and the "
            "measured timing (— when no timing was given).", ""]
+    if measured is not None:
+        md += ["*measured* = the real draft -> verify loop (`egpt speculate`, resync) on the evaluated pairs: "
+               "mean accepted drafts per full round, wall-clock speedup vs the target-only greedy baseline of the "
+               "same run, and the pairs whose output differed from that baseline (— for runs not measured).", ""]
     text = "\n".join(md)
     _write_text(join(out_url, "comparison.md"), text, storage_options)
     _write_text(join(out_url, "comparison.json"), json.dumps({"runs": rows}, indent=2), storage_options)

@@ -20,6 +20,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         "shard_size": args.shard_size, "max_scenes": args.max_scenes, "max_questions": args.max_questions,
         "source_store": args.source_store, "retf_side": args.retf_side, "frame_sampling": args.frame_sampling,
         "lm_head_dtype": args.lm_head_dtype,
+        "store_dtype": getattr(args, "store_dtype", None),
     }
     base.update({k: v for k, v in flags.items() if v is not None})
     load = dict(base.get("load") or {})
@@ -86,6 +87,8 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-head-dtype", choices=["model", "float32"],
                    help="store the target LM head as loaded (default) or the checkpoint's values in float32")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--store-dtype", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the stored rows (default bfloat16; float32 for an exact `egpt speculate` cross-check)")
     p.add_argument("--quant", choices=["none", "nf4"])
     p.add_argument("--device")
     p.add_argument("--clip-dir", help="EventGPT's CLIP vision tower directory (config + preprocessing), "

@@ -1,8 +1,16 @@
 """Tiny, seeded checkpoints in the real on-disk formats (for the demo and the tests).
 
 Like the real models (both fine-tuned from Vicuna-7B), the tiny EventGPT and Video-LLaVA decoders
-are one seeded "tiny Vicuna" plus a small per-model perturbation, so their hidden states are
-related and adapters have something to learn.
+are one seeded "tiny Vicuna" plus each model's own small fine-tuning perturbation (every decoder
+weight and the LM head moved by ``FINETUNE_NOISE`` = 5 % of its own std, independently per model).
+That is the learnable drafter -> target relationship the demo trains on: for the same prefix,
+EventGPT's final hidden states differ from Video-LLaVA's mostly by a systematic, nearly affine map
+(the two prompts differ - EventGPT's system prompt and pooled event features vs Video-LLaVA's 8
+video frames - and shift every state alike; the fine-tuning deltas are small), so the raw drafter
+read through the target's LM head accepts almost nothing (about 0.1 tokens per round at γ = 5),
+while a map fitted on a few hundred pairs (any adapter level contains one) recovers cos ≈ 0.998
+and 2-3 accepted tokens per round on held-out scenes. What is left is scene-specific: the target
+sees the video, the drafter the events.
 
 `write_tiny_models(out)` writes ``out/eventgpt/`` (EventChat_llama config + weights, its CLIP tower
 in ``out/eventgpt/clip-vit-tiny/``), ``out/videollava/`` (VideoLlavaForConditionalGeneration +
@@ -101,8 +109,8 @@ def _scale_lm_head(model, std: float) -> None:
         head.weight.normal_(0.0, std)
 
 
-#: relative size of each model's own perturbation of the shared tiny-Vicuna decoder
-FINETUNE_NOISE = 0.15
+#: relative size of each model's own perturbation of the shared tiny-Vicuna decoder (see the module doc)
+FINETUNE_NOISE = 0.05
 
 
 def tiny_vicuna(vocab: int, hidden: int = 64, layers: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:

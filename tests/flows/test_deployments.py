@@ -38,7 +38,8 @@ from pathlib import Path
 import pytest
 from prefect_cluster import AUTH, REPO, alive, descendants, egpt_worker_pid, readme_block, readme_cluster
 
-NAMES = ["extract/gpu", "train-adapter/gpu", "train-lora/gpu", "evaluate/gpu", "pipeline/gpu", "nightly-reextract/nightly"]
+NAMES = ["extract/gpu", "train-adapter/gpu", "train-lora/gpu", "evaluate/gpu", "benchmark-e2e/gpu", "pipeline/gpu",
+         "nightly-reextract/nightly"]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 #: task-run name prefixes of the tasks that do model work
-EXPENSIVE = ("features-", "extract-", "train-", "evaluate-", "export-drafter")
+EXPENSIVE = ("features-", "extract-", "train-", "evaluate-", "export-drafter", "speculate-")
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,25 @@ def test_pipeline_end_to_end(first_run, states_by_name):
     assert (Path(result.comparison.out_url) / "comparison.md").is_file()
     assert all(row in result.comparison.markdown for row in ("| identity |", "| L1 |", "| L4 |", "| L6 |"))
 
+    # stage 5: every configuration measured in the real loop on the evaluated (held-out) pairs, lossless,
+    # its measured columns next to the simulated ones, L6 cross-checked against its retf store
+    bench = result.benchmark
+    assert [r.name for r in bench.runs] == ["target_only", "identity", "L1", "L4", "L6"]
+    for run in bench.runs[1:]:
+        assert run.n_pairs == 3 and run.mode == "resync"
+        assert all(run.summary[f"lossless_mismatches_gamma{g}"] == 0 for g in (1, 3, 5))
+        assert (Path(run.out_url) / "sd_pairs.parquet").is_file()
+    l6_sd = json.loads((Path(bench.runs[-1].out_url) / "sd_metrics.json").read_text())
+    assert "-retf-" in l6_sd["inputs"]["store"] and l6_sd["cross_check"]["per_gamma"]["5"]["round_agreement"] >= 0.99
+    assert "measured acc len γ=5" in result.comparison.markdown
+    rows = {r["name"]: r for r in result.comparison.rows}
+    assert rows["L1"]["measured_acceptance_length_gamma5"] == bench.runs[2].summary["acceptance_length_gamma5"]
+    assert (Path(bench.out_url) / "benchmark.md").is_file() and (Path(bench.out_url) / "speedup_per_configuration.png").is_file()
+
     artifacts = _artifacts(first_run.state_details.flow_run_id)
     keys = {a.key for a in artifacts}
-    assert {"pipeline-report", "comparison", "store-store", "eval-identity", "eval-l4"} <= keys
+    assert {"pipeline-report", "comparison", "store-store", "eval-identity", "eval-l4", "sd-benchmark",
+            "sd-l1"} <= keys
     assert any(a.type == "progress" and a.data == 100.0 for a in artifacts)
 
 
@@ -98,6 +114,7 @@ def test_rerun_with_unchanged_inputs_is_served_from_cache(cfg, first_run, states
     """Every expensive task ends Cached, nothing loads a model or trains, the store is untouched."""
     import tasks.evaluate
     import tasks.extract
+    import tasks.speculate
     import tasks.train
     from flows.pipeline import pipeline
 
@@ -109,7 +126,8 @@ def test_rerun_with_unchanged_inputs_is_served_from_cache(cfg, first_run, states
 
     for module, name in ((tasks.extract, "run_extraction"), (tasks.extract, "load_models"),
                          (tasks.extract, "load_eventgpt"), (tasks.train, "train_adapter"), (tasks.train, "train_lora"),
-                         (tasks.train, "export_drafter"), (tasks.evaluate, "evaluate")):
+                         (tasks.train, "export_drafter"), (tasks.evaluate, "evaluate"),
+                         (tasks.speculate, "run_speculative")):
         spy(module, name)
     manifest = Path(cfg.extract.store) / "manifest.json"
     before = manifest.read_bytes()
@@ -118,7 +136,7 @@ def test_rerun_with_unchanged_inputs_is_served_from_cache(cfg, first_run, states
     assert state.is_completed()
     states = states_by_name(state)
     expensive = {name: s for name, s in states.items() if name.startswith(EXPENSIVE)}
-    assert len(expensive) == 12, states  # features + extract (x2 stores), 3 train, export, 4 evaluate
+    assert len(expensive) == 17, states  # features + extract (x2 stores), 3 train, export, 4 evaluate, 5 speculate
     assert set(expensive.values()) == {"Cached"}, expensive
     assert calls == []
     assert manifest.read_bytes() == before
@@ -134,7 +152,7 @@ def test_changed_adapter_reruns_only_its_training_and_evaluation(cfg, first_run,
     assert state.is_completed()
     ran = sorted(name for name, s in states_by_name(state).items()
                  if s != "Cached" and name.startswith(EXPENSIVE))
-    assert [name.split("-")[:2] for name in ran] == [["evaluate", "L4"], ["train", "L4"]], ran
+    assert [name.split("-")[:2] for name in ran] == [["evaluate", "L4"], ["speculate", "L4"], ["train", "L4"]], ran
     adapters = {a.level: a.run_url for a in state.result().adapters}
     assert adapters["L1"] == first_run.result().adapters[0].run_url
     assert adapters["L4"] != first_run.result().adapters[1].run_url  # a new, content-addressed run dir

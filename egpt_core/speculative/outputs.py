@@ -1,0 +1,106 @@
+"""The files of a speculative run directory, and the ONE function that writes into it.
+
+``write_sd_outputs`` is the only writer of a run directory (the run calls it once at the start with
+``sd_run.json`` - claiming the directory before any model work - and once at the end with
+everything): a run-directory ownership rule (refuse a non-empty directory the project did not write;
+one run per directory) belongs at its top.
+
+Files: ``sd_pairs.parquet`` (one row per pair and γ), ``sd_metrics.json``, ``report.md``,
+``sd_speedup.png``, ``sd_timing_breakdown.png``, ``sd_acceptance.png``, ``sd_prefill_timeline.png``,
+``sd_run.json`` (status marker).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from egpt_core import runfiles as rf
+from egpt_core.fsio import join
+
+PAIRS_FILE = "sd_pairs.parquet"
+METRICS_FILE = "sd_metrics.json"
+REPORT_FILE = "report.md"
+
+
+MARKER_FILE = "sd_run.json"
+MARKER_KIND = "egpt-speculate-run"
+
+
+def write_sd_outputs(out_url: str, files: dict[str, bytes], storage_options: dict | None = None) -> list[str]:
+    """Write ``files`` (name -> bytes) into the run directory ``out_url``, each atomically.
+
+    Ownership (minimal, until the project-wide run-directory rule replaces it here): a directory that
+    holds files but no ``sd_run.json`` of a speculative run was not written by this project, and is
+    refused rather than written into."""
+    _check_owned(out_url, storage_options)
+    written = []
+    for name, data in files.items():
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"output file name {name!r} must be a plain file name")
+        url = join(out_url, name)
+        rf.write_bytes(url, data, storage_options)
+        written.append(url)
+    return written
+
+
+def pairs_table(records: list[dict[str, Any]]) -> pa.Table:
+    """sd_pairs rows -> an Arrow table (lists stay lists; missing keys become nulls)."""
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in r if k not in keys]
+    return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records])
+
+
+def build_outputs(doc: dict[str, Any], records: list[dict[str, Any]], timeline: dict[str, Any]) -> dict[str, bytes]:
+    """Every output file of a run, in memory."""
+    from egpt_core.speculative.plots import render_plots
+    from egpt_core.speculative.report import render_report
+
+    buf = io.BytesIO()
+    pq.write_table(pairs_table(records), buf)
+    files = {
+        PAIRS_FILE: buf.getvalue(),
+        METRICS_FILE: json.dumps(_json_safe(doc | {"timeline": timeline}), indent=2).encode(),
+        REPORT_FILE: render_report(doc).encode(),
+    }
+    files.update(render_plots(doc, records, timeline))
+    return files
+
+
+def _json_safe(obj: Any) -> Any:
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _check_owned(out_url: str, storage_options: dict | None) -> None:
+    from egpt_core.errors import ConfigError
+    from egpt_core.fsio import url_to_fs
+
+    fs, path = url_to_fs(out_url, storage_options)
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise ConfigError(f"out={out_url!r} is a file, not a directory")
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    if not names:
+        return
+    marker = rf.read_bytes(join(out_url, MARKER_FILE), storage_options)
+    try:
+        ours = marker is not None and json.loads(marker).get("kind") == MARKER_KIND
+    except (ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ConfigError(f"out={out_url!r} already holds files that no `egpt speculate` run wrote "
+                          f"({', '.join(sorted(names)[:5])}); choose an empty or new directory")
