@@ -11,6 +11,7 @@ from egpt_core.config import BenchmarkE2EConfig, SDConfigSpec, SpeculateConfig
 from egpt_core.errors import ConfigError
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import join
+from flows.preflight import benchmark_e2e_inputs, require_inputs
 from tasks.refs import BenchmarkRef
 from tasks.speculate import compare_sd_task, speculate_task
 
@@ -67,5 +68,12 @@ def benchmark_e2e_stage(cfg: BenchmarkE2EConfig, gamma: int = 5) -> BenchmarkRef
 
 @flow(name="benchmark-e2e", flow_run_name=_run_name, log_prints=True)
 def benchmark_e2e(cfg: BenchmarkE2EConfig, gamma: int = 5) -> BenchmarkRef:
-    """Measure every configuration of ``cfg.configs`` on the same pairs, then compare them at ``gamma``."""
+    """Measure every configuration of ``cfg.configs`` on the same pairs, then compare them at ``gamma``.
+
+    Args:
+        cfg: the target, drafter and pairs shared by every configuration, the configurations
+            (target_only, identity, adapter runs, L6) and where their runs and the comparison go.
+        gamma: the draft length the comparison table reports.
+    """
+    require_inputs("benchmark-e2e", benchmark_e2e_inputs(cfg), cfg.base.storage_options)
     return benchmark_e2e_stage(cfg, gamma)

@@ -7,7 +7,14 @@ holding a GPU. Plain functions over the config models (no Prefect): each flow ca
 
 from __future__ import annotations
 
-from egpt_core.config import EvalConfig, ExtractConfig, LoraTrainConfig, PipelineConfig, TrainAdapterConfig
+from egpt_core.config import (
+    BenchmarkE2EConfig,
+    EvalConfig,
+    ExtractConfig,
+    LoraTrainConfig,
+    PipelineConfig,
+    TrainAdapterConfig,
+)
 from egpt_core.errors import ConfigError, EgptError
 from egpt_core.fsio import join, url_to_fs
 
@@ -50,6 +57,16 @@ def train_lora_inputs(cfg: LoraTrainConfig) -> list[Input]:
 def evaluate_inputs(cfg: EvalConfig) -> list[Input]:
     return [("store", cfg.store, "store"), ("adapter_run", cfg.adapter_run, "path"), ("lora", cfg.lora, "path"),
             ("timing_file", cfg.timing_file, "path")]
+
+
+def benchmark_e2e_inputs(cfg: BenchmarkE2EConfig) -> list[Input]:
+    b = cfg.base
+    inputs = [("base.target", b.target, "path"), ("base.drafter", b.drafter, "path"), ("base.store", b.store, "store"),
+              ("base.dataset", b.dataset, "path"), ("base.questions", b.questions, "path")]
+    for i, spec in enumerate(cfg.configs):
+        inputs += [(f"configs[{i}].adapter_run", spec.adapter_run, "path"), (f"configs[{i}].lora", spec.lora, "path"),
+                   (f"configs[{i}].drafter", spec.drafter, "path"), (f"configs[{i}].store", spec.store, "store")]
+    return inputs
 
 
 def _problem(url: str, kind: str, storage_options: dict) -> str | None:
