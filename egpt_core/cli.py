@@ -33,13 +33,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for a user: what is wrong and where (a pydantic error: each field and its problem)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        problems = []
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(p) for p in err.get("loc", ())) or "(config)"
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict | list) else ""
+            problems.append(f"{loc}: {err.get('msg')}{got}")
+        return f"invalid {exc.title} settings: " + "; ".join(problems)
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one `egpt` sub-command. The project's own errors (bad input, settings, stores, output
+    directories) and invalid settings end with one line on stderr and exit status 2, no traceback."""
+    from pydantic import ValidationError
+
+    from egpt_core.errors import EgptError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except (EgptError, ValidationError) as exc:
+        print(f"egpt {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

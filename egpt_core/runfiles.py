@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import is_local, join, redact, url_to_fs
+from egpt_core.fsio import is_local, redact, url_to_fs
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
@@ -68,25 +68,36 @@ def read_json(url: str, storage_options: dict | None = None) -> Any | None:
     return None if data is None else json.loads(data)
 
 
-def put_dir(local_dir: str | Path, url: str, storage_options: dict | None = None) -> None:
-    """Replace the directory at ``url`` by ``local_dir``'s files (a rename locally)."""
+def put_dir(local_dir: str | Path, url: str, storage_options: dict | None = None, *, kind: str = "files") -> None:
+    """Write the staged directory ``local_dir`` into the directory ``url`` (then remove the staging).
+
+    Replaces what an earlier ``put_dir`` wrote there (the files its marker lists, see
+    :mod:`egpt_core.outdir`) and nothing else: files egpt did not write are never deleted, and a
+    non-empty ``url`` egpt did not write is refused (OutputDirError). Each file lands atomically
+    (rename locally, one whole PUT elsewhere); the marker lists the new files before they are written,
+    so a crash part-way leaves a directory still recognised as egpt's.
+    """
+    from egpt_core import outdir
+
     local_dir = Path(local_dir)
-    if is_local(url):
-        dest = Path(str(url).removeprefix("file://"))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            trash = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(dest, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        shutil.move(str(local_dir), str(dest))
-        return
+    files = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+    outdir.check_output(url, kind, None, storage_options)
+    outdir.add_files(url, files, storage_options, kind=kind)
     fs, root = url_to_fs(url, storage_options)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-    for f in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        rel = f.relative_to(local_dir).as_posix()
-        fs.makedirs(join(root, rel).rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(str(f), join(root, rel))
+    root = root.rstrip("/")
+    for rel in files:
+        src, dest = local_dir / rel, f"{root}/{rel}"
+        if is_local(url):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(src, dest)  # the staging dir sits beside the destination: same filesystem
+        else:
+            fs.put_file(str(src), dest)
+    for rel in outdir.record_files(url, files, storage_options, kind=kind):
+        try:
+            fs.rm_file(f"{root}/{rel}")
+        except FileNotFoundError:
+            pass
+    shutil.rmtree(local_dir, ignore_errors=True)
 
 
 def staging_dir(url: str) -> Path:

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from egpt_core import outdir
 from egpt_core import runfiles as rf
 from egpt_core.adapters import checkpoint as ck
 from egpt_core.adapters.losses import (
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 TAUS = DEFAULT_TAUS
 EAGLE_LEVELS = ("L5", "B1", "L5F")
+RUN_KIND = "adapter-run"
 #: fields that do not change what is trained (excluded from the config fingerprint)
 _NON_SEMANTIC = {"storage_options", "device", "out", "data_cache_gb"}
 
@@ -444,9 +446,15 @@ def train_adapter(cfg: TrainAdapterConfig, progress: Progress | None = None, res
     runs data-parallel; every rank must call it with the same config.
     """
     ctx = _Dist.setup(cfg.device)
+    claim = None
     try:
+        if ctx.main:  # one run owns cfg.out; never a directory egpt did not write (egpt_core/outdir.py)
+            claim = outdir.claim_output(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options or None,
+                                        replace=not resume, replace_hint="--no-resume")
         return _train(cfg, progress, resume, ctx)
     finally:
+        if claim is not None:
+            claim.release()
         ctx.teardown()
 
 
@@ -490,7 +498,7 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
         if state.get("config_fingerprint") != fp:
             raise ConfigError(
                 f"{cfg.out} holds a run with a different configuration (fingerprint {state.get('config_fingerprint')}"
-                f" != {fp}); use another --out or resume=False to overwrite it")
+                f" != {fp}); use another --out, or --no-resume to replace it")
         adapter.load_state_dict(weights, strict=True)
         rf.optimizer_from_flat(opt, tensors, state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -20,6 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--name", default=None, help="run name in reports and comparisons")
     p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation of another store/source in --out (never files egpt did not write)")
     p.set_defaults(func=_evaluate)
 
     c = subparsers.add_parser("compare", help="one comparison table from several metrics.json files")
@@ -54,7 +56,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "identity": args.identity, "timing_file": args.timing_file, "batch_size": args.batch_size,
         "name": args.name, "device": args.device,
     }.items() if v is not None}
-    res = evaluate(EvalConfig(**fields))
+    res = evaluate(EvalConfig(**fields), overwrite=args.overwrite)
     print(summary_table(res.name, res.metrics))
     print(f"\nwrote {res.out_url} (metrics.json, report.md, metrics_summary.png, per_position.png)")
     return 0

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from egpt_core import outdir
 from egpt_core.config import EvalConfig, TimingConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError, StoreError
@@ -29,6 +30,7 @@ from egpt_core.store import StoreReader
 
 #: Bumped whenever a metric definition changes (part of the evaluation fingerprint).
 EVAL_VERSION = "eval-1"
+OUTPUT_KIND = "evaluation"
 METRICS_SCHEMA = "egpt-eval-metrics/1"
 #: Below this target self-match rate the report warns that stored rows may not be LM-head inputs.
 SELF_MATCH_WARN = 0.99
@@ -117,10 +119,28 @@ def _speedup_section(metrics: dict[str, Any], timing: TimingConfig | None, note:
     }
 
 
-def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = None) -> EvalResult:
-    """Evaluate ``cfg``'s prediction source on ``cfg.store`` and write the outputs under ``cfg.out``."""
+def output_identity(cfg: EvalConfig) -> str:
+    """What an evaluation directory holds: the store and prediction source it evaluated, and the split
+    (a rerun with other metric settings, e.g. taus or timing, replaces it)."""
+    return hash_json(cfg.model_dump(mode="json", include={
+        "store", "adapter_run", "lora", "identity", "adapter_which", "split", "val_fraction", "split_seed"}))
+
+
+def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = None,
+             overwrite: bool = False) -> EvalResult:
+    """Evaluate ``cfg``'s prediction source on ``cfg.store`` and write the outputs under ``cfg.out``.
+
+    ``cfg.out`` must be new, empty or an earlier evaluation of the same store and prediction source
+    (``overwrite=True``: any earlier evaluation); see :mod:`egpt_core.outdir`."""
     mode = prediction_mode(cfg)
     timing, timing_note = resolve_timing(cfg)  # fail fast on a bad timing file, before any work
+    with outdir.claim_output(cfg.out, OUTPUT_KIND, output_identity(cfg), cfg.storage_options or None,
+                             replace=overwrite):
+        return _evaluate(cfg, mode, timing, timing_note, progress)
+
+
+def _evaluate(cfg: EvalConfig, mode: str, timing: TimingConfig | None, timing_note: str,
+              progress: Callable[[float, str], None] | None) -> EvalResult:
     so = cfg.storage_options
     device = resolve_device(cfg.device)
     try:

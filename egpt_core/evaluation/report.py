@@ -195,7 +195,17 @@ def comparison_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: dict | None = None) -> str:
-    """Write ``comparison.md`` and ``comparison.json`` (one row per run) under ``out_url``; return the markdown."""
+    """Write ``comparison.md`` and ``comparison.json`` (one row per run) under ``out_url``; return the markdown.
+
+    ``out_url`` must be new, empty or an earlier comparison (replaced: it is derived from the runs'
+    metrics, which stay where they are); see :mod:`egpt_core.outdir`."""
+    from egpt_core import outdir
+
+    with outdir.claim_output(out_url, "comparison", None, storage_options):
+        return _compare_runs(results, out_url, storage_options)
+
+
+def _compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: dict | None) -> str:
     rows = comparison_rows(results)
     header = ["run"] + [label for _, label, _ in COMPARE_COLUMNS] + ["pairs", "acc-len basis"]
     table = [[r["name"]] + [fmt(r[k], pct=pct, digits=3) for k, _, pct in COMPARE_COLUMNS]

@@ -68,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from egpt_core.lora.merge import export_drafter
 
-    out = export_drafter(args.lora, args.out, base=args.base, dtype=args.dtype)
+    out = export_drafter(args.lora, args.out, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
     print(json.dumps({"merged_drafter": out, "lora": args.lora, "base": args.base}, indent=2))
     return 0
 
@@ -99,4 +99,6 @@ def register(sub) -> None:
     e.add_argument("--out", required=True, help="output checkpoint directory")
     e.add_argument("--base", help="base drafter (default: the one the LoRA was trained on)")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the base checkpoint's")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export of another LoRA/base in --out (never files egpt did not write)")
     e.set_defaults(func=_cmd_export)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from egpt_core import outdir
 from egpt_core import runfiles as rf
 from egpt_core.config import EventRenderConfig, LoraTrainConfig
 from egpt_core.data.split import split_scenes
@@ -488,10 +489,11 @@ def save_adapter(peft_model, url: str, provenance: dict[str, Any], storage_optio
     tmp = rf.staging_dir(url)
     peft_model.save_pretrained(str(tmp), safe_serialization=True)
     rf.write_json(str(tmp / "egpt_lora.json"), provenance)
-    rf.put_dir(tmp, url, storage_options)
+    rf.put_dir(tmp, url, storage_options, kind="lora-adapter")
 
 
 _NON_SEMANTIC = {"out", "storage_options", "epochs"}
+RUN_KIND = "lora-run"
 
 
 def config_fingerprint(cfg) -> str:
@@ -504,9 +506,15 @@ def config_fingerprint(cfg) -> str:
 def train_lora(cfg: LoraTrainConfig, progress: Progress | None = None, resume: bool = True) -> LoraResult:
     """Train an L6 LoRA on the drafter from a store; resumes from ``cfg.out/checkpoint`` when present."""
     ctx = _Dist.setup()
+    claim = None
     try:
+        if ctx.main:  # one run owns cfg.out; never a directory egpt did not write (egpt_core/outdir.py)
+            claim = outdir.claim_output(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options or None,
+                                        replace=not resume, replace_hint="--no-resume")
         return _Trainer(cfg, progress, resume, ctx).run()
     finally:
+        if claim is not None:
+            claim.release()
         ctx.teardown()
 
 
@@ -621,8 +629,8 @@ class _Trainer:
             if loaded is not None:
                 state, lora_w, opt_t = loaded
                 if state.get("config_fingerprint") != config_fingerprint(cfg):
-                    raise ConfigError(f"{cfg.out} holds a checkpoint of a different L6 config; use a new out "
-                                      "directory (or resume=False to overwrite it)")
+                    raise ConfigError(f"{cfg.out} holds a checkpoint of a different L6 config; use another --out, "
+                                      "or --no-resume to replace it")
         if ctx.main:
             if state is None:  # a fresh start never continues a stale checkpoint left in cfg.out later
                 rf.remove(join(cfg.out, ck.CHECKPOINT_DIR, "state.json"), self.so)

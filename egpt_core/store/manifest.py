@@ -234,6 +234,25 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
         return None
 
 
+def read_parquet(fs: fsspec.AbstractFileSystem, path: str, store: str, rel: str,
+                 columns: list[str] | None = None) -> pa.Table:
+    """A pairs shard as an Arrow table; a file pyarrow cannot parse -> StoreError naming it.
+
+    Decoded on the calling thread: with Arrow's thread pool (``pq.read_table``'s scanner read-ahead,
+    or ``use_threads=True``) the last reference to the Python file's buffer can be dropped by an
+    Arrow worker after the call returned; if the interpreter is exiting at that moment the worker
+    dies in that destructor and the process aborts ("terminate called without an active
+    exception", exit 134). Pairs tables are small; threads buy nothing here.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).read(columns=columns, use_threads=False)
+    except pa.ArrowException as exc:  # a read error of the file itself propagates as is (retryable)
+        raise StoreError(f"store {store}: {rel} is not a readable Parquet file ({exc})") from exc
+
+
 _ST_CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64",
              torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
 
@@ -447,10 +466,12 @@ class StoreLock:
     re-reading our unique token. A lock older than ``stale_s`` (its writer crashed) is broken.
     """
 
+    lock_name = LOCK
+
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, store: str, *, timeout_s: float = 600.0,
                  stale_s: float = 600.0):
         self.fs, self.root, self.store = fs, root, store
-        self.path = f"{root}/{LOCK}"
+        self.path = f"{root}/{self.lock_name}"
         self.timeout_s, self.stale_s = timeout_s, stale_s
         self.token = ""
 
@@ -481,12 +502,13 @@ class StoreLock:
                 self._break(holder)
                 continue
             if time.monotonic() > deadline:
-                raise StoreError(
-                    f"store {self.store}: could not acquire the commit lock {LOCK} within "
-                    f"{self.timeout_s:.0f}s (held by {holder}). If no writer is running, delete {LOCK}."
-                )
+                raise self.busy_error(holder)
             time.sleep(delay * (0.5 + uuid.uuid4().int % 1000 / 1000))
             delay = min(delay * 2, 0.25)
+
+    def busy_error(self, holder: dict | None) -> Exception:
+        return StoreError(f"store {self.store}: could not acquire the commit lock {LOCK} within "
+                          f"{self.timeout_s:.0f}s (held by {holder}). If no writer is running, delete {LOCK}.")
 
     def _try_create(self, payload: bytes) -> bool:
         fs = self.fs

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import safetensors.torch as st
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -133,8 +132,7 @@ class StoreReader:
         if name not in self._tables:
             path = self._abs(sh["files"]["pairs"])
             try:
-                with self.fs.open(path, "rb") as f:
-                    t = pq.read_table(f)
+                t = mf.read_parquet(self.fs, path, self.url, sh["files"]["pairs"])
             except FileNotFoundError as exc:
                 raise StoreError(f"store {self.url}: shard file {sh['files']['pairs']} is missing") from exc
             self._tables[name] = t

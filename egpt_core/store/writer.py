@@ -191,8 +191,7 @@ class StoreWriter:
                 continue
             path = self._abs(sh["files"]["pairs"])
             try:
-                with self.fs.open(path, "rb") as f:
-                    t = pq.read_table(f, columns=["pair_id", "status"])
+                t = mf.read_parquet(self.fs, path, self.url, sh["files"]["pairs"], columns=["pair_id", "status"])
             except FileNotFoundError as exc:
                 raise StoreError(f"store {self.url}: committed shard file {sh['files']['pairs']} is missing") from exc
             self._committed[sh["name"]] = list(zip(t.column("pair_id").to_pylist(), t.column("status").to_pylist()))
