@@ -47,9 +47,20 @@ def error_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+#: packages whose exceptions mean "the storage behind a URL could not be reached or read"
+_STORAGE_PACKAGES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "google", "azure")
+
+
+def storage_error(exc: BaseException) -> bool:
+    """An I/O or storage-client error (unreachable endpoint, refused credentials, missing file)."""
+    return isinstance(exc, OSError) or any(
+        c.__module__.split(".")[0] in _STORAGE_PACKAGES for c in type(exc).__mro__ if c is not Exception)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one `egpt` sub-command. The project's own errors (bad input, settings, stores, output
-    directories) and invalid settings end with one line on stderr and exit status 2, no traceback."""
+    directories), invalid settings and storage errors (unreachable endpoint, missing file) end with
+    one line on stderr and exit status 2, no traceback; anything else is a bug and keeps its traceback."""
     from pydantic import ValidationError
 
     from egpt_core.errors import EgptError
@@ -62,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (EgptError, ValidationError) as exc:
         print(f"egpt {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not storage_error(exc):
+            raise  # a bug: keep the traceback
+        hint = "" if isinstance(exc, OSError) else " (check the URL and storage_options: endpoint_url, credentials)"
+        print(f"egpt {args.command}: error: {error_line(exc)}{hint}", file=sys.stderr)
         return 2
     return int(rc or 0)
 

@@ -18,7 +18,8 @@ AdapterLevel = Literal["L1", "L2", "L3", "L4", "L5", "B1", "L5F"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no inf/nan in any float setting (`lr: inf` would pass `gt=0` and train to NaN)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,8 +75,8 @@ class AdapterConfig(_Model):
     """Architecture of one alignment adapter (research defaults)."""
 
     level: AdapterLevel = "L4"
-    hidden_size: int | None = Field(None, description="None = the store's hidden size")
-    bottleneck_dim: int | None = Field(None, description="None = 1024 for L3, else 256")
+    hidden_size: int | None = Field(None, gt=0, description="None = the store's hidden size")
+    bottleneck_dim: int | None = Field(None, gt=0, description="None = 1024 for L3, else 256")
     num_blocks: int = Field(3, ge=1, description="L2 blocks / L3 blocks")
     num_heads: int = Field(8, ge=1)
     num_layers: int = Field(1, ge=1)
@@ -128,9 +129,9 @@ class LoraTrainConfig(_Model):
     rank: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
-    mse_weight: float = 1.0
-    cos_weight: float = 0.5
-    ce_weight: float = 0.1
+    mse_weight: float = Field(1.0, ge=0)
+    cos_weight: float = Field(0.5, ge=0)
+    ce_weight: float = Field(0.1, ge=0)
     epochs: int = Field(20, ge=1)
     micro_batch: int = Field(1, ge=1)
     grad_accum: int = Field(16, ge=1)
@@ -215,13 +216,37 @@ def worker_gpu_limit() -> str | None:
     return os.environ.get("EGPT_GPU_LIMIT") or None
 
 
-def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
-    """Read a JSON or YAML config file into ``model``."""
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
+def read_config_file(path: str | Path, model: type[BaseModel]) -> dict[str, Any]:
+    """The mapping of ``model`` fields in a JSON or YAML file (may be partial); a missing,
+    unreadable or malformed file -> ConfigError naming it."""
+    from egpt_core.errors import ConfigError
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    return model.model_validate(data)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc})") from None
+    is_yaml = str(path).endswith((".yaml", ".yml"))
+    try:
+        if is_yaml:
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ValueError(str(exc)) from None
+        else:
+            data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--config {path}: not valid {'YAML' if is_yaml else 'JSON'} "
+                          f"({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of {model.__name__} fields, found "
+                          f"{type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
+    """Read a JSON or YAML config file into ``model`` (ConfigError / ValidationError when it is bad)."""
+    return model.model_validate(read_config_file(path, model))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -117,6 +118,10 @@ def _write_marker(fs: fsspec.AbstractFileSystem, root: str, marker: Marker) -> N
     mf.atomic_put(fs, f"{root}/{MARKER}", marker.to_bytes())
 
 
+def _a(kind: str) -> str:
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+
 def _describe(names: list[str]) -> str:
     shown = ", ".join(sorted(names)[:5])
     return f"{len(names)} entr{'y' if len(names) == 1 else 'ies'}: {shown}{', ...' if len(names) > 5 else ''}"
@@ -140,15 +145,15 @@ def _check(fs, root: str, url: str, kind: str, identity: str | None, replace: bo
     if marker is None:
         if foreign:
             raise OutputDirError(
-                f"{url} is not empty and was not written by egpt ({_describe(foreign)}); refusing to write a "
-                f"{kind} there (egpt never overwrites or deletes files it did not write): choose a new or empty "
+                f"{url} is not empty and was not written by egpt ({_describe(foreign)}); refusing to write "
+                f"{_a(kind)} there (egpt never overwrites or deletes files it did not write): choose a new or empty "
                 "directory")
         return None
     if marker.kind != kind:
-        raise OutputDirError(f"{url} holds a {marker.kind} written by egpt, not a {kind}; choose another directory")
+        raise OutputDirError(f"{url} holds {_a(marker.kind)} written by egpt, not {_a(kind)}; choose another directory")
     if identity is not None and marker.identity not in (None, identity) and not replace:
         raise OutputDirError(
-            f"{url} holds a {kind} of other inputs or settings (identity {marker.identity}, this run "
+            f"{url} holds {_a(kind)} of a different configuration or inputs (identity {marker.identity}, this run "
             f"{identity}); choose another directory, or pass {replace_hint} to replace it")
     return marker
 
@@ -202,23 +207,43 @@ class RunLock(mf.StoreLock):
 
 
 class OutputClaim:
-    """A claimed output directory: holds its run lock until :meth:`release` (or the ``with`` block ends)."""
+    """A claimed output directory: holds its run lock until released (``with`` block end). A run that
+    fails before writing anything leaves no trace: the marker (and a directory it created) is removed,
+    so nothing blocks the corrected rerun."""
 
-    def __init__(self, url: str, kind: str, identity: str | None, marker: Marker | None, lock: RunLock | None):
+    def __init__(self, url: str, kind: str, identity: str | None, marker: Marker | None, lock: RunLock | None,
+                 fs: fsspec.AbstractFileSystem, root: str, existed: bool):
         self.url, self.kind, self.identity = url, kind, identity
         self.previous = marker
-        self._lock = lock
+        self._lock, self._fs, self._root, self._existed = lock, fs, root, existed
 
-    def release(self) -> None:
-        if self._lock is not None:
-            lock, self._lock = self._lock, None
+    def release(self, failed: bool = False) -> None:
+        if self._lock is None:
+            return
+        lock, self._lock = self._lock, None
+        empty = False
+        try:
+            if failed and self.previous is None:
+                names = _entries(self._fs, self._root) or []
+                if all(_is_own(n) for n in names):  # nothing but our marker/lock: undo the claim
+                    try:
+                        self._fs.rm_file(f"{self._root}/{MARKER}")
+                    except FileNotFoundError:
+                        pass
+                    empty = True
+        finally:
             lock.release()
+        if empty and not self._existed and is_local(self.url):
+            try:
+                os.rmdir(self._root)
+            except OSError:
+                pass
 
     def __enter__(self) -> OutputClaim:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type, *exc: object) -> None:
+        self.release(failed=exc_type is not None)
 
 
 def claim_output(url: str, kind: str, identity: str | None, storage_options: dict | None = None, *,
@@ -229,6 +254,7 @@ def claim_output(url: str, kind: str, identity: str | None, storage_options: dic
     ``lock=False`` checks and marks without locking (e.g. non-zero DDP ranks, whose rank 0 holds it).
     """
     fs, root = _root(url, storage_options)
+    existed = _entries(fs, root) is not None
     _check(fs, root, url, kind, identity, replace, replace_hint)  # refuse before writing anything
     run_lock = RunLock(fs, root, url, kind) if lock else None
     if run_lock is not None:
@@ -245,7 +271,7 @@ def claim_output(url: str, kind: str, identity: str | None, storage_options: dic
         if run_lock is not None:
             run_lock.release()
         raise
-    return OutputClaim(url, kind, identity, marker, run_lock)
+    return OutputClaim(url, kind, identity, marker, run_lock, fs, root, existed)
 
 
 def record_files(url: str, files: list[str], storage_options: dict | None = None, *, kind: str = "files") -> list[str]:

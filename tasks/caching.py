@@ -16,7 +16,7 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 
 from egpt_core.config import ExtractConfig
-from egpt_core.data.dataset import MANIFEST_NAME, QUESTIONS_NAME
+from egpt_core.data.dataset import MANIFEST_NAME, questions_url
 from egpt_core.errors import EgptError
 from egpt_core.evaluation.evaluate import EVAL_VERSION
 from egpt_core.extraction.features import FEATURES_VERSION
@@ -74,7 +74,7 @@ def config_material(cfg) -> dict[str, Any]:
 def dataset_fingerprint(cfg: ExtractConfig) -> str:
     """The dataset's manifest + questions files (which pairs exist; per-file content is the store's job)."""
     manifest = cfg.dataset if str(cfg.dataset).endswith(".json") else join(cfg.dataset, MANIFEST_NAME)
-    questions = cfg.questions or join(cfg.dataset, QUESTIONS_NAME)  # as plan_pairs reads it
+    questions = questions_url(cfg.dataset, cfg.questions)  # as plan_pairs reads it
     return hash_json([file_fingerprint(u, cfg.storage_options) for u in (manifest, questions)])
 
 

@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -446,15 +447,13 @@ def train_adapter(cfg: TrainAdapterConfig, progress: Progress | None = None, res
     runs data-parallel; every rank must call it with the same config.
     """
     ctx = _Dist.setup(cfg.device)
-    claim = None
     try:
-        if ctx.main:  # one run owns cfg.out; never a directory egpt did not write (egpt_core/outdir.py)
-            claim = outdir.claim_output(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options or None,
-                                        replace=not resume, replace_hint="--no-resume")
-        return _train(cfg, progress, resume, ctx)
+        # one run owns cfg.out; never a directory egpt did not write (egpt_core/outdir.py); rank 0 holds it
+        claim = outdir.claim_output(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options or None,
+                                    replace=not resume, replace_hint="--no-resume") if ctx.main else nullcontext()
+        with claim:
+            return _train(cfg, progress, resume, ctx)
     finally:
-        if claim is not None:
-            claim.release()
         ctx.teardown()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from egpt_core.evaluation.report import fmt
 
@@ -63,13 +62,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from egpt_core.evaluation.report import compare_runs
-    from egpt_core.fsio import url_to_fs
+    from egpt_core.evaluation.report import compare_runs, read_metrics
 
-    results = []
-    for url in args.metrics:
-        fs, path = url_to_fs(url)
-        with fs.open(path, "rt") as f:
-            results.append(json.load(f))
-    print(compare_runs(results, args.out))
+    print(compare_runs([read_metrics(url) for url in args.metrics], args.out))
     return 0

@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from egpt_core.config import ExtractConfig, load_config
+from egpt_core.config import ExtractConfig, read_config_file
 from egpt_core.errors import BadInputError, ConfigError
 
 
@@ -24,7 +24,7 @@ def parse_storage_options(items: list[str] | None) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
-    base = load_config(args.config, ExtractConfig).model_dump() if args.config else {}
+    base = read_config_file(args.config, ExtractConfig) if args.config else {}  # may be partial: flags fill in
     flags = {
         "dataset": args.dataset, "questions": args.questions, "drafter": args.drafter, "target": args.target,
         "store": args.store, "mode": args.mode, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,

@@ -27,11 +27,10 @@ from tqdm.auto import tqdm
 
 from egpt_core.config import ExtractConfig
 from egpt_core.data import Pair, build_pairs, load_questions, load_scenes, read_video_frames
-from egpt_core.data.dataset import QUESTIONS_NAME
+from egpt_core.data.dataset import questions_url
 from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.extraction.features import scene_features
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import join
 from egpt_core.models.positions import POSITION_CONVENTION
 from egpt_core.store import StoreReader, StoreWriter
 
@@ -63,7 +62,7 @@ class ExtractSummary:
 def plan_pairs(cfg: ExtractConfig) -> list[Pair]:
     """All pairs of the dataset (scene order outer, questions inner), restricted to cfg's group."""
     scenes = load_scenes(cfg.dataset, cfg.storage_options, cfg.max_scenes)
-    questions = load_questions(cfg.questions or join(cfg.dataset, QUESTIONS_NAME), cfg.storage_options,
+    questions = load_questions(questions_url(cfg.dataset, cfg.questions), cfg.storage_options,
                                cfg.max_questions)
     pairs = build_pairs(scenes, questions)
     if cfg.group_index is not None:

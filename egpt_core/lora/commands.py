@@ -8,27 +8,11 @@ import json
 from egpt_core.errors import ConfigError
 
 
-def _read_config_file(path: str) -> dict:
-    """A JSON/YAML mapping of LoraTrainConfig fields (may be partial: flags fill the rest)."""
-    from pathlib import Path
-
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of LoraTrainConfig fields")
-    return data
-
-
 def build_config(args: argparse.Namespace):
     """LoraTrainConfig from --config FILE (optional) overridden by the flags given."""
-    from egpt_core.config import LoraTrainConfig
+    from egpt_core.config import LoraTrainConfig, read_config_file
 
-    data: dict = _read_config_file(args.config) if args.config else {}
+    data: dict = read_config_file(args.config, LoraTrainConfig) if args.config else {}
     flags = {"store": args.store, "drafter": args.drafter, "out": args.out, "val_store": args.val_store,
              "dataset": args.dataset, "epochs": args.epochs, "rank": args.rank, "alpha": args.alpha, "lr": args.lr,
              "grad_accum": args.grad_accum, "micro_batch": args.micro_batch, "seed": args.seed}

@@ -35,6 +35,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -506,15 +507,13 @@ def config_fingerprint(cfg) -> str:
 def train_lora(cfg: LoraTrainConfig, progress: Progress | None = None, resume: bool = True) -> LoraResult:
     """Train an L6 LoRA on the drafter from a store; resumes from ``cfg.out/checkpoint`` when present."""
     ctx = _Dist.setup()
-    claim = None
     try:
-        if ctx.main:  # one run owns cfg.out; never a directory egpt did not write (egpt_core/outdir.py)
-            claim = outdir.claim_output(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options or None,
-                                        replace=not resume, replace_hint="--no-resume")
-        return _Trainer(cfg, progress, resume, ctx).run()
+        # one run owns cfg.out; never a directory egpt did not write (egpt_core/outdir.py); rank 0 holds it
+        claim = outdir.claim_output(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options or None,
+                                    replace=not resume, replace_hint="--no-resume") if ctx.main else nullcontext()
+        with claim:
+            return _Trainer(cfg, progress, resume, ctx).run()
     finally:
-        if claim is not None:
-            claim.release()
         ctx.teardown()
 
 

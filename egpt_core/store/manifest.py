@@ -349,9 +349,11 @@ def parse_manifest(data: bytes, store: str) -> dict:
             f"store {store}: manifest schema_version {ver!r} is not supported by this version "
             f"(reads <= {SCHEMA_VERSION}); upgrade egpt-pipeline"
         )
-    for key in ("meta", "shards"):
+    for key, kind in (("meta", dict), ("shards", list), ("counts", dict), ("totals", dict)):
         if key not in m:
             raise StoreError(f"store {store}: manifest.json lacks {key!r}")
+        if not isinstance(m[key], kind):
+            raise StoreError(f"store {store}: manifest.json {key!r} is not a JSON {kind.__name__.replace('dict', 'object')}")
     meta = m["meta"]
     if not isinstance(meta, dict) or "hidden_size" not in meta or "dtype" not in meta:
         raise StoreError(f"store {store}: manifest meta must hold hidden_size and dtype")
