@@ -220,6 +220,10 @@ def _prepare_data(cfg: TrainAdapterConfig) -> _Split:
         fingerprints[cfg.val] = _manifest_fingerprint(val_reader)
 
     per_store = [_ok_pairs(r) for r in readers]
+    if not any(ids for ids, _, _ in per_store):
+        counts = {u: r.counts for u, r in zip(cfg.train, readers)}
+        raise ConfigError(f"no 'ok' pairs to train on in {', '.join(cfg.train)} (counts {counts}): every pair "
+                          "failed or was skipped; see `egpt inspect` for the reasons")
     max_len = max((max(p[2], default=0) for p in per_store), default=0)
     all_train_scenes = sorted({s for _, scenes, _ in per_store for s in scenes})
     shared = 0

@@ -57,7 +57,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         summary = run_extraction(cfg)
     except (ConfigError, BadInputError) as exc:
-        print(f"egpt extract: {exc}", file=sys.stderr)
+        from egpt_core.cli import error_line
+
+        print(f"egpt extract: error: {error_line(exc)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(asdict(summary), indent=2))
