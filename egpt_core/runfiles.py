@@ -7,6 +7,7 @@ Shared by adapter training (`egpt_core/adapters/checkpoint.py`) and L6 (`egpt_co
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -59,8 +60,25 @@ def remove(url: str, storage_options: dict | None = None) -> None:
         pass
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±Infinity) replaced by None: JSON has no such numbers,
+    and strict readers reject Python's ``NaN``/``Infinity`` tokens."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that always writes valid JSON (non-finite floats become null)."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
 def write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
-    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), storage_options)
+    write_bytes(url, dumps_json(obj, indent=2, sort_keys=True, default=str).encode(), storage_options)
 
 
 def read_json(url: str, storage_options: dict | None = None) -> Any | None:

@@ -15,7 +15,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import ValidationError
 
 from egpt_core.config import worker_gpu_limit
-from egpt_core.errors import BadInputError, ConfigError, StoreError
+from egpt_core.errors import BadInputError, ConfigError, StoreError, TrainingDivergedError
 
 #: the global concurrency limit (`prefect gcl create gpu --limit N`) that GPU sections occupy
 GPU_LIMIT = "gpu"
@@ -30,8 +30,8 @@ def gpu_limit_name() -> str:
     runs), else `gpu`."""
     return worker_gpu_limit() or GPU_LIMIT
 
-#: errors that a retry cannot fix: bad data, wrong settings, a corrupt store
-NOT_RETRIED = (BadInputError, ConfigError, StoreError, ValidationError)
+#: errors that a retry cannot fix: bad data, wrong settings, a corrupt store, a diverged training run
+NOT_RETRIED = (BadInputError, ConfigError, StoreError, TrainingDivergedError, ValidationError)
 
 
 def retry_transient(task, task_run, state) -> bool:

@@ -46,7 +46,7 @@ from egpt_core.adapters.losses import (
 from egpt_core.adapters.modules import adapter_inputs, count_parameters, create_adapter
 from egpt_core.config import TrainAdapterConfig
 from egpt_core.data.split import split_scenes
-from egpt_core.errors import ConfigError
+from egpt_core.errors import ConfigError, TrainingDivergedError
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import join
 
@@ -571,6 +571,7 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
         if n_seen != data.n_val:
             raise RuntimeError(f"validated {n_seen} pairs but the validation set holds {data.n_val}")
         vm = combine_sums(val_m, d, **loss_kw)
+        _check_finite(cfg, data, epoch + 1, float(train_m["total_loss"]), float(vm["total_loss"]))
         n_pos = max(float(val_m["n"]), 1.0)
         entry: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -636,6 +637,24 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
         rf.write_json(join(cfg.out, "result.json"), result.model_dump(), so)
     ctx.barrier()
     return result
+
+
+def _check_finite(cfg: TrainAdapterConfig, data: _Split, epoch: int, train_loss: float, val_loss: float) -> None:
+    """A non-finite loss ends the run (nothing of the epoch is written): TrainingDivergedError naming
+    the first pair with non-finite rows, if the data holds one, else the learning rate."""
+    if math.isfinite(train_loss) and math.isfinite(val_loss):
+        return
+    where = f"{cfg.out}: training diverged in epoch {epoch} (train loss {train_loss}, val loss {val_loss})"
+    for part in (data.train, data.val):
+        for i in range(len(part)):
+            item = part[i]
+            for side in ("drafter", "target"):
+                if not torch.isfinite(item[side]).all():
+                    raise TrainingDivergedError(
+                        f"{where}: pair {item['pair_id']!r} holds non-finite {side} rows in its store "
+                        f"({', '.join(cfg.train + ([cfg.val] if cfg.val else []))}); re-extract or drop that pair")
+    raise TrainingDivergedError(f"{where}: the data is finite, so the learning rate (lr={cfg.lr}) is too high "
+                                "for this adapter; lower it (the last good checkpoint is kept)")
 
 
 @torch.no_grad()

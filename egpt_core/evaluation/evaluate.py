@@ -8,7 +8,6 @@ Streams the store shard by shard (memory bounded by one shard + one batch), feed
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import posixpath
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +25,7 @@ from egpt_core.evaluation.report import write_report
 from egpt_core.evaluation.speedup import resolve_timing, speedup_table
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
 from egpt_core.fsio import join, redact, url_to_fs
+from egpt_core.runfiles import dumps_json
 from egpt_core.store import StoreReader
 
 #: Bumped whenever a metric definition changes (part of the evaluation fingerprint).
@@ -262,7 +262,7 @@ def _evaluate(cfg: EvalConfig, mode: str, timing: TimingConfig | None, timing_no
     fs, out_path = url_to_fs(cfg.out, so)
     fs.makedirs(out_path, exist_ok=True)
     with fs.open(join(out_path, "metrics.json"), "wt") as f:
-        json.dump(doc, f, indent=2)
+        f.write(dumps_json(doc, indent=2))
     write_report(doc, cfg.out, so)
     write_plots(doc, cfg.out, so)
     if progress is not None:

@@ -256,5 +256,7 @@ def _compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: 
            "measured timing (— when no timing was given).", ""]
     text = "\n".join(md)
     _write_text(join(out_url, "comparison.md"), text, storage_options)
-    _write_text(join(out_url, "comparison.json"), json.dumps({"runs": rows}, indent=2), storage_options)
+    from egpt_core.runfiles import dumps_json
+
+    _write_text(join(out_url, "comparison.json"), dumps_json({"runs": rows}, indent=2), storage_options)
     return text

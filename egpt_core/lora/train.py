@@ -48,7 +48,7 @@ from egpt_core import outdir
 from egpt_core import runfiles as rf
 from egpt_core.config import EventRenderConfig, LoraTrainConfig
 from egpt_core.data.split import split_scenes
-from egpt_core.errors import ConfigError
+from egpt_core.errors import ConfigError, TrainingDivergedError
 from egpt_core.fsio import join
 from egpt_core.lora import checkpoint as ck
 from egpt_core.models.positions import POSITION_CONVENTION, gather_rows
@@ -665,6 +665,7 @@ class _Trainer:
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             initial = self.validate()
+            self._check_finite(0, 0.0, initial["loss"])
             state = {"epoch": 0, "step": 0, "best_val_loss": initial["loss"], "best_epoch": 0, "bad_epochs": 0,
                      "history": [], "initial_val": initial, "trainable_params": None, "done": False,
                      "stopped_early": False, "config_fingerprint": config_fingerprint(cfg),
@@ -708,6 +709,7 @@ class _Trainer:
             tr_vec = ctx.all_reduce(torch.stack([acc[k] for k in _SUM_KEYS]))
             train_m = summarize(dict(zip(_SUM_KEYS, tr_vec.tolist())), cfg, d)
             val_m = self.validate()
+            self._check_finite(epoch, train_m["loss"], val_m["loss"])
             entry = {"epoch": epoch, "step": step, "lr": lr, "seconds": round(time.perf_counter() - te, 3),
                      **{f"train_{k}": v for k, v in train_m.items()}, **{f"val_{k}": v for k, v in val_m.items()}}
             state["history"].append(entry)
@@ -736,6 +738,19 @@ class _Trainer:
                               f"epoch {epoch}/{cfg.epochs}: val loss {val_m['loss']:.4f} cos {val_m['cos_sim']:.3f}")
         bar.close()
         return self._finish(state, resumed_from, time.perf_counter() - t0)
+
+    def _check_finite(self, epoch: int, train_loss: float, val_loss: float) -> None:
+        """A non-finite loss ends the run: TrainingDivergedError naming the first pair with non-finite
+        target rows when the store holds one, else the learning rate (epoch 0 = the untrained LoRA)."""
+        if math.isfinite(train_loss) and math.isfinite(val_loss):
+            return
+        where = f"{self.cfg.out}: L6 training diverged in epoch {epoch} (train loss {train_loss}, val loss {val_loss})"
+        for s in self.train + self.val:
+            if not torch.isfinite(self.readers[s.src].get(s.pair_id).target.float()).all():
+                raise TrainingDivergedError(f"{where}: pair {s.pair_id!r} holds non-finite target rows in its store; "
+                                            "re-extract or drop that pair")
+        raise TrainingDivergedError(f"{where}: the target rows are finite, so the learning rate (lr={self.cfg.lr}) is "
+                                    "too high; lower it (the last good checkpoint is kept)")
 
     def _provenance(self, state: dict) -> dict[str, Any]:
         return {"format": ck.FORMAT, "drafter": self.cfg.drafter, "drafter_fingerprint": self.drafter.fingerprint,
