@@ -49,10 +49,16 @@ class FingerprintPolicy(CachePolicy):
 
     If the material cannot be computed (a file is missing, a store is unreadable) the call is not
     cached (``None``) and the task itself reports the problem.
+
+    ``outputs(inputs)`` names the files a cached result refers to. A cached result is reused only
+    while they exist: when they are gone (someone deleted an evaluation) the key moves on to the next
+    generation (``<key>-g1``, ``-g2``, ...), so the task runs again and the new result is what later
+    runs find. Outputs are derived from the inputs, so the check costs one ``exists`` per file.
     """
 
     stage: str = ""
     material: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    outputs: Callable[[dict[str, Any]], tuple[list[str], dict | None]] | None = None
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         try:
@@ -60,7 +66,35 @@ class FingerprintPolicy(CachePolicy):
         except (OSError, ValueError, EgptError) as exc:
             log.warning("%s: not cached, cannot fingerprint its inputs (%s)", self.stage, exc)
             return None
-        return f"{self.stage}-{hash_json({'stage': self.stage, 'version': STAGE_VERSIONS[self.stage], **material})}"
+        key = f"{self.stage}-{hash_json({'stage': self.stage, 'version': STAGE_VERSIONS[self.stage], **material})}"
+        if self.outputs is None or task_ctx is None or getattr(task_ctx, "result_store", None) is None:
+            return key
+        return self._generation(key, task_ctx.result_store, *self.outputs(inputs))
+
+    def _generation(self, key: str, store, urls: list[str], storage_options: dict | None) -> str:
+        """The newest generation of ``key`` holding a cached result, or the next one when that
+        result's output files are gone."""
+        def name(g: int) -> str:
+            return key if g == 0 else f"{key}-g{g}"
+
+        g = 0
+        while store.exists(name(g + 1)):
+            g += 1
+        if not store.exists(name(g)):
+            return name(g)  # nothing cached yet
+        missing = [u for u in urls if not _exists(u, storage_options)]
+        if not missing:
+            return name(g)
+        log.warning("%s: the cached result's outputs are gone (%s); recomputing", self.stage, ", ".join(missing))
+        return name(g + 1)
+
+
+def _exists(url: str, storage_options: dict | None) -> bool:
+    try:
+        fs, path = url_to_fs(url, storage_options)
+        return fs.exists(path)
+    except (OSError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,3 +201,26 @@ def evaluate_material(inputs: dict[str, Any]) -> dict[str, Any]:
             "timing_file": file_fingerprint(cfg.timing_file, so) if cfg.timing_file else None,
             "config": config_material(cfg)}
 
+
+
+# --------------------------------------------------------------------------------------------------
+# the files each cached result refers to (argument names are the tasks'): (URLs, storage options)
+# --------------------------------------------------------------------------------------------------
+def train_adapter_outputs(inputs: dict[str, Any]) -> tuple[list[str], dict | None]:
+    cfg = inputs["cfg"]
+    return [join(cfg.out, "best.safetensors"), join(cfg.out, "result.json")], cfg.storage_options
+
+
+def train_lora_outputs(inputs: dict[str, Any]) -> tuple[list[str], dict | None]:
+    cfg = inputs["cfg"]
+    return [join(cfg.out, "best", "adapter_config.json"), join(cfg.out, "metrics.json")], cfg.storage_options
+
+
+def export_drafter_outputs(inputs: dict[str, Any]) -> tuple[list[str], dict | None]:
+    out = inputs["out_dir"]
+    return [join(out, "config.json"), join(out, "egpt_export.json")], inputs.get("storage_options")
+
+
+def evaluate_outputs(inputs: dict[str, Any]) -> tuple[list[str], dict | None]:
+    cfg = inputs["cfg"]
+    return [join(cfg.out, "metrics.json")], cfg.storage_options

@@ -496,6 +496,9 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
     loaded = ck.load_train_state(cfg.out, so) if resume else None
     if loaded is None and resume and rf.exists(join(cfg.out, "last_state.json"), so):
         log.warning("%s: last checkpoint is incomplete (crash while writing); starting from scratch", cfg.out)
+    if loaded is not None and loaded[0].get("finished") and not rf.exists(join(cfg.out, "best.safetensors"), so):
+        log.warning("%s: the finished run's best.safetensors is gone; training again from scratch", cfg.out)
+        loaded = None
     if loaded is not None:
         state, weights, tensors = loaded
         if state.get("config_fingerprint") != fp:
@@ -511,7 +514,10 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
         best_epoch, patience, finished = int(state["best_epoch"]), int(state["patience"]), bool(state.get("finished"))
         log.info("resuming %s after epoch %d (best %.5f at epoch %d)", cfg.out, start_epoch, best_loss, best_epoch)
         if finished:
-            return _result_from_state(cfg, state)
+            result = _result_from_state(cfg, state)
+            if ctx.main and not rf.exists(join(cfg.out, "result.json"), so):
+                rf.write_json(join(cfg.out, "result.json"), result.model_dump(), so)
+            return result
 
     if ctx.main and loaded is None:
         rf.remove(join(cfg.out, "last_state.json"), so)  # a stale commit point must not outlive a restart

@@ -630,6 +630,9 @@ class _Trainer:
                 if state.get("config_fingerprint") != config_fingerprint(cfg):
                     raise ConfigError(f"{cfg.out} holds a checkpoint of a different L6 config; use another --out, "
                                       "or --no-resume to replace it")
+                if state.get("done") and not rf.exists(join(cfg.out, "best", "adapter_config.json"), self.so):
+                    log.warning("%s: the finished run's best/ adapter is gone; training again from scratch", cfg.out)
+                    state = None
         if ctx.main:
             if state is None:  # a fresh start never continues a stale checkpoint left in cfg.out later
                 rf.remove(join(cfg.out, ck.CHECKPOINT_DIR, "state.json"), self.so)

@@ -98,11 +98,9 @@ def test_export_refuses_a_users_folder_and_the_base_drafter(lora_dir, fixtures_d
 
 def test_export_reruns_replace_only_their_own_files(lora_dir, tmp_path, capsys):
     out = tmp_path / "merged"
-    from egpt_core.outdir import read_marker
-
     assert main(["export-drafter", "--lora", str(lora_dir), "--out", str(out)]) == 0
-    marker = read_marker(str(out))
-    assert marker.kind == "drafter-export" and "model.safetensors" in marker.files
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["kind"] == "drafter-export" and "model.safetensors" in marker["files"]
     (out / "my-notes.txt").write_text("keep me")  # a user's file inside an export
     first = _tree(out)
     assert main(["export-drafter", "--lora", str(lora_dir), "--out", str(out)]) == 0  # same inputs: fine
@@ -121,7 +119,7 @@ def test_export_reruns_replace_only_their_own_files(lora_dir, tmp_path, capsys):
 
 def test_put_dir_deletes_only_files_its_marker_lists(tmp_path):
     from egpt_core import runfiles as rf
-    from egpt_core.outdir import OutputDirError
+    from egpt_core.errors import ConfigError  # OutputDirError is a ConfigError
 
     out = tmp_path / "out"
     stage = tmp_path / "stage1"
@@ -144,7 +142,7 @@ def test_put_dir_deletes_only_files_its_marker_lists(tmp_path):
     stage3 = tmp_path / "stage3"
     stage3.mkdir()
     (stage3 / "a.txt").write_text("a3")
-    with pytest.raises(OutputDirError, match="not written by egpt"):
+    with pytest.raises(ConfigError, match="not written by egpt"):
         rf.put_dir(stage3, str(foreign))
     assert _tree(foreign) == {"x": b"x"}
 
@@ -188,9 +186,9 @@ def test_outputs_of_another_kind_or_other_inputs_are_refused(adapter_store, tmp_
 def test_bucket_root_and_prefixes_on_s3(adapter_store, lora_dir, s3_server, s3_bucket):
     """s3://bucket as --out: never a recursive delete; refused while it holds anything not egpt's."""
     from egpt_core.adapters import train_adapter
+    from egpt_core.errors import ConfigError as OutputDirError  # OutputDirError is a ConfigError
     from egpt_core.evaluation import evaluate
     from egpt_core.lora import export_drafter
-    from egpt_core.outdir import OutputDirError, read_marker
 
     fs, _ = url_to_fs(s3_bucket, s3_server)
     bucket = s3_bucket.removeprefix("s3://")
@@ -226,7 +224,8 @@ def test_bucket_root_and_prefixes_on_s3(adapter_store, lora_dir, s3_server, s3_b
     again = train_adapter(cfg)
     assert again.best_val_loss == first.best_val_loss
     fs.invalidate_cache()
-    assert fs.exists(f"{bucket}/best.safetensors") and read_marker(s3_bucket, s3_server).kind == "adapter-run"
+    assert fs.exists(f"{bucket}/best.safetensors")
+    assert json.loads(fs.cat_file(f"{bucket}/{MARKER}"))["kind"] == "adapter-run"
 
 
 # --------------------------------------------------------------------------------------------------
