@@ -104,6 +104,7 @@ def store_meta(cfg: ExtractConfig, drafter, target) -> dict:
         "dataset": cfg.dataset,
         "source_store": cfg.source_store if cfg.mode == "retf" else None,
         "compat_key": hash_json(settings),
+        "compat_settings": settings,  # what compat_key hashes: a mismatch names the setting that differs
     }
 
 
@@ -284,7 +285,22 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None, only_pa
         pairs = [p for p in pairs if p.pair_id in ok]
 
     drafter, target = models if models is not None else load_models(cfg)
+    if source is not None and (target or drafter).hidden_size != source.hidden_size:
+        raise ConfigError(f"retf: the {cfg.retf_side} has hidden size {(target or drafter).hidden_size} but the source "
+                          f"store {cfg.source_store} has {source.hidden_size}; re-extract with a model of the same pair")
     writer = StoreWriter(cfg.store, store_meta(cfg, drafter, target), cfg.storage_options)
+    try:
+        return _extract_into(cfg, writer, pairs, drafter, target, source, progress, t0)
+    except BaseException:
+        try:  # a run that failed before its first commit leaves no store behind to block the rerun
+            writer.discard_if_empty()
+        except Exception as exc:  # the original error matters more
+            log.warning("store %s: could not remove the empty store (%s)", cfg.store, exc)
+        raise
+
+
+def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], drafter, target,
+                  source: StoreReader | None, progress: Progress | None, t0: float) -> ExtractSummary:
     committed = writer.committed_pair_ids()
     pending = [p for p in pairs if p.pair_id not in committed]
     stats: dict[str, int] = {}

@@ -390,13 +390,35 @@ def load_manifest(fs: fsspec.AbstractFileSystem, root: str, store: str) -> dict 
     return None if data is None else parse_manifest(data, store)
 
 
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """``path: store X, now Y`` for every leaf where two JSON-like values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if old == new else [f"{path or 'value'}: {old!r} in the store, {new!r} now"]
+
+
+#: what a compat_key is made of, as far as older manifests record it in meta
+_COMPAT_META = ("mode", "generation", "events", "n_video_frames", "models")
+
+
 def check_compatible(existing: dict, new: dict, store: str) -> None:
-    """ConfigError naming the first defining field whose value differs."""
+    """ConfigError naming the first defining field whose value differs (for ``compat_key``, the
+    settings that differ)."""
     for f in DEFINING_FIELDS:
         if f in new and existing.get(f) != new[f]:
+            what = f"meta field {f!r} is {existing.get(f)!r} in the store but {new[f]!r} for this writer"
+            if f == "compat_key":
+                if "compat_settings" in existing and "compat_settings" in new:
+                    diff = _differences(existing["compat_settings"], new["compat_settings"])
+                else:
+                    diff = _differences({k: existing.get(k) for k in _COMPAT_META}, {k: new.get(k) for k in _COMPAT_META})
+                what += (" (settings that differ: " + "; ".join(diff[:6]) + ")" if diff else
+                         " (the extraction version, model loading or retf side differ)")
             raise ConfigError(
-                f"store {store} is incompatible: meta field {f!r} is {existing.get(f)!r} in the store "
-                f"but {new[f]!r} for this writer. Write to a new store URL, or use settings that match "
+                f"store {store} is incompatible: {what}. Write to a new store URL, or use settings that match "
                 "the store."
             )
 
