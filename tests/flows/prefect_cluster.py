@@ -63,9 +63,11 @@ class Cluster:
         assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
         return out.stdout
 
-    def start_worker(self, name: str, pool: str = "gpu", limit: int | None = None, **env: str) -> Path:
+    def start_worker(self, name: str, pool: str = "gpu", limit: int | None = None, own_session: bool = False,
+                     **env: str) -> Path:
         """`prefect worker start --pool <pool> --name <name>` with its own PREFECT_HOME (a node of its
-        own) and ``env`` on top; returns its log file."""
+        own) and ``env`` on top; returns its log file. ``own_session``: the worker and the flow-run
+        processes it starts form one process group, so ``kill_node`` can take the whole "node" down."""
         home = self.root / f"worker-{name}"
         home.mkdir()
         log_path = home / "worker.log"
@@ -74,10 +76,17 @@ class Cluster:
         if limit is not None:
             cmd += ["--limit", str(limit)]
         proc = subprocess.Popen(cmd, env={**self.env, "PREFECT_HOME": str(home), **env}, cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=own_session)
         log.close()
         self.workers[name] = (proc, log_path)
         return log_path
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL a worker started with ``own_session`` and every process of its group (its flow
+        runs): a node that vanishes, leaving nobody to report its runs' end."""
+        proc = self.workers[name][0]
+        os.killpg(proc.pid, 9)
+        proc.wait()
 
     def worker_log(self, name: str) -> str:
         return self.workers[name][1].read_text(errors="replace")

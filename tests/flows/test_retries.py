@@ -127,8 +127,8 @@ def test_gpu_slot_is_strict_only_when_the_server_has_the_limit(monkeypatch):
     acquired: list[tuple] = []
 
     @contextlib.contextmanager
-    def spy(names, occupy=1, strict=False):
-        acquired.append((names, occupy, strict))
+    def spy(names, occupy=1, strict=False, lease_duration=300):
+        acquired.append((names, occupy, strict, lease_duration))
         yield
 
     monkeypatch.setattr(runtime, "concurrency", spy)
@@ -147,6 +147,6 @@ def test_gpu_slot_is_strict_only_when_the_server_has_the_limit(monkeypatch):
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=runtime.GPU_LIMIT, limit=1))
         try:
             assert uses_gpu() == 1
-            assert acquired == [("gpu", 1, True)]
+            assert acquired == [("gpu", 1, True, runtime.GPU_LEASE_S)]  # a dead holder's slot: back in 60 s
         finally:
             client.delete_global_concurrency_limit_by_name(runtime.GPU_LIMIT)
