@@ -26,6 +26,7 @@ from egpt_core.fsio import is_local, join, url_to_fs
 from egpt_core.models.loading import checkpoint_fingerprint
 from egpt_core.store import StoreReader
 from egpt_core.store.manifest import load_manifest
+from egpt_core.store.retrying import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class FingerprintPolicy(CachePolicy):
 def _exists(url: str, storage_options: dict | None) -> bool:
     try:
         fs, path = url_to_fs(url, storage_options)
-        return fs.exists(path)
+        return with_retries(fs).exists(path)
     except (OSError, ValueError):
         return False
 
@@ -133,7 +134,7 @@ def store_created(url: str, storage_options: dict | None = None) -> str | None:
     the store (event features), so without this the group would be served from the cache into the new,
     empty store."""
     fs, path = url_to_fs(url, storage_options)
-    manifest = load_manifest(fs, path.rstrip("/"), url)
+    manifest = load_manifest(with_retries(fs), path.rstrip("/"), url)
     return None if manifest is None else manifest.get("created")
 
 

@@ -21,6 +21,7 @@ from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import join, url_to_fs
 from egpt_core.models.loading import _find_clip_dir, checkpoint_fingerprint, load_eventgpt, local_checkpoint
 from egpt_core.store import StoreReader, StoreWriter
+from egpt_core.store.retrying import with_retries
 from tasks.caching import FingerprintPolicy, extract_material, features_material
 from tasks.refs import FeaturesRef, GroupRef, NightlyPlan, StoreRef
 from tasks.runtime import RETRY, ProgressArtifact, artifact_key, gpu_slot, url_name, wait_for_live_run
@@ -29,7 +30,7 @@ from tasks.runtime import RETRY, ProgressArtifact, artifact_key, gpu_slot, url_n
 def store_exists(url: str, storage_options: dict | None = None) -> bool:
     """True when a store has committed its manifest at ``url``."""
     fs, path = url_to_fs(url, storage_options)
-    return fs.exists(join(path, "manifest.json"))
+    return with_retries(fs).exists(join(path, "manifest.json"))
 
 
 def group_label(cfg: ExtractConfig) -> str:

@@ -239,17 +239,17 @@ def read_parquet(fs: fsspec.AbstractFileSystem, path: str, store: str, rel: str,
     """A pairs shard as an Arrow table; a file pyarrow cannot parse -> StoreError naming it.
 
     Decoded on the calling thread: with Arrow's thread pool (``pq.read_table``'s scanner read-ahead,
-    or ``use_threads=True``) the last reference to the Python file's buffer can be dropped by an
+    or ``use_threads=True``) the last reference to the Python buffer can be dropped by an
     Arrow worker after the call returned; if the interpreter is exiting at that moment the worker
     dies in that destructor and the process aborts ("terminate called without an active
     exception", exit 134). Pairs tables are small; threads buy nothing here.
     """
     import pyarrow.parquet as pq
 
+    data = fs.cat_file(path)  # one whole GET; a read error propagates as is (retryable)
     try:
-        with fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).read(columns=columns, use_threads=False)
-    except pa.ArrowException as exc:  # a read error of the file itself propagates as is (retryable)
+        return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)
+    except pa.ArrowException as exc:
         raise StoreError(f"store {store}: {rel} is not a readable Parquet file ({exc})") from exc
 
 

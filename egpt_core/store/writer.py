@@ -32,6 +32,7 @@ from egpt_core.errors import ConfigError, StoreError
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import url_to_fs
 from egpt_core.store import manifest as mf
+from egpt_core.store.retrying import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,8 @@ class StoreWriter:
                  lock_timeout_s: float = 600.0, stale_lock_s: float = 600.0):
         self.url = str(url)
         self.storage_options = storage_options
-        self.fs, root = url_to_fs(self.url, storage_options)
+        fs, root = url_to_fs(self.url, storage_options)
+        self.fs = with_retries(fs)  # a transient fault costs one more request, not a task retry
         self.root = root.rstrip("/")
         self.local = mf.is_local_fs(self.fs)
         self._lock_args = {"timeout_s": lock_timeout_s, "stale_s": stale_lock_s}
