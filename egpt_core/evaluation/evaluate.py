@@ -119,11 +119,11 @@ def _speedup_section(metrics: dict[str, Any], timing: TimingConfig | None, note:
     }
 
 
-def output_identity(cfg: EvalConfig) -> str:
-    """What an evaluation directory holds: the store and prediction source it evaluated, and the split
-    (a rerun with other metric settings, e.g. taus or timing, replaces it)."""
-    return hash_json(cfg.model_dump(mode="json", include={
-        "store", "adapter_run", "lora", "identity", "adapter_which", "split", "val_fraction", "split_seed"}))
+def output_identity(cfg: EvalConfig, store_fingerprint: str) -> str:
+    """What an evaluation directory holds: the store content and prediction source it evaluated, and
+    the split (a rerun with other metric settings, e.g. taus or timing, replaces it)."""
+    return hash_json({"store": store_fingerprint, **cfg.model_dump(mode="json", include={
+        "adapter_run", "lora", "identity", "adapter_which", "split", "val_fraction", "split_seed"})})
 
 
 def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = None,
@@ -134,21 +134,21 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
     (``overwrite=True``: any earlier evaluation); see :mod:`egpt_core.outdir`."""
     mode = prediction_mode(cfg)
     timing, timing_note = resolve_timing(cfg)  # fail fast on a bad timing file, before any work
-    with outdir.claim_output(cfg.out, OUTPUT_KIND, output_identity(cfg), cfg.storage_options or None,
-                             replace=overwrite):
-        return _evaluate(cfg, mode, timing, timing_note, progress)
-
-
-def _evaluate(cfg: EvalConfig, mode: str, timing: TimingConfig | None, timing_note: str,
-              progress: Callable[[float, str], None] | None) -> EvalResult:
-    so = cfg.storage_options
-    device = resolve_device(cfg.device)
     try:
-        reader = StoreReader(cfg.store, storage_options=so)
+        reader = StoreReader(cfg.store, storage_options=cfg.storage_options)
     except StoreError as exc:
         if "no manifest" in str(exc):
             raise ConfigError(f"store={cfg.store!r} is not a committed store ({exc}); check the URL") from exc
         raise
+    with outdir.claim_output(cfg.out, OUTPUT_KIND, output_identity(cfg, reader.fingerprint),
+                             cfg.storage_options or None, replace=overwrite):
+        return _evaluate(cfg, reader, mode, timing, timing_note, progress)
+
+
+def _evaluate(cfg: EvalConfig, reader: StoreReader, mode: str, timing: TimingConfig | None, timing_note: str,
+              progress: Callable[[float, str], None] | None) -> EvalResult:
+    so = cfg.storage_options
+    device = resolve_device(cfg.device)
     manifest = reader.manifest
     hidden = int(reader.hidden_size)
     store_mode = (reader.meta or {}).get("mode")
