@@ -36,6 +36,7 @@ import fsspec
 from egpt_core.errors import ConfigError
 from egpt_core.fsio import is_local, url_to_fs
 from egpt_core.store import manifest as mf
+from egpt_core.store.retrying import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Marker:
 
 def _root(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = url_to_fs(url, storage_options)
-    return fs, path.rstrip("/") or path
+    return with_retries(fs), path.rstrip("/") or path
 
 
 def _is_own(name: str) -> bool:
@@ -211,7 +212,7 @@ class OutputClaim:
     fails before writing anything leaves no trace: the marker (and a directory it created) is removed,
     so nothing blocks the corrected rerun."""
 
-    def __init__(self, url: str, kind: str, identity: str | None, marker: Marker | None, lock: RunLock | None,
+    def __init__(self, url: str, kind: str, identity: str | None, marker: Marker | None, lock: RunLock,
                  fs: fsspec.AbstractFileSystem, root: str, existed: bool):
         self.url, self.kind, self.identity = url, kind, identity
         self.previous = marker
@@ -247,29 +248,25 @@ class OutputClaim:
 
 
 def claim_output(url: str, kind: str, identity: str | None, storage_options: dict | None = None, *,
-                 replace: bool = False, replace_hint: str = "--overwrite", lock: bool = True) -> OutputClaim:
+                 replace: bool = False, replace_hint: str = "--overwrite") -> OutputClaim:
     """Check ``url`` (see :func:`check_output`), take its run lock, check again under the lock and
-    record ``kind``/``identity`` in its marker. Release the returned claim when the run ends.
-
-    ``lock=False`` checks and marks without locking (e.g. non-zero DDP ranks, whose rank 0 holds it).
-    """
+    record ``kind``/``identity`` in its marker. Release the returned claim when the run ends (use it
+    as a context manager: a run that fails before writing anything then leaves nothing behind)."""
     fs, root = _root(url, storage_options)
     existed = _entries(fs, root) is not None
     _check(fs, root, url, kind, identity, replace, replace_hint)  # refuse before writing anything
-    run_lock = RunLock(fs, root, url, kind) if lock else None
-    if run_lock is not None:
-        if is_local(url):
-            fs.makedirs(root, exist_ok=True)
-        run_lock.acquire()
+    run_lock = RunLock(fs, root, url, kind)
+    if is_local(url):
+        fs.makedirs(root, exist_ok=True)
+    run_lock.acquire()
     try:
         marker = _check(fs, root, url, kind, identity, replace, replace_hint)
-        if lock and (marker is None or marker.identity != identity):
+        if marker is None or marker.identity != identity:
             files = marker.files if marker is not None else None
             extra = marker.extra if marker is not None else {}
             _write_marker(fs, root, Marker(kind=kind, identity=identity, files=files, extra=extra))
     except BaseException:
-        if run_lock is not None:
-            run_lock.release()
+        run_lock.release()
         raise
     return OutputClaim(url, kind, identity, marker, run_lock, fs, root, existed)
 
@@ -284,13 +281,6 @@ def record_files(url: str, files: list[str], storage_options: dict | None = None
     marker.files = sorted(set(files))
     _write_marker(fs, root, marker)
     return sorted(old - set(files))
-
-
-def own_files(url: str, storage_options: dict | None = None) -> list[str]:
-    """Files a previous :func:`put_dir` wrote under ``url`` (relative names), [] when none."""
-    fs, root = _root(url, storage_options)
-    marker = _read_marker(fs, root)
-    return list(marker.files or []) if marker else []
 
 
 def add_files(url: str, files: list[str], storage_options: dict | None = None, *, kind: str = "files") -> None:

@@ -48,6 +48,26 @@ def stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
             proc.wait()
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first found first."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 @dataclass
 class Cluster:
     """A running server; ``env`` is the base environment of CLI and worker processes (no PREFECT_*
@@ -63,11 +83,9 @@ class Cluster:
         assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
         return out.stdout
 
-    def start_worker(self, name: str, pool: str = "gpu", limit: int | None = None, own_session: bool = False,
-                     **env: str) -> Path:
+    def start_worker(self, name: str, pool: str = "gpu", limit: int | None = None, **env: str) -> Path:
         """`prefect worker start --pool <pool> --name <name>` with its own PREFECT_HOME (a node of its
-        own) and ``env`` on top; returns its log file. ``own_session``: the worker and the flow-run
-        processes it starts form one process group, so ``kill_node`` can take the whole "node" down."""
+        own) and ``env`` on top; returns its log file."""
         home = self.root / f"worker-{name}"
         home.mkdir()
         log_path = home / "worker.log"
@@ -76,16 +94,19 @@ class Cluster:
         if limit is not None:
             cmd += ["--limit", str(limit)]
         proc = subprocess.Popen(cmd, env={**self.env, "PREFECT_HOME": str(home), **env}, cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=own_session)
+                                stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.workers[name] = (proc, log_path)
         return log_path
 
     def kill_node(self, name: str) -> None:
-        """SIGKILL a worker started with ``own_session`` and every process of its group (its flow
-        runs): a node that vanishes, leaving nobody to report its runs' end."""
+        """SIGKILL a worker and every process it started (its flow runs, which Prefect starts in
+        sessions of their own): a node that vanishes, leaving nobody to report its runs' end."""
         proc = self.workers[name][0]
-        os.killpg(proc.pid, 9)
+        victims = [proc.pid, *_descendants(proc.pid)]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
         proc.wait()
 
     def worker_log(self, name: str) -> str:

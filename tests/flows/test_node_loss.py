@@ -69,7 +69,7 @@ def test_parent_fails_and_the_slot_returns_when_a_node_dies(fixture_paths, tmp_p
                                          **env, "EGPT_TEST_HANG_GROUP": str(victim),
                                          "EGPT_TEST_HANG_MARKER": str(marker)}}, **common)
         c.start_worker("head", pool="head", limit=2, EGPT_REPO_DIR=str(REPO), CUDA_VISIBLE_DEVICES="", **HEARTBEAT)
-        c.start_worker("doomed", limit=2, own_session=True, EGPT_REPO_DIR=str(REPO), CUDA_VISIBLE_DEVICES="",
+        c.start_worker("doomed", limit=2, EGPT_REPO_DIR=str(REPO), CUDA_VISIBLE_DEVICES="",
                        EGPT_GPU_LIMIT="gpu:doomed", **HEARTBEAT)
 
         with c.client() as client:
