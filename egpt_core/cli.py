@@ -34,13 +34,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for a user: what is wrong and where (a pydantic error: each field and its problem)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        problems = []
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(p) for p in err.get("loc", ())) or "(config)"
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict | list) else ""
+            problems.append(f"{loc}: {err.get('msg')}{got}")
+        return f"invalid {exc.title} settings: " + "; ".join(problems)
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+#: packages whose exceptions mean "the storage behind a URL could not be reached or read"
+_STORAGE_PACKAGES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "google", "azure")
+
+
+def storage_error(exc: BaseException) -> bool:
+    """An I/O or storage-client error (unreachable endpoint, refused credentials, missing file)."""
+    return isinstance(exc, OSError) or any(
+        c.__module__.split(".")[0] in _STORAGE_PACKAGES for c in type(exc).__mro__ if c is not Exception)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one `egpt` sub-command. The project's own errors (bad input, settings, stores, output
+    directories), invalid settings and storage errors (unreachable endpoint, missing file) end with
+    one line on stderr and exit status 2, no traceback; anything else is a bug and keeps its traceback."""
+    from pydantic import ValidationError
+
+    from egpt_core.errors import EgptError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except (EgptError, ValidationError) as exc:
+        print(f"egpt {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not storage_error(exc):
+            raise  # a bug: keep the traceback
+        hint = "" if isinstance(exc, OSError) else " (check the URL and storage_options: endpoint_url, credentials)"
+        print(f"egpt {args.command}: error: {error_line(exc)}{hint}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

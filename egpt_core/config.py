@@ -70,7 +70,9 @@ def _form_order(schema: dict[str, Any], model: type) -> None:
 
 class _Model(BaseModel):
     # errors name the field and the rule, never echo the value (a credential pasted into the wrong field)
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, json_schema_extra=_form_order)
+    # no inf/nan in any float setting (`lr: inf` would pass `gt=0` and train to NaN)
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False,
+                              json_schema_extra=_form_order)
     #: fields shown first in the Prefect form (then the others in class order, "Advanced: ..." last)
     form_first: ClassVar[tuple[str, ...]] = ()
 
@@ -193,8 +195,8 @@ class AdapterConfig(_Model):
     model_config = ConfigDict(title="Adapter architecture")
 
     level: AdapterLevel = Field("L4", title="Level", description="L1..L5, B1, L5F (README: adapter levels)")
-    hidden_size: int | None = Field(None, title="Advanced: hidden size", description="empty = the store's hidden size")
-    bottleneck_dim: int | None = Field(None, title="Advanced: bottleneck size",
+    hidden_size: int | None = Field(None, gt=0, title="Advanced: hidden size", description="empty = the store's hidden size")
+    bottleneck_dim: int | None = Field(None, gt=0, title="Advanced: bottleneck size",
                                        description="empty = 1024 for L3, else 256")
     num_blocks: int = Field(3, ge=1, title="Advanced: blocks", description="L2 blocks / L3 blocks")
     num_heads: int = Field(8, ge=1, title="Advanced: attention heads", description="L4/L5/B1/L5F attention heads")
@@ -283,9 +285,9 @@ class _LoraTraining(_Model):
     epochs: int = Field(20, ge=1, title="Epochs", description="maximum epochs (early stopping may end sooner)")
     lr: float = Field(1e-4, gt=0, title="Learning rate", description="peak learning rate")
     dropout: float = Field(0.05, ge=0, lt=1, title="Advanced: LoRA dropout", description="dropout on the LoRA input")
-    mse_weight: float = Field(1.0, title="Advanced: MSE weight", description="weight of the hidden-state MSE term")
-    cos_weight: float = Field(0.5, title="Advanced: cosine weight", description="weight of the (1 - cosine) term")
-    ce_weight: float = Field(0.1, title="Advanced: CE weight",
+    mse_weight: float = Field(1.0, ge=0, title="Advanced: MSE weight", description="weight of the hidden-state MSE term")
+    cos_weight: float = Field(0.5, ge=0, title="Advanced: cosine weight", description="weight of the (1 - cosine) term")
+    ce_weight: float = Field(0.1, ge=0, title="Advanced: CE weight",
                              description="weight of the cross-entropy against the target's tokens")
     micro_batch: int = Field(1, ge=1, title="Advanced: micro batch", description="pairs per forward pass")
     grad_accum: int = Field(16, ge=1, title="Advanced: gradient accumulation", description="micro batches per step")
@@ -560,13 +562,37 @@ def credential_env_values() -> list[str]:
     return [v for name in CREDENTIAL_ENV_VARS if (v := os.environ.get(name))]
 
 
-def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
-    """Read a JSON or YAML config file into ``model``."""
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
+def read_config_file(path: str | Path, model: type[BaseModel]) -> dict[str, Any]:
+    """The mapping of ``model`` fields in a JSON or YAML file (may be partial); a missing,
+    unreadable or malformed file -> ConfigError naming it."""
+    from egpt_core.errors import ConfigError
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    return model.model_validate(data)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc})") from None
+    is_yaml = str(path).endswith((".yaml", ".yml"))
+    try:
+        if is_yaml:
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ValueError(str(exc)) from None
+        else:
+            data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--config {path}: not valid {'YAML' if is_yaml else 'JSON'} "
+                          f"({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of {model.__name__} fields, found "
+                          f"{type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, model: type[BaseModel]) -> BaseModel:
+    """Read a JSON or YAML config file into ``model`` (ConfigError / ValidationError when it is bad)."""
+    return model.model_validate(read_config_file(path, model))

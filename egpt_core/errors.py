@@ -1,7 +1,8 @@
 """Exception types shared by every stage.
 
 `BadInputError` is recorded per pair and never retried; `ConfigError` fails fast before GPU work
-and is never retried; anything else (I/O hiccups, OOM) is treated as transient by the orchestrator.
+and is never retried; `TrainingDivergedError` (non-finite loss) is deterministic and never retried;
+anything else (I/O hiccups, OOM) is treated as transient by the orchestrator.
 """
 
 from __future__ import annotations
@@ -29,3 +30,8 @@ class ConfigError(EgptError):
 
 class StoreError(EgptError):
     """A store is inconsistent or unsafe (bad manifest, checksum mismatch, path escaping the store)."""
+
+
+class TrainingDivergedError(EgptError):
+    """Training produced a non-finite loss: the learning rate is too high, or the data holds
+    non-finite rows. Retrying the same run gives the same result."""

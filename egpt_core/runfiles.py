@@ -7,6 +7,7 @@ Shared by adapter training (`egpt_core/adapters/checkpoint.py`) and L6 (`egpt_co
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -21,7 +22,7 @@ import torch
 
 from egpt_core.credentials import redact_values
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import is_local, join, url_to_fs
+from egpt_core.fsio import is_local, url_to_fs
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
@@ -60,8 +61,25 @@ def remove(url: str, storage_options: dict | None = None) -> None:
         pass
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±Infinity) replaced by None: JSON has no such numbers,
+    and strict readers reject Python's ``NaN``/``Infinity`` tokens."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that always writes valid JSON (non-finite floats become null)."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
 def write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
-    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), storage_options)
+    write_bytes(url, dumps_json(obj, indent=2, sort_keys=True, default=str).encode(), storage_options)
 
 
 def read_json(url: str, storage_options: dict | None = None) -> Any | None:
@@ -69,25 +87,36 @@ def read_json(url: str, storage_options: dict | None = None) -> Any | None:
     return None if data is None else json.loads(data)
 
 
-def put_dir(local_dir: str | Path, url: str, storage_options: dict | None = None) -> None:
-    """Replace the directory at ``url`` by ``local_dir``'s files (a rename locally)."""
+def put_dir(local_dir: str | Path, url: str, storage_options: dict | None = None, *, kind: str = "files") -> None:
+    """Write the staged directory ``local_dir`` into the directory ``url`` (then remove the staging).
+
+    Replaces what an earlier ``put_dir`` wrote there (the files its marker lists, see
+    :mod:`egpt_core.outdir`) and nothing else: files egpt did not write are never deleted, and a
+    non-empty ``url`` egpt did not write is refused (OutputDirError). Each file lands atomically
+    (rename locally, one whole PUT elsewhere); the marker lists the new files before they are written,
+    so a crash part-way leaves a directory still recognised as egpt's.
+    """
+    from egpt_core import outdir
+
     local_dir = Path(local_dir)
-    if is_local(url):
-        dest = Path(str(url).removeprefix("file://"))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            trash = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(dest, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        shutil.move(str(local_dir), str(dest))
-        return
+    files = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+    outdir.check_output(url, kind, None, storage_options)
+    outdir.add_files(url, files, storage_options, kind=kind)
     fs, root = url_to_fs(url, storage_options)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-    for f in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        rel = f.relative_to(local_dir).as_posix()
-        fs.makedirs(join(root, rel).rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(str(f), join(root, rel))
+    root = root.rstrip("/")
+    for rel in files:
+        src, dest = local_dir / rel, f"{root}/{rel}"
+        if is_local(url):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(src, dest)  # the staging dir sits beside the destination: same filesystem
+        else:
+            fs.put_file(str(src), dest)
+    for rel in outdir.record_files(url, files, storage_options, kind=kind):
+        try:
+            fs.rm_file(f"{root}/{rel}")
+        except FileNotFoundError:
+            pass
+    shutil.rmtree(local_dir, ignore_errors=True)
 
 
 def staging_dir(url: str) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 
 from egpt_core.config import ExtractConfig
-from egpt_core.data.dataset import MANIFEST_NAME, QUESTIONS_NAME
+from egpt_core.data.dataset import MANIFEST_NAME, questions_url
 from egpt_core.errors import EgptError
 from egpt_core.evaluation.evaluate import EVAL_VERSION
 from egpt_core.extraction.features import FEATURES_VERSION
@@ -27,6 +27,7 @@ from egpt_core.models.loading import checkpoint_fingerprint
 from egpt_core.speculative.run import SPECULATE_VERSION
 from egpt_core.store import StoreReader
 from egpt_core.store.manifest import load_manifest
+from egpt_core.store.retrying import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,16 @@ class FingerprintPolicy(CachePolicy):
 
     If the material cannot be computed (a file is missing, a store is unreadable) the call is not
     cached (``None``) and the task itself reports the problem.
+
+    ``outputs(inputs)`` names the files a cached result refers to. A cached result is reused only
+    while they exist: when they are gone (someone deleted an evaluation) the key moves on to the next
+    generation (``<key>-g1``, ``-g2``, ...), so the task runs again and the new result is what later
+    runs find. Outputs are derived from the inputs, so the check costs one ``exists`` per file.
     """
 
     stage: str = ""
     material: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    outputs: Callable[[dict[str, Any]], tuple[list[str], dict | None]] | None = None
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         try:
@@ -62,7 +69,35 @@ class FingerprintPolicy(CachePolicy):
         except (OSError, ValueError, EgptError) as exc:
             log.warning("%s: not cached, cannot fingerprint its inputs (%s)", self.stage, exc)
             return None
-        return f"{self.stage}-{hash_json({'stage': self.stage, 'version': STAGE_VERSIONS[self.stage], **material})}"
+        key = f"{self.stage}-{hash_json({'stage': self.stage, 'version': STAGE_VERSIONS[self.stage], **material})}"
+        if self.outputs is None or task_ctx is None or getattr(task_ctx, "result_store", None) is None:
+            return key
+        return self._generation(key, task_ctx.result_store, *self.outputs(inputs))
+
+    def _generation(self, key: str, store, urls: list[str], storage_options: dict | None) -> str:
+        """The newest generation of ``key`` holding a cached result, or the next one when that
+        result's output files are gone."""
+        def name(g: int) -> str:
+            return key if g == 0 else f"{key}-g{g}"
+
+        g = 0
+        while store.exists(name(g + 1)):
+            g += 1
+        if not store.exists(name(g)):
+            return name(g)  # nothing cached yet
+        missing = [u for u in urls if not _exists(u, storage_options)]
+        if not missing:
+            return name(g)
+        log.warning("%s: the cached result's outputs are gone (%s); recomputing", self.stage, ", ".join(missing))
+        return name(g + 1)
+
+
+def _exists(url: str, storage_options: dict | None) -> bool:
+    try:
+        fs, path = url_to_fs(url, storage_options)
+        return with_retries(fs).exists(path)
+    except (OSError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,7 +111,7 @@ def config_material(cfg) -> dict[str, Any]:
 def dataset_fingerprint(cfg: ExtractConfig) -> str:
     """The dataset's manifest + questions files (which pairs exist; per-file content is the store's job)."""
     manifest = cfg.dataset if str(cfg.dataset).endswith(".json") else join(cfg.dataset, MANIFEST_NAME)
-    questions = cfg.questions or join(cfg.dataset, QUESTIONS_NAME)  # as plan_pairs reads it
+    questions = questions_url(cfg.dataset, cfg.questions)  # as plan_pairs reads it
     return hash_json([file_fingerprint(u, cfg.storage_options) for u in (manifest, questions)])
 
 
@@ -101,7 +136,7 @@ def store_created(url: str, storage_options: dict | None = None) -> str | None:
     the store (event features), so without this the group would be served from the cache into the new,
     empty store."""
     fs, path = url_to_fs(url, storage_options)
-    manifest = load_manifest(fs, path.rstrip("/"), url)
+    manifest = load_manifest(with_retries(fs), path.rstrip("/"), url)
     return None if manifest is None else manifest.get("created")
 
 
@@ -185,7 +220,7 @@ def speculate_material(inputs: dict[str, Any]) -> dict[str, Any]:
     if cfg.dataset:  # which scenes exist (+ the questions, unless the store names the pairs)
         files = [cfg.dataset if str(cfg.dataset).endswith(".json") else join(cfg.dataset, MANIFEST_NAME)]
         if not cfg.store:
-            files.append(cfg.questions or join(cfg.dataset, QUESTIONS_NAME))
+            files.append(questions_url(cfg.dataset, cfg.questions))
         dataset = hash_json([file_fingerprint(u, so) for u in files])
     return {
         "target": model_fingerprint(cfg.target, so),
@@ -196,3 +231,26 @@ def speculate_material(inputs: dict[str, Any]) -> dict[str, Any]:
         "dataset": dataset,
         "config": config_material(cfg),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# the files each cached result refers to (argument names are the tasks'): (URLs, storage options)
+# --------------------------------------------------------------------------------------------------
+def train_adapter_outputs(inputs: dict[str, Any]) -> tuple[list[str], dict | None]:
+    cfg = inputs["cfg"]
+    return [join(cfg.out, "best.safetensors"), join(cfg.out, "result.json")], cfg.storage_options
+
+
+def train_lora_outputs(inputs: dict[str, Any]) -> tuple[list[str], dict | None]:
+    cfg = inputs["cfg"]
+    return [join(cfg.out, "best", "adapter_config.json"), join(cfg.out, "metrics.json")], cfg.storage_options
+
+
+def export_drafter_outputs(inputs: dict[str, Any]) -> tuple[list[str], dict | None]:
+    out = inputs["out_dir"]
+    return [join(out, "config.json"), join(out, "egpt_export.json")], inputs.get("storage_options")
+
+
+def evaluate_outputs(inputs: dict[str, Any]) -> tuple[list[str], dict | None]:
+    cfg = inputs["cfg"]
+    return [join(cfg.out, "metrics.json")], cfg.storage_options

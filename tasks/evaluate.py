@@ -14,13 +14,14 @@ from egpt_core.evaluation import compare_runs, evaluate
 from egpt_core.evaluation.report import COMPARE_COLUMNS, comparison_rows
 from egpt_core.fingerprint import file_fingerprint
 from egpt_core.fsio import join, url_to_fs
-from tasks.caching import FingerprintPolicy, evaluate_material
+from tasks.caching import FingerprintPolicy, evaluate_material, evaluate_outputs
 from tasks.refs import ComparisonRef, EvalRef
 from tasks.runtime import RETRY, ProgressArtifact, artifact_key, gpu_slot, url_name
 
 
 @task(name="evaluate", task_run_name=lambda: f"evaluate-{url_name(task_run.parameters['cfg'].out)}",
-      tags=["gpu"], cache_policy=FingerprintPolicy(stage="evaluate", material=evaluate_material), result_serializer="json",
+      tags=["gpu"], cache_policy=FingerprintPolicy(stage="evaluate", material=evaluate_material,
+                                                   outputs=evaluate_outputs), result_serializer="json",
       **RETRY)
 def evaluate_task(cfg: EvalConfig) -> EvalRef:
     """Evaluate cfg's prediction source (identity | adapter | L6) on cfg.store; writes metrics.json,

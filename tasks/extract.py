@@ -19,15 +19,16 @@ from egpt_core.fsio import join, url_to_fs
 from egpt_core.models.loading import drafter_fingerprint as _drafter_fingerprint
 from egpt_core.models.loading import load_eventgpt
 from egpt_core.store import StoreReader, StoreWriter
+from egpt_core.store.retrying import with_retries
 from tasks.caching import FingerprintPolicy, extract_material, features_material
 from tasks.refs import FeaturesRef, GroupRef, NightlyPlan, StoreRef, derived_store_url
-from tasks.runtime import RETRY, ProgressArtifact, artifact_key, gpu_slot, url_name
+from tasks.runtime import RETRY, ProgressArtifact, artifact_key, gpu_slot, url_name, wait_for_live_run
 
 
 def store_exists(url: str, storage_options: dict | None = None) -> bool:
     """True when a store has committed its manifest at ``url``."""
     fs, path = url_to_fs(url, storage_options)
-    return fs.exists(join(path, "manifest.json"))
+    return with_retries(fs).exists(join(path, "manifest.json"))
 
 
 def group_label(cfg: ExtractConfig) -> str:
@@ -92,10 +93,12 @@ def dispatch_group(deployment: str, cfg: ExtractConfig) -> GroupRef:
     wait for it; fails when that run does not complete."""
     key = f"{flow_run.id}-{flow_run.run_count}-group-{cfg.group_index}"
     run = run_deployment(deployment, parameters={"cfg": cfg.model_dump(mode="json")}, idempotency_key=key,
-                         poll_interval=5, as_subflow=True)
+                         timeout=0, as_subflow=True)
+    run = wait_for_live_run(run.id)  # a run whose node died is marked Crashed, not waited for forever
     if run.state is None or not run.state.is_completed():
         raise RuntimeError(f"extraction group {cfg.group_index} ({deployment}, flow run {run.name}) ended "
-                           f"{run.state.name if run.state else 'without a state'}")
+                           f"{run.state.name if run.state else 'without a state'}"
+                           f"{': ' + run.state.message if run.state and run.state.message else ''}")
     return GroupRef(store_url=cfg.store, group=cfg.group_index, flow_run=run.name)
 
 

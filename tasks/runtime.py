@@ -15,7 +15,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import ValidationError
 
 from egpt_core.config import worker_gpu_limit
-from egpt_core.errors import BadInputError, ConfigError, StoreError
+from egpt_core.errors import BadInputError, ConfigError, StoreError, TrainingDivergedError
 
 #: the global concurrency limit (`prefect gcl create gpu --limit N`) that GPU sections occupy
 GPU_LIMIT = "gpu"
@@ -30,8 +30,8 @@ def gpu_limit_name() -> str:
     runs), else `gpu`."""
     return worker_gpu_limit() or GPU_LIMIT
 
-#: errors that a retry cannot fix: bad data, wrong settings, a corrupt store
-NOT_RETRIED = (BadInputError, ConfigError, StoreError, ValidationError)
+#: errors that a retry cannot fix: bad data, wrong settings, a corrupt store, a diverged training run
+NOT_RETRIED = (BadInputError, ConfigError, StoreError, TrainingDivergedError, ValidationError)
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -52,6 +52,13 @@ RETRY = {
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": retry_transient,
 }
+
+
+#: how long a GPU slot outlives its holder: Prefect renews the lease while the holder runs; a holder
+#: that ends normally, fails, is cancelled or gets SIGTERM releases it at once; one killed outright
+#: (SIGKILL, OOM killer, a lost node) frees it when the lease expires. 60 s is Prefect's minimum
+#: (its default, 300 s, kept a dead run's slot taken for five minutes).
+GPU_LEASE_S = 60.0
 
 
 def gpu_limit_exists(name: str = GPU_LIMIT) -> bool:
@@ -77,7 +84,7 @@ def gpu_slot() -> Iterator[None]:
                           f"(create it: prefect gcl create {name} --limit 1)")
     if exists:
         start = time.monotonic()
-        with concurrency(name, occupy=1, strict=True):
+        with concurrency(name, occupy=1, strict=True, lease_duration=GPU_LEASE_S):
             logger.info("holding a '%s' slot (waited %.1fs)", name, time.monotonic() - start)
             yield
     else:
@@ -118,3 +125,52 @@ def url_name(url: str) -> str:
     """The last component of a store/run URL: a short, credential-free label for run names."""
     name = str(url).rstrip("/").rsplit("/", 1)[-1]
     return name.rsplit("@", 1)[-1] or "store"
+
+
+def heartbeat_stale_seconds() -> float | None:
+    """How long a dispatched flow run may go without a heartbeat (or a state change) before its node
+    is taken for dead: three of Prefect's flow-run heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    180 s by default) plus 30 s. None when heartbeats are off: then nothing can tell a dead node from
+    a slow one."""
+    from prefect.settings import get_current_settings
+
+    freq = get_current_settings().flows.heartbeat_frequency
+    return None if freq is None else 3 * max(int(freq), 30) + 30.0
+
+
+def _last_sign_of_life(client, run) -> float:
+    """Unix time of the run's latest heartbeat event or state change."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    last = run.state.timestamp.timestamp()
+    page = client.read_events(EventFilter(
+        occurred=EventOccurredFilter(since=run.state.timestamp),
+        event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"])), limit=1)
+    for event in page.events:
+        last = max(last, event.occurred.timestamp())
+    return last
+
+
+def wait_for_live_run(flow_run_id, poll_s: float = 5.0, stale_s: float | None = None):
+    """Wait until a dispatched flow run is final and return it. A run that stays Running without a
+    heartbeat for ``stale_s`` (default :func:`heartbeat_stale_seconds`) lost its worker or node:
+    nobody will ever report its end, so it is marked Crashed here instead of being waited for forever
+    (Prefect's own zombie automation, where configured, does the same and is simply seen first)."""
+    from prefect.states import Crashed
+
+    stale_s = heartbeat_stale_seconds() if stale_s is None else stale_s
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            if stale_s is not None and run.state is not None and run.state.is_running():
+                silent = time.time() - _last_sign_of_life(client, run)
+                if silent > stale_s:
+                    message = (f"no heartbeat for {silent:.0f} s (limit {stale_s:.0f} s): its worker or node is "
+                               "gone; marked Crashed by the run waiting for it")
+                    client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+                    get_run_logger().warning("flow run %s: %s", run.name, message)
+                    continue
+            time.sleep(poll_s)

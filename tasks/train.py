@@ -14,16 +14,20 @@ from egpt_core.lora import export_drafter, train_lora
 from tasks.caching import (
     FingerprintPolicy,
     export_drafter_material,
+    export_drafter_outputs,
     model_fingerprint,
     train_adapter_material,
+    train_adapter_outputs,
     train_lora_material,
+    train_lora_outputs,
 )
 from tasks.refs import AdapterRef, DrafterRef, LoraRef
 from tasks.runtime import RETRY, ProgressArtifact, gpu_slot, url_name
 
 
 @task(name="train-adapter", task_run_name=lambda: f"train-{url_name(task_run.parameters['cfg'].out)}",
-      tags=["gpu"], cache_policy=FingerprintPolicy(stage="train-adapter", material=train_adapter_material), result_serializer="json",
+      tags=["gpu"], cache_policy=FingerprintPolicy(stage="train-adapter", material=train_adapter_material,
+                                                   outputs=train_adapter_outputs), result_serializer="json",
       **RETRY)
 def train_adapter_task(cfg: TrainAdapterConfig) -> AdapterRef:
     """Train one adapter level into ``cfg.out`` (resumes a crashed run from its last checkpoint)."""
@@ -42,7 +46,8 @@ def train_adapter_task(cfg: TrainAdapterConfig) -> AdapterRef:
 
 
 @task(name="train-lora", task_run_name=lambda: f"train-{url_name(task_run.parameters['cfg'].out)}",
-      tags=["gpu"], cache_policy=FingerprintPolicy(stage="train-lora", material=train_lora_material), result_serializer="json",
+      tags=["gpu"], cache_policy=FingerprintPolicy(stage="train-lora", material=train_lora_material,
+                                                   outputs=train_lora_outputs), result_serializer="json",
       **RETRY)
 def train_lora_task(cfg: LoraTrainConfig) -> LoraRef:
     """Train the L6 LoRA on the drafter into ``cfg.out`` (resumes from its checkpoint/)."""
@@ -56,7 +61,8 @@ def train_lora_task(cfg: LoraTrainConfig) -> LoraRef:
 
 
 @task(name="export-drafter", task_run_name="export-drafter",
-      cache_policy=FingerprintPolicy(stage="export-drafter", material=export_drafter_material), result_serializer="json",
+      cache_policy=FingerprintPolicy(stage="export-drafter", material=export_drafter_material,
+                                     outputs=export_drafter_outputs), result_serializer="json",
       **RETRY)
 def export_drafter_task(lora_dir: str, out_dir: str, storage_options: dict | None = None) -> DrafterRef:
     """Merge the L6 LoRA into its base drafter (on the CPU, full precision) and write a plain

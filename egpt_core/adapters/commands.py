@@ -115,7 +115,9 @@ def _run(args) -> int:
         result = train_adapter(cfg, progress=lambda f, m: print(f"[{f:5.1%}] {m}", file=sys.stderr),
                                resume=not args.no_resume)
     except (ConfigError, ValidationError) as exc:
-        print(f"egpt train-adapter: error: {exc}", file=sys.stderr)
+        from egpt_core.cli import error_line
+
+        print(f"egpt train-adapter: error: {error_line(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(result.model_dump(), indent=2))
     return 0

@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from egpt_core import outdir
 from egpt_core import runfiles as rf
 from egpt_core.adapters import checkpoint as ck
 from egpt_core.adapters.losses import (
@@ -44,7 +46,7 @@ from egpt_core.adapters.losses import (
 from egpt_core.adapters.modules import adapter_inputs, count_parameters, create_adapter
 from egpt_core.config import TrainAdapterConfig
 from egpt_core.data.split import split_scenes
-from egpt_core.errors import ConfigError
+from egpt_core.errors import ConfigError, TrainingDivergedError
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import is_local, join
 from egpt_core.memory import DataCacheDecision, decide_data_cache
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 TAUS = DEFAULT_TAUS
 EAGLE_LEVELS = ("L5", "B1", "L5F")
+RUN_KIND = "adapter-run"
 #: fields that do not change what is trained (excluded from the config fingerprint)
 _NON_SEMANTIC = {"storage_options", "device", "out", "data_cache_gb"}
 
@@ -268,6 +271,10 @@ def _prepare_data(cfg: TrainAdapterConfig, local_ranks: int = 1) -> _Split:
         fingerprints[cfg.val] = _manifest_fingerprint(val_reader)
 
     per_store = _drop_repeated_pairs([_ok_pairs(r) for r in readers], cfg.train)
+    if not any(ids for ids, _, _ in per_store):
+        counts = {u: r.counts for u, r in zip(cfg.train, readers)}
+        raise ConfigError(f"no 'ok' pairs to train on in {', '.join(cfg.train)} (counts {counts}): every pair "
+                          "failed or was skipped; see `egpt inspect` for the reasons")
     max_len = max((max(p[2], default=0) for p in per_store), default=0)
     all_train_scenes = sorted({s for _, scenes, _ in per_store for s in scenes})
     shared = 0
@@ -499,7 +506,11 @@ def train_adapter(cfg: TrainAdapterConfig, progress: Progress | None = None, res
     """
     ctx = _Dist.setup(cfg.device)
     try:
-        return _train(cfg, progress, resume, ctx)
+        # one run owns cfg.out; never a directory egpt did not write (egpt_core/outdir.py); rank 0 holds it
+        claim = outdir.claim_output(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options or None,
+                                    replace=not resume, replace_hint="--no-resume") if ctx.main else nullcontext()
+        with claim:
+            return _train(cfg, progress, resume, ctx)
     finally:
         ctx.teardown()
 
@@ -539,12 +550,15 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
     loaded = ck.load_train_state(cfg.out, so) if resume else None
     if loaded is None and resume and rf.exists(join(cfg.out, "last_state.json"), so):
         log.warning("%s: last checkpoint is incomplete (crash while writing); starting from scratch", cfg.out)
+    if loaded is not None and loaded[0].get("finished") and not rf.exists(join(cfg.out, "best.safetensors"), so):
+        log.warning("%s: the finished run's best.safetensors is gone; training again from scratch", cfg.out)
+        loaded = None
     if loaded is not None:
         state, weights, tensors = loaded
         if state.get("config_fingerprint") != fp:
             raise ConfigError(
                 f"{cfg.out} holds a run with a different configuration (fingerprint {state.get('config_fingerprint')}"
-                f" != {fp}); use another --out or resume=False to overwrite it")
+                f" != {fp}); use another --out, or --no-resume to replace it")
         adapter.load_state_dict(weights, strict=True)
         rf.optimizer_from_flat(opt, tensors, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -554,7 +568,10 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
         best_epoch, patience, finished = int(state["best_epoch"]), int(state["patience"]), bool(state.get("finished"))
         log.info("resuming %s after epoch %d (best %.5f at epoch %d)", cfg.out, start_epoch, best_loss, best_epoch)
         if finished:
-            return _result_from_state(cfg, state)
+            result = _result_from_state(cfg, state)
+            if ctx.main and not rf.exists(join(cfg.out, "result.json"), so):
+                rf.write_json(join(cfg.out, "result.json"), result.model_dump(), so)
+            return result
 
     if ctx.main and loaded is None:
         rf.remove(join(cfg.out, "last_state.json"), so)  # a stale commit point must not outlive a restart
@@ -614,6 +631,7 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
         if n_seen != data.n_val:
             raise RuntimeError(f"validated {n_seen} pairs but the validation set holds {data.n_val}")
         vm = combine_sums(val_m, d, **loss_kw)
+        _check_finite(cfg, data, epoch + 1, float(train_m["total_loss"]), float(vm["total_loss"]))
         n_pos = max(float(val_m["n"]), 1.0)
         entry: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -679,6 +697,24 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
         rf.write_json(join(cfg.out, "result.json"), result.model_dump(), so)
     ctx.barrier()
     return result
+
+
+def _check_finite(cfg: TrainAdapterConfig, data: _Split, epoch: int, train_loss: float, val_loss: float) -> None:
+    """A non-finite loss ends the run (nothing of the epoch is written): TrainingDivergedError naming
+    the first pair with non-finite rows, if the data holds one, else the learning rate."""
+    if math.isfinite(train_loss) and math.isfinite(val_loss):
+        return
+    where = f"{cfg.out}: training diverged in epoch {epoch} (train loss {train_loss}, val loss {val_loss})"
+    for part in (data.train, data.val):
+        for i in range(len(part)):
+            item = part[i]
+            for side in ("drafter", "target"):
+                if not torch.isfinite(item[side]).all():
+                    raise TrainingDivergedError(
+                        f"{where}: pair {item['pair_id']!r} holds non-finite {side} rows in its store "
+                        f"({', '.join(cfg.train + ([cfg.val] if cfg.val else []))}); re-extract or drop that pair")
+    raise TrainingDivergedError(f"{where}: the data is finite, so the learning rate (lr={cfg.lr}) is too high "
+                                "for this adapter; lower it (the last good checkpoint is kept)")
 
 
 @torch.no_grad()

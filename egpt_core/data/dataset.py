@@ -66,15 +66,25 @@ def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
         raise BadInputError(url, f"malformed JSON: {exc}") from None
 
 
+def dataset_root(dataset_url: str) -> str:
+    """The dataset's root directory: ``dataset_url`` itself, or the directory of a manifest file
+    given directly (``--dataset .../EventGPT_Instruction_Subset.json``)."""
+    if str(dataset_url).endswith(".json"):
+        return posixpath.dirname(str(dataset_url)) or "."
+    return str(dataset_url).rstrip("/")
+
+
+def questions_url(dataset_url: str, questions: str | None = None) -> str:
+    """The questions file: ``questions`` when given, else ``questions.json`` in the dataset root."""
+    return questions or join(dataset_root(dataset_url), QUESTIONS_NAME)
+
+
 def load_scenes(
     dataset_url: str, storage_options: dict[str, Any] | None = None, max_scenes: int | None = None
 ) -> list[Scene]:
     """Scenes of a dataset root (or of the manifest file itself), in manifest order."""
-    if str(dataset_url).endswith(".json"):
-        manifest_url, root = str(dataset_url), posixpath.dirname(str(dataset_url))
-    else:
-        root = str(dataset_url).rstrip("/")
-        manifest_url = join(root, MANIFEST_NAME)
+    root = dataset_root(dataset_url)
+    manifest_url = str(dataset_url) if str(dataset_url).endswith(".json") else join(root, MANIFEST_NAME)
     records = read_json(manifest_url, storage_options)
     if not isinstance(records, list):
         raise BadInputError(manifest_url, f"expected a JSON list of records, found {type(records).__name__}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from egpt_core.evaluation.report import fmt
 
@@ -20,6 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--name", default=None, help="run name in reports and comparisons")
     p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation of another store/source in --out (never files egpt did not write)")
     p.set_defaults(func=_evaluate)
 
     c = subparsers.add_parser("compare", help="one comparison table from several metrics.json files")
@@ -54,20 +55,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         "identity": args.identity, "timing_file": args.timing_file, "batch_size": args.batch_size,
         "name": args.name, "device": args.device,
     }.items() if v is not None}
-    res = evaluate(EvalConfig(**fields))
+    res = evaluate(EvalConfig(**fields), overwrite=args.overwrite)
     print(summary_table(res.name, res.metrics))
     print(f"\nwrote {res.out_url} (metrics.json, report.md, metrics_summary.png, per_position.png)")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from egpt_core.evaluation.report import compare_runs
-    from egpt_core.fsio import url_to_fs
+    from egpt_core.evaluation.report import compare_runs, read_metrics
 
-    results = []
-    for url in args.metrics:
-        fs, path = url_to_fs(url)
-        with fs.open(path, "rt") as f:
-            results.append(json.load(f))
-    print(compare_runs(results, args.out))
+    print(compare_runs([read_metrics(url) for url in args.metrics], args.out))
     return 0

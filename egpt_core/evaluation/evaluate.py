@@ -8,7 +8,6 @@ Streams the store shard by shard (memory bounded by one shard + one batch), feed
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import posixpath
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from egpt_core import outdir
 from egpt_core.config import EvalConfig, TimingConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError, StoreError
@@ -25,11 +25,12 @@ from egpt_core.evaluation.report import write_report
 from egpt_core.evaluation.speedup import resolve_timing, speedup_table
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
 from egpt_core.fsio import join, url_to_fs
-from egpt_core.runfiles import config_record
+from egpt_core.runfiles import config_record, dumps_json
 from egpt_core.store import StoreReader
 
 #: Bumped whenever a metric definition changes (part of the evaluation fingerprint).
 EVAL_VERSION = "eval-1"
+OUTPUT_KIND = "evaluation"
 METRICS_SCHEMA = "egpt-eval-metrics/1"
 #: Below this target self-match rate the report warns that stored rows may not be LM-head inputs.
 SELF_MATCH_WARN = 0.99
@@ -141,15 +142,38 @@ def _check_same_models(readers: list[StoreReader]) -> None:
                               "evaluate stores of one model pair together")
 
 
-def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = None) -> EvalResult:
+def output_identity(cfg: EvalConfig, store_fingerprint: str, extra_fingerprints: list[str] | None = None) -> str:
+    """What an evaluation directory holds: the store content (and any extra stores') and prediction
+    source it evaluated, and the split (a rerun with other metric settings, e.g. taus or timing,
+    replaces it)."""
+    key = {"store": store_fingerprint, **cfg.model_dump(mode="json", include={
+        "adapter_run", "lora", "identity", "adapter_which", "split", "val_fraction", "split_seed"})}
+    if extra_fingerprints:
+        key["extra_stores"] = list(extra_fingerprints)
+    return hash_json(key)
+
+
+def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = None,
+             overwrite: bool = False) -> EvalResult:
     """Evaluate ``cfg``'s prediction source on ``cfg.store`` (and ``cfg.extra_stores``) and write the
-    outputs under ``cfg.out``."""
+    outputs under ``cfg.out``.
+
+    ``cfg.out`` must be new, empty or an earlier evaluation of the same stores and prediction source
+    (``overwrite=True``: any earlier evaluation); see :mod:`egpt_core.outdir`."""
     mode = prediction_mode(cfg)
     timing, timing_note = resolve_timing(cfg)  # fail fast on a bad timing file, before any work
     so = cfg.storage_options
+    readers = [_open_store(u, so) for u in [cfg.store, *cfg.extra_stores]]
+    identity = output_identity(cfg, readers[0].fingerprint, [r.fingerprint for r in readers[1:]])
+    with outdir.claim_output(cfg.out, OUTPUT_KIND, identity, so or None, replace=overwrite):
+        return _evaluate(cfg, readers, mode, timing, timing_note, progress)
+
+
+def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: TimingConfig | None,
+              timing_note: str, progress: Callable[[float, str], None] | None) -> EvalResult:
+    so = cfg.storage_options
     device = resolve_device(cfg.device)
-    reader = _open_store(cfg.store, so)
-    readers = [reader, *(_open_store(u, so) for u in cfg.extra_stores)]
+    reader = readers[0]
     manifest = reader.manifest
     hidden = int(reader.hidden_size)
     store_mode = (reader.meta or {}).get("mode")
@@ -267,7 +291,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
     fs, out_path = url_to_fs(cfg.out, so)
     fs.makedirs(out_path, exist_ok=True)
     with fs.open(join(out_path, "metrics.json"), "wt") as f:
-        json.dump(doc, f, indent=2)
+        f.write(dumps_json(doc, indent=2))
     write_report(doc, cfg.out, so)
     write_plots(doc, cfg.out, so)
     if progress is not None:

@@ -196,6 +196,37 @@ MEASURED_COLUMNS: list[tuple[str, str, bool]] = [
 ]
 
 
+def check_metrics_doc(doc: Any, where: str) -> dict[str, Any]:
+    """An evaluation's metrics document (``metrics.json``), or ConfigError naming ``where``."""
+    from egpt_core.errors import ConfigError
+
+    if not isinstance(doc, dict) or not isinstance(doc.get("summary"), dict) or not doc["summary"]:
+        found = f"a JSON {type(doc).__name__.replace('dict', 'object')}"
+        if isinstance(doc, dict):
+            found += f" with keys {sorted(doc)[:6]}" if doc else " with no keys"
+        raise ConfigError(f"{where} is not an evaluation's metrics.json (written by `egpt evaluate`); found {found}")
+    return doc
+
+
+def read_metrics(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """Read and check one ``metrics.json`` (ConfigError naming the file when it is missing or not one)."""
+    from egpt_core.errors import ConfigError
+
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{url}: no such file (pass the metrics.json files `egpt evaluate` wrote)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{url} is a directory; pass its metrics.json") from None
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{url} is not valid JSON ({exc})") from None
+    return check_metrics_doc(doc, url)
+
+
 def comparison_rows(results: list[dict[str, Any]], measured: dict[str, dict[str, Any]] | None = None
                     ) -> list[dict[str, Any]]:
     """One row per evaluation; ``measured`` (name -> stage-5 summary) adds the measured columns."""
@@ -220,7 +251,22 @@ def compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: d
                  measured: dict[str, dict[str, Any]] | None = None) -> str:
     """Write ``comparison.md`` and ``comparison.json`` (one row per run) under ``out_url``; return the markdown.
 
-    ``measured`` (run name -> `egpt speculate` summary) adds the real-loop columns next to the simulated ones."""
+    ``measured`` (run name -> `egpt speculate` summary) adds the real-loop columns next to the simulated
+    ones. ``out_url`` must be new, empty or an earlier comparison (replaced: it is derived from the runs'
+    metrics, which stay where they are); see :mod:`egpt_core.outdir`."""
+    from egpt_core import outdir
+    from egpt_core.errors import ConfigError
+
+    if not results:
+        raise ConfigError("nothing to compare: pass one or more metrics.json files")
+    for i, doc in enumerate(results):
+        check_metrics_doc(doc, f"run {i + 1} ({doc.get('name') if isinstance(doc, dict) else '?'})")
+    with outdir.claim_output(out_url, "comparison", None, storage_options):
+        return _compare_runs(results, out_url, storage_options, measured)
+
+
+def _compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: dict | None,
+                  measured: dict[str, dict[str, Any]] | None) -> str:
     rows = comparison_rows(results, measured)
     columns = COMPARE_COLUMNS + (MEASURED_COLUMNS if measured is not None else [])
     header = ["run"] + [label for _, label, _ in columns] + ["pairs", "acc-len basis"]
@@ -240,5 +286,7 @@ def compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: d
                "same run, and the pairs whose output differed from that baseline (— for runs not measured).", ""]
     text = "\n".join(md)
     _write_text(join(out_url, "comparison.md"), text, storage_options)
-    _write_text(join(out_url, "comparison.json"), json.dumps({"runs": rows}, indent=2), storage_options)
+    from egpt_core.runfiles import dumps_json
+
+    _write_text(join(out_url, "comparison.json"), dumps_json({"runs": rows}, indent=2), storage_options)
     return text

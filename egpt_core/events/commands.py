@@ -42,8 +42,13 @@ def _render_events(args: argparse.Namespace) -> int:
     stem = posixpath.splitext(posixpath.basename(str(args.file).rstrip("/")))[0]
     try:
         events = load_events(args.file)
+        n_frames = args.frames
+        if len(events.x) and n_frames > len(events.x):  # one frame per event at most: no empty canvases
+            n_frames = len(events.x)
+            print(f"egpt render-events: --frames {args.frames} capped to {n_frames} (the file holds "
+                  f"{len(events.x)} event{'s' if n_frames > 1 else ''})", file=sys.stderr)
         frames = render_event_frames(
-            events, args.frames, tuple(args.sensor_size) if args.sensor_size else None
+            events, n_frames, tuple(args.sensor_size) if args.sensor_size else None
         )
     except BadInputError as exc:
         print(f"egpt render-events: {exc}", file=sys.stderr)

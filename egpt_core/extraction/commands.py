@@ -7,13 +7,13 @@ import json
 import sys
 from dataclasses import asdict
 
-from egpt_core.config import ExtractConfig, load_config
+from egpt_core.config import ExtractConfig, read_config_file
 from egpt_core.errors import BadInputError, ConfigError
 from egpt_core.store.commands import parse_storage_options
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
-    base = load_config(args.config, ExtractConfig).model_dump() if args.config else {}
+    base = read_config_file(args.config, ExtractConfig) if args.config else {}  # may be partial: flags fill in
     flags = {
         "dataset": args.dataset, "questions": args.questions, "drafter": args.drafter, "target": args.target,
         "store": args.store, "mode": args.mode, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
@@ -50,7 +50,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         summary = run_extraction(cfg)
     except (ConfigError, BadInputError) as exc:
-        print(f"egpt extract: {exc}", file=sys.stderr)
+        from egpt_core.cli import error_line
+
+        print(f"egpt extract: error: {error_line(exc)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(asdict(summary), indent=2))

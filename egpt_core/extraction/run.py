@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 
 from egpt_core.config import ExtractConfig
 from egpt_core.data import Pair, build_pairs, load_questions, load_scenes, read_video_frames
-from egpt_core.data.dataset import QUESTIONS_NAME
+from egpt_core.data.dataset import questions_url
 from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.extraction import inputs as guards
 from egpt_core.extraction.features import scene_features
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import canonical_url, join
+from egpt_core.fsio import canonical_url
 from egpt_core.models.positions import POSITION_CONVENTION
 from egpt_core.models.vocab import check_vocab_compat, vocab_tokens
 from egpt_core.store import StoreReader, StoreWriter, committed_inputs
@@ -65,7 +65,7 @@ class ExtractSummary:
 def plan_pairs(cfg: ExtractConfig) -> list[Pair]:
     """All pairs of the dataset (scene order outer, questions inner), restricted to cfg's group."""
     scenes = load_scenes(cfg.dataset, cfg.storage_options, cfg.max_scenes)
-    questions = load_questions(cfg.questions or join(cfg.dataset, QUESTIONS_NAME), cfg.storage_options,
+    questions = load_questions(questions_url(cfg.dataset, cfg.questions), cfg.storage_options,
                                cfg.max_questions)
     pairs = build_pairs(scenes, questions)
     if cfg.group_index is not None:
@@ -113,6 +113,7 @@ def store_meta(cfg: ExtractConfig, drafter, target) -> dict:
         "dataset": canonical_url(cfg.dataset),  # absolute: a worker in another cwd finds it again
         "source_store": cfg.source_store if cfg.mode == "retf" else None,
         "compat_key": hash_json(settings),
+        "compat_settings": settings,  # what compat_key hashes: a mismatch names the setting that differs
     }
 
 
@@ -315,7 +316,23 @@ def run_extraction(cfg: ExtractConfig, progress: Progress | None = None, only_pa
 
     drafter, target = models if models is not None else load_models(cfg)
     check_pair_vocab(cfg, drafter, target, source)
+    if source is not None and (target or drafter).hidden_size != source.hidden_size:
+        raise ConfigError(f"retf: the {cfg.retf_side} has hidden size {(target or drafter).hidden_size} but the source "
+                          f"store {cfg.source_store} has {source.hidden_size}; re-extract with a model of the same pair")
     writer = StoreWriter(cfg.store, store_meta(cfg, drafter, target), cfg.storage_options)
+    try:
+        return _extract_into(cfg, writer, pairs, fingerprints, drafter, target, source, progress, t0)
+    except BaseException:
+        try:  # a run that failed before its first commit leaves no store behind to block the rerun
+            writer.discard_if_empty()
+        except Exception as exc:  # the original error matters more
+            log.warning("store %s: could not remove the empty store (%s)", cfg.store, exc)
+        raise
+
+
+def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], fingerprints: dict[str, str | None],
+                  drafter, target,
+                  source: StoreReader | None, progress: Progress | None, t0: float) -> ExtractSummary:
     committed = writer.committed_pair_ids()
     pending = [p for p in pairs if p.pair_id not in committed]
     reserved = guards.reserved_strings(drafter, target)

@@ -8,27 +8,11 @@ import json
 from egpt_core.errors import ConfigError
 
 
-def _read_config_file(path: str) -> dict:
-    """A JSON/YAML mapping of LoraTrainConfig fields (may be partial: flags fill the rest)."""
-    from pathlib import Path
-
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of LoraTrainConfig fields")
-    return data
-
-
 def build_config(args: argparse.Namespace):
     """LoraTrainConfig from --config FILE (optional) overridden by the flags given."""
-    from egpt_core.config import LoraTrainConfig
+    from egpt_core.config import LoraTrainConfig, read_config_file
 
-    data: dict = _read_config_file(args.config) if args.config else {}
+    data: dict = read_config_file(args.config, LoraTrainConfig) if args.config else {}
     flags = {"store": args.store, "drafter": args.drafter, "out": args.out, "val_store": args.val_store,
              "dataset": args.dataset, "epochs": args.epochs, "rank": args.rank, "alpha": args.alpha, "lr": args.lr,
              "grad_accum": args.grad_accum, "micro_batch": args.micro_batch, "seed": args.seed}
@@ -69,7 +53,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from egpt_core.lora.merge import export_drafter
 
-    out = export_drafter(args.lora, args.out, base=args.base, dtype=args.dtype, clip_path=args.clip_dir)
+    out = export_drafter(args.lora, args.out, base=args.base, dtype=args.dtype, clip_path=args.clip_dir,
+                         overwrite=args.overwrite)
     print(json.dumps({"merged_drafter": out, "lora": args.lora, "base": args.base}, indent=2))
     return 0
 
@@ -102,4 +87,6 @@ def register(sub) -> None:
     e.add_argument("--base", help="base drafter (default: the one the LoRA was trained on)")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the base checkpoint's")
     e.add_argument("--clip-dir", dest="clip_dir", help="the base's CLIP tower directory (default: training's)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export of another LoRA/base in --out (never files egpt did not write)")
     e.set_defaults(func=_cmd_export)

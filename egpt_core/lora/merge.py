@@ -16,12 +16,16 @@ import shutil
 import warnings
 from pathlib import Path
 
+from egpt_core import outdir
 from egpt_core import runfiles as rf
 from egpt_core.config import ModelLoadConfig
 from egpt_core.errors import ConfigError
-from egpt_core.fingerprint import dir_fingerprint
+from egpt_core.fingerprint import dir_fingerprint, hash_json
+from egpt_core.fsio import is_local
+from egpt_core.outdir import OutputDirError
 
 EXPORT_FORMAT = "egpt-lora-merged/1"
+EXPORT_KIND = "drafter-export"
 
 
 def resolve_adapter_dir(lora_dir: str, storage_options: dict | None = None) -> Path:
@@ -41,18 +45,29 @@ def _base_dtype(base_dir: Path) -> str:
     return dt if dt in ("float32", "bfloat16", "float16") else "float32"
 
 
+def _refuse_overlap(out_dir: str, inputs: dict[str, Path]) -> None:
+    """--out must not be (or lie inside, or contain) the base drafter or the LoRA it reads."""
+    if not is_local(out_dir):
+        return
+    out = Path(str(out_dir).removeprefix("file://")).resolve()
+    for what, path in inputs.items():
+        p = path.resolve()
+        if out == p or p in out.parents or out in p.parents:
+            raise OutputDirError(f"--out {out_dir} overlaps the {what} ({path}) this export reads; choose "
+                                 "another directory")
+
+
 def export_drafter(lora_dir: str, out_dir: str, base: str | None = None, dtype: str | None = None,
-                   storage_options: dict | None = None, clip_path: str | None = None) -> str:
+                   storage_options: dict | None = None, clip_path: str | None = None, overwrite: bool = False) -> str:
     """Merge the LoRA at ``lora_dir`` into ``base`` (default: the drafter it was trained on) -> ``out_dir``.
 
     ``dtype`` defaults to the base checkpoint's dtype; ``clip_path`` (default: the one training used)
     overrides the base's ``mm_visual_tower``. A base that carries its own tower weights (the authors'
-    layout) keeps them in the export. Returns ``out_dir``.
+    layout) keeps them in the export. ``out_dir`` must be new, empty or an earlier export of the same
+    LoRA, base and dtype (``overwrite=True``: an earlier export of anything); nothing egpt did not
+    write is ever replaced (:mod:`egpt_core.outdir`). Returns ``out_dir``.
     """
-    from peft import PeftModel
-
-    from egpt_core.models import load_eventgpt
-    from egpt_core.models.loading import TOWER_PREFIX, local_checkpoint
+    from egpt_core.models.loading import checkpoint_fingerprint, local_checkpoint
 
     adapter = resolve_adapter_dir(lora_dir, storage_options)
     acfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -63,6 +78,21 @@ def export_drafter(lora_dir: str, out_dir: str, base: str | None = None, dtype: 
         raise ConfigError(f"{lora_dir}: no base drafter recorded; pass base")
     base_dir = local_checkpoint(base, storage_options)
     dtype = dtype or _base_dtype(base_dir)
+    _refuse_overlap(out_dir, {"base drafter": base_dir, "LoRA": adapter})
+    adapter_fp = dir_fingerprint(str(adapter), suffixes=(".json", ".safetensors"))
+    identity = hash_json({"adapter": adapter_fp, "base": checkpoint_fingerprint(base_dir), "dtype": dtype})
+    with outdir.claim_output(out_dir, EXPORT_KIND, identity, storage_options, replace=overwrite):
+        _merge_and_write(adapter, base, base_dir, dtype, prov, lora_dir, adapter_fp, out_dir, storage_options, clip_path)
+    return str(out_dir)
+
+
+def _merge_and_write(adapter: Path, base: str, base_dir: Path, dtype: str, prov: dict, lora_dir: str,
+                     adapter_fp: str, out_dir: str, storage_options: dict | None, clip_path: str | None) -> None:
+    from peft import PeftModel
+
+    from egpt_core.models import load_eventgpt
+    from egpt_core.models.loading import TOWER_PREFIX
+
     double = bool((prov.get("events") or {}).get("double_feature_adaptor", False))
     drafter = load_eventgpt(str(base_dir), ModelLoadConfig(dtype=dtype, quant="none", device="cpu",
                                                            clip_path=clip_path or prov.get("clip_path")),
@@ -81,22 +111,24 @@ def export_drafter(lora_dir: str, out_dir: str, base: str | None = None, dtype: 
     clip_name = clip_src.name if clip_src is not None else raw_cfg.get("mm_visual_tower")
 
     tmp = rf.staging_dir(out_dir)
-    merged.config.clip_config = None  # the tower config comes from its directory / name, as in the base
-    merged.config.mm_visual_tower = clip_name
-    sd = {k: v.contiguous() for k, v in merged.state_dict().items()
-          if tower.in_checkpoint or not k.startswith(TOWER_PREFIX)}
-    merged.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
-    if clip_src is not None:
-        shutil.copytree(clip_src, tmp / clip_name, dirs_exist_ok=True)
-    drafter.tokenizer.save_pretrained(str(tmp))
-    rf.write_json(str(tmp / "egpt_export.json"), {
-        "format": EXPORT_FORMAT, "base": str(base), "lora": str(lora_dir),
-        "adapter_fingerprint": dir_fingerprint(str(adapter), suffixes=(".json", ".safetensors")),
-        "dtype": dtype, "lora_provenance": prov,
-    })
-    rf.put_dir(tmp, out_dir, storage_options)
-    del merged, peft_model
-    return str(out_dir)
+    try:
+        merged.config.clip_config = None  # the tower config comes from its directory / name, as in the base
+        merged.config.mm_visual_tower = clip_name
+        sd = {k: v.contiguous() for k, v in merged.state_dict().items()
+              if tower.in_checkpoint or not k.startswith(TOWER_PREFIX)}
+        merged.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+        if clip_src is not None:
+            shutil.copytree(clip_src, tmp / clip_name, dirs_exist_ok=True)
+        drafter.tokenizer.save_pretrained(str(tmp))
+        rf.write_json(str(tmp / "egpt_export.json"), {
+            "format": EXPORT_FORMAT, "base": str(base), "lora": str(lora_dir),
+            "adapter_fingerprint": adapter_fp,
+            "dtype": dtype, "lora_provenance": prov,
+        })
+        del merged, peft_model
+        rf.put_dir(tmp, out_dir, storage_options, kind=EXPORT_KIND)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_adapter_loaded(peft_model, adapter: Path) -> None:

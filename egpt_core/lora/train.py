@@ -35,6 +35,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +44,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from egpt_core import outdir
 from egpt_core import runfiles as rf
 from egpt_core.config import EventRenderConfig, LoraTrainConfig
 from egpt_core.data.split import split_scenes
-from egpt_core.errors import ConfigError
+from egpt_core.errors import ConfigError, TrainingDivergedError
 from egpt_core.fsio import join
 from egpt_core.lora import checkpoint as ck
 from egpt_core.models.positions import POSITION_CONVENTION, gather_rows
@@ -511,10 +513,11 @@ def save_adapter(peft_model, url: str, provenance: dict[str, Any], storage_optio
     tmp = rf.staging_dir(url)
     peft_model.save_pretrained(str(tmp), safe_serialization=True)
     rf.write_json(str(tmp / "egpt_lora.json"), provenance)
-    rf.put_dir(tmp, url, storage_options)
+    rf.put_dir(tmp, url, storage_options, kind="lora-adapter")
 
 
 _NON_SEMANTIC = {"out", "storage_options", "epochs"}
+RUN_KIND = "lora-run"
 
 
 def config_fingerprint(cfg) -> str:
@@ -528,7 +531,11 @@ def train_lora(cfg: LoraTrainConfig, progress: Progress | None = None, resume: b
     """Train an L6 LoRA on the drafter from a store; resumes from ``cfg.out/checkpoint`` when present."""
     ctx = _Dist.setup()
     try:
-        return _Trainer(cfg, progress, resume, ctx).run()
+        # one run owns cfg.out; never a directory egpt did not write (egpt_core/outdir.py); rank 0 holds it
+        claim = outdir.claim_output(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options or None,
+                                    replace=not resume, replace_hint="--no-resume") if ctx.main else nullcontext()
+        with claim:
+            return _Trainer(cfg, progress, resume, ctx).run()
     finally:
         ctx.teardown()
 
@@ -646,8 +653,11 @@ class _Trainer:
             if loaded is not None:
                 state, lora_w, opt_t = loaded
                 if state.get("config_fingerprint") != config_fingerprint(cfg):
-                    raise ConfigError(f"{cfg.out} holds a checkpoint of a different L6 config; use a new out "
-                                      "directory (or resume=False to overwrite it)")
+                    raise ConfigError(f"{cfg.out} holds a checkpoint of a different L6 config; use another --out, "
+                                      "or --no-resume to replace it")
+                if state.get("done") and not rf.exists(join(cfg.out, "best", "adapter_config.json"), self.so):
+                    log.warning("%s: the finished run's best/ adapter is gone; training again from scratch", cfg.out)
+                    state = None
         if ctx.main:
             if state is None:  # a fresh start never continues a stale checkpoint left in cfg.out later
                 rf.remove(join(cfg.out, ck.CHECKPOINT_DIR, "state.json"), self.so)
@@ -683,6 +693,7 @@ class _Trainer:
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             initial = self.validate()
+            self._check_finite(0, 0.0, initial["loss"])
             state = {"epoch": 0, "step": 0, "best_val_loss": initial["loss"], "best_epoch": 0, "bad_epochs": 0,
                      "history": [], "initial_val": initial, "trainable_params": None, "done": False,
                      "stopped_early": False, "config_fingerprint": config_fingerprint(cfg),
@@ -726,6 +737,7 @@ class _Trainer:
             tr_vec = ctx.all_reduce(torch.stack([acc[k] for k in _SUM_KEYS]))
             train_m = summarize(dict(zip(_SUM_KEYS, tr_vec.tolist())), cfg, d)
             val_m = self.validate()
+            self._check_finite(epoch, train_m["loss"], val_m["loss"])
             entry = {"epoch": epoch, "step": step, "lr": lr, "seconds": round(time.perf_counter() - te, 3),
                      **{f"train_{k}": v for k, v in train_m.items()}, **{f"val_{k}": v for k, v in val_m.items()}}
             state["history"].append(entry)
@@ -754,6 +766,19 @@ class _Trainer:
                               f"epoch {epoch}/{cfg.epochs}: val loss {val_m['loss']:.4f} cos {val_m['cos_sim']:.3f}")
         bar.close()
         return self._finish(state, resumed_from, time.perf_counter() - t0)
+
+    def _check_finite(self, epoch: int, train_loss: float, val_loss: float) -> None:
+        """A non-finite loss ends the run: TrainingDivergedError naming the first pair with non-finite
+        target rows when the store holds one, else the learning rate (epoch 0 = the untrained LoRA)."""
+        if math.isfinite(train_loss) and math.isfinite(val_loss):
+            return
+        where = f"{self.cfg.out}: L6 training diverged in epoch {epoch} (train loss {train_loss}, val loss {val_loss})"
+        for s in self.train + self.val:
+            if not torch.isfinite(self.readers[s.src].get(s.pair_id).target.float()).all():
+                raise TrainingDivergedError(f"{where}: pair {s.pair_id!r} holds non-finite target rows in its store; "
+                                            "re-extract or drop that pair")
+        raise TrainingDivergedError(f"{where}: the target rows are finite, so the learning rate (lr={self.cfg.lr}) is "
+                                    "too high; lower it (the last good checkpoint is kept)")
 
     def _provenance(self, state: dict) -> dict[str, Any]:
         return {"format": ck.FORMAT, "drafter": self.cfg.drafter, "drafter_fingerprint": self.drafter.fingerprint,

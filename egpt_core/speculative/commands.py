@@ -4,10 +4,8 @@ baseline on the same pairs)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from egpt_core.config import SpeculateConfig, load_config
-from egpt_core.errors import BadInputError, ConfigError, StoreError
 
 
 def parse_gammas(text: str) -> list[int]:
@@ -75,12 +73,7 @@ def summary_lines(res) -> list[str]:
 def _cmd_speculate(args: argparse.Namespace) -> int:
     from egpt_core.speculative import run_speculative
 
-    try:
-        cfg = config_from_args(args)
-        res = run_speculative(cfg)
-    except (ConfigError, BadInputError, StoreError) as exc:
-        print(f"egpt speculate: {exc}", file=sys.stderr)
-        return 2
+    res = run_speculative(config_from_args(args), overwrite=args.overwrite)
     print(f"{res.name} ({res.mode}): {res.n_pairs} pairs measured, {res.n_failed} failed")
     print("\n".join(summary_lines(res)))
     print(f"\nwrote {res.out_url} (sd_pairs.parquet, sd_metrics.json, report.md, plots)")
@@ -123,4 +116,6 @@ def register(subparsers) -> None:
     p.add_argument("--name", help="configuration name in reports")
     p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
     p.add_argument("--out", help="output directory URL")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier speculative run with other settings in --out (never files egpt did not write)")
     p.set_defaults(func=_cmd_speculate)

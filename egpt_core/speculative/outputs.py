@@ -1,9 +1,9 @@
 """The files of a speculative run directory, and the ONE function that writes into it.
 
 ``write_sd_outputs`` is the only writer of a run directory (the run calls it once at the start with
-``sd_run.json`` - claiming the directory before any model work - and once at the end with
-everything): a run-directory ownership rule (refuse a non-empty directory the project did not write;
-one run per directory) belongs at its top.
+``sd_run.json`` and once at the end with everything), always inside the run's claim on the
+directory (:func:`egpt_core.outdir.claim_output`: a directory egpt did not write is refused, one run
+owns it at a time).
 
 Files: ``sd_pairs.parquet`` (one row per pair and γ), ``sd_metrics.json``, ``report.md``,
 ``sd_speedup.png``, ``sd_timing_breakdown.png``, ``sd_acceptance.png``, ``sd_prefill_timeline.png``,
@@ -27,17 +27,14 @@ METRICS_FILE = "sd_metrics.json"
 REPORT_FILE = "report.md"
 
 
+#: the run's status file, and the kind of output directory a speculative run is (egpt_core.outdir)
 MARKER_FILE = "sd_run.json"
-MARKER_KIND = "egpt-speculate-run"
+OUTPUT_KIND = "speculative"
 
 
 def write_sd_outputs(out_url: str, files: dict[str, bytes], storage_options: dict | None = None) -> list[str]:
-    """Write ``files`` (name -> bytes) into the run directory ``out_url``, each atomically.
-
-    Ownership (minimal, until the project-wide run-directory rule replaces it here): a directory that
-    holds files but no ``sd_run.json`` of a speculative run was not written by this project, and is
-    refused rather than written into."""
-    _check_owned(out_url, storage_options)
+    """Write ``files`` (name -> bytes) into the run directory ``out_url`` (claimed by the caller),
+    each atomically."""
     written = []
     for name, data in files.items():
         if "/" in name or name.startswith("."):
@@ -82,25 +79,3 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def _check_owned(out_url: str, storage_options: dict | None) -> None:
-    from egpt_core.errors import ConfigError
-    from egpt_core.fsio import url_to_fs
-
-    fs, path = url_to_fs(out_url, storage_options)
-    if not fs.exists(path):
-        return
-    if not fs.isdir(path):
-        raise ConfigError(f"out={out_url!r} is a file, not a directory")
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    if not names:
-        return
-    marker = rf.read_bytes(join(out_url, MARKER_FILE), storage_options)
-    try:
-        ours = marker is not None and json.loads(marker).get("kind") == MARKER_KIND
-    except (ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise ConfigError(f"out={out_url!r} already holds files that no `egpt speculate` run wrote "
-                          f"({', '.join(sorted(names)[:5])}); choose an empty or new directory")

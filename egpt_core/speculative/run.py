@@ -23,10 +23,11 @@ import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from egpt_core import outdir
 from egpt_core import runfiles as rf
 from egpt_core.config import ModelLoadConfig, SpeculateConfig
 from egpt_core.data import Pair, build_pairs, load_questions, load_scenes, read_video_frames
-from egpt_core.data.dataset import QUESTIONS_NAME
+from egpt_core.data.dataset import questions_url
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
@@ -34,7 +35,7 @@ from egpt_core.fsio import join
 from egpt_core.speculative import measure
 from egpt_core.speculative.drafting import DraftHead
 from egpt_core.speculative.loop import PairInputs, speculative_generate, target_greedy
-from egpt_core.speculative.outputs import build_outputs, write_sd_outputs
+from egpt_core.speculative.outputs import OUTPUT_KIND, build_outputs, write_sd_outputs
 from egpt_core.speculative.sessions import DrafterSession, Lane, TargetSession
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def plan_pairs(cfg: SpeculateConfig) -> PairPlan:
     else:
         dataset = cfg.dataset
         scene_list = load_scenes(dataset, so, cfg.max_scenes)
-        questions = load_questions(cfg.questions or join(dataset, QUESTIONS_NAME), so, cfg.max_questions)
+        questions = load_questions(questions_url(dataset, cfg.questions), so, cfg.max_questions)
         pairs = build_pairs(scene_list, questions)
         missing = {}
         scene_ids = [s.scene_id for s in scene_list]
@@ -291,15 +292,31 @@ def _sessions(models: Models) -> tuple[TargetSession, DrafterSession | None]:
     return target, drafter
 
 
-def run_speculative(cfg: SpeculateConfig, progress: Progress | None = None) -> SpeculateResult:
-    """Measure cfg's drafter configuration on cfg's pairs and write the outputs under cfg.out."""
+def output_identity(cfg: SpeculateConfig) -> str:
+    """What a speculative run directory holds: every setting but where it goes and how to reach it."""
+    return hash_json({k: v for k, v in rf.config_record(cfg).items() if k != "out"} | {"version": SPECULATE_VERSION})
+
+
+def run_speculative(cfg: SpeculateConfig, progress: Progress | None = None, overwrite: bool = False) -> SpeculateResult:
+    """Measure cfg's drafter configuration on cfg's pairs and write the outputs under cfg.out.
+
+    ``cfg.out`` must be new, empty or an earlier run of the same settings (``overwrite=True``: any
+    earlier speculative run); one run owns it at a time (:mod:`egpt_core.outdir`)."""
     t_start = time.perf_counter()
     source = check_config(cfg)
-    so = cfg.storage_options
-    gammas = sorted(cfg.gammas)
     plan = plan_pairs(cfg)
     _check_checkpoints(cfg, source)
-    write_sd_outputs(cfg.out, {"sd_run.json": _run_marker(cfg, "running")}, so)  # claims the directory
+    with outdir.claim_output(cfg.out, OUTPUT_KIND, output_identity(cfg), cfg.storage_options or None,
+                             replace=overwrite):
+        write_sd_outputs(cfg.out, {"sd_run.json": _run_marker(cfg, "running")}, cfg.storage_options)
+        return _measure(cfg, source, plan, progress, t_start)
+
+
+def _measure(cfg: SpeculateConfig, source: str, plan: PairPlan, progress: Progress | None,
+             t_start: float) -> SpeculateResult:
+    """Load the models, run the loop over the pairs (warm-up untimed), aggregate, write the outputs."""
+    so = cfg.storage_options
+    gammas = sorted(cfg.gammas)
     reader = plan.reader
     store_mode = (reader.meta or {}).get("mode") if reader is not None else None
     lm_head = None

@@ -243,6 +243,25 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
         return None
 
 
+def read_parquet(fs: fsspec.AbstractFileSystem, path: str, store: str, rel: str,
+                 columns: list[str] | None = None) -> pa.Table:
+    """A pairs shard as an Arrow table; a file pyarrow cannot parse -> StoreError naming it.
+
+    Decoded on the calling thread: with Arrow's thread pool (``pq.read_table``'s scanner read-ahead,
+    or ``use_threads=True``) the last reference to the Python buffer can be dropped by an
+    Arrow worker after the call returned; if the interpreter is exiting at that moment the worker
+    dies in that destructor and the process aborts ("terminate called without an active
+    exception", exit 134). Pairs tables are small; threads buy nothing here.
+    """
+    import pyarrow.parquet as pq
+
+    data = fs.cat_file(path)  # one whole GET; a read error propagates as is (retryable)
+    try:
+        return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)
+    except pa.ArrowException as exc:
+        raise StoreError(f"store {store}: {rel} is not a readable Parquet file ({exc})") from exc
+
+
 _ST_CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64",
              torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
 
@@ -482,9 +501,11 @@ def parse_manifest(data: bytes, store: str) -> dict:
             f"store {store}: manifest schema_version {ver!r} is not supported by this version "
             f"(reads <= {SCHEMA_VERSION}); upgrade egpt-pipeline"
         )
-    for key in ("meta", "shards"):
+    for key, kind in (("meta", dict), ("shards", list), ("counts", dict), ("totals", dict)):
         if key not in m:
             raise StoreError(f"store {store}: manifest.json lacks {key!r}")
+        if not isinstance(m[key], kind):
+            raise StoreError(f"store {store}: manifest.json {key!r} is not a JSON {kind.__name__.replace('dict', 'object')}")
     meta = m["meta"]
     if not isinstance(meta, dict) or "hidden_size" not in meta or "dtype" not in meta:
         raise StoreError(f"store {store}: manifest meta must hold hidden_size and dtype")
@@ -524,15 +545,37 @@ def load_manifest(fs: fsspec.AbstractFileSystem, root: str, store: str) -> dict 
     return None if data is None else parse_manifest(data, store)
 
 
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """``path: store X, now Y`` for every leaf where two JSON-like values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if old == new else [f"{path or 'value'}: {old!r} in the store, {new!r} now"]
+
+
+#: what a compat_key is made of, as far as older manifests record it in meta
+_COMPAT_META = ("mode", "generation", "events", "n_video_frames", "models")
+
+
 def check_compatible(existing: dict, new: dict, store: str) -> None:
-    """ConfigError naming the first defining field whose value differs."""
+    """ConfigError naming the first defining field whose value differs (for ``compat_key``, the
+    settings that differ)."""
     for f in DEFINING_FIELDS:
         if f in LATER_DEFINING_FIELDS and existing.get(f) is None:
             continue  # a store written before the field existed: compat_key still guards it
         if f in new and existing.get(f) != new[f]:
+            what = f"meta field {f!r} is {existing.get(f)!r} in the store but {new[f]!r} for this writer"
+            if f == "compat_key":
+                if "compat_settings" in existing and "compat_settings" in new:
+                    diff = _differences(existing["compat_settings"], new["compat_settings"])
+                else:
+                    diff = _differences({k: existing.get(k) for k in _COMPAT_META}, {k: new.get(k) for k in _COMPAT_META})
+                what += (" (settings that differ: " + "; ".join(diff[:6]) + ")" if diff else
+                         " (the extraction version, model loading or retf side differ)")
             raise ConfigError(
-                f"store {store} is incompatible: meta field {f!r} is {existing.get(f)!r} in the store "
-                f"but {new[f]!r} for this writer. Write to a new store URL, or use settings that match "
+                f"store {store} is incompatible: {what}. Write to a new store URL, or use settings that match "
                 "the store."
             )
 
@@ -604,10 +647,12 @@ class StoreLock:
     re-reading our unique token. A lock older than ``stale_s`` (its writer crashed) is broken.
     """
 
+    lock_name = LOCK
+
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, store: str, *, timeout_s: float = 600.0,
                  stale_s: float = 600.0):
         self.fs, self.root, self.store = fs, root, store
-        self.path = f"{root}/{LOCK}"
+        self.path = f"{root}/{self.lock_name}"
         self.timeout_s, self.stale_s = timeout_s, stale_s
         self.token = ""
 
@@ -638,12 +683,13 @@ class StoreLock:
                 self._break(holder)
                 continue
             if time.monotonic() > deadline:
-                raise StoreError(
-                    f"store {self.store}: could not acquire the commit lock {LOCK} within "
-                    f"{self.timeout_s:.0f}s (held by {holder}). If no writer is running, delete {LOCK}."
-                )
+                raise self.busy_error(holder)
             time.sleep(delay * (0.5 + uuid.uuid4().int % 1000 / 1000))
             delay = min(delay * 2, 0.25)
+
+    def busy_error(self, holder: dict | None) -> Exception:
+        return StoreError(f"store {self.store}: could not acquire the commit lock {LOCK} within "
+                          f"{self.timeout_s:.0f}s (held by {holder}). If no writer is running, delete {LOCK}.")
 
     def _try_create(self, payload: bytes) -> bool:
         fs = self.fs

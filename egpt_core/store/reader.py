@@ -35,6 +35,7 @@ from torch.utils.data import Dataset, Sampler
 from egpt_core.errors import StoreError
 from egpt_core.fsio import url_to_fs
 from egpt_core.store import manifest as mf
+from egpt_core.store.retrying import with_retries
 from egpt_core.store.writer import _get_features
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class StoreReader:
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = str(url)
         self.storage_options = storage_options
-        self.fs, root = url_to_fs(self.url, storage_options)
+        fs, root = url_to_fs(self.url, storage_options)
+        self.fs = with_retries(fs)  # a transient fault costs one more request, not a task retry
         self.root = root.rstrip("/")
         self.refresh()
 

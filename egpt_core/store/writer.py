@@ -32,6 +32,7 @@ from egpt_core.errors import ConfigError, StoreError
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import url_to_fs
 from egpt_core.store import manifest as mf
+from egpt_core.store.retrying import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,8 @@ class StoreWriter:
                  lock_timeout_s: float = 600.0, stale_lock_s: float = 600.0):
         self.url = str(url)
         self.storage_options = storage_options
-        self.fs, root = url_to_fs(self.url, storage_options)
+        fs, root = url_to_fs(self.url, storage_options)
+        self.fs = with_retries(fs)  # a transient fault costs one more request, not a task retry
         self.root = root.rstrip("/")
         self.local = mf.is_local_fs(self.fs)
         self._lock_args = {"timeout_s": lock_timeout_s, "stale_s": stale_lock_s}
@@ -158,6 +160,7 @@ class StoreWriter:
         self._committed: dict[str, list[tuple[str, str, str | None]]] = {}  # shard -> [(pair_id, status, input fp)]
         self._committed_ids: set[str] = set()
         self._feature_keys: set[str] | None = None  # listed once: no GET per cache miss
+        self.created_store = False  # True when this writer created the manifest (see discard_if_empty)
         m = self._load()
         if m is None:  # a new store: create its manifest (under the lock: another writer may race us)
             with self._lock():
@@ -166,6 +169,7 @@ class StoreWriter:
                     self._require_meta(("hidden_size", "dtype"))
                     self.meta.setdefault("position_convention", mf.POSITION_CONVENTION)
                     self._save(mf.new_manifest(dict(self.meta)))
+                    self.created_store = True
                     m = self._load()
         mf.check_compatible(m["meta"], self.meta, self.url)
         for f in mf.DEFINING_FIELDS:  # inherit what this writer did not say
@@ -197,6 +201,25 @@ class StoreWriter:
             raise ConfigError(f"store {self.url} is new: meta must give {', '.join(missing)}")
 
     # -- io helpers --------------------------------------------------------------------------------
+    def discard_if_empty(self) -> bool:
+        """Remove the manifest (and LM head) of a store this writer created when no shard was ever
+        committed to it: a run that failed before its first commit must not leave a store whose
+        settings refuse the corrected rerun. True when it was removed."""
+        if not self.created_store:
+            return False
+        with self._lock():
+            m = self._load()
+            if m is None or m["shards"]:
+                return False
+            if m.get("lm_head"):
+                try:
+                    self.fs.rm_file(self._abs(m["lm_head"]["path"]))
+                except FileNotFoundError:
+                    pass
+            self.fs.rm_file(f"{self.root}/{mf.MANIFEST}")
+        log.warning("store %s: removed the empty store this failed run created", self.url)
+        return True
+
     def _lock(self) -> mf.StoreLock:
         return mf.StoreLock(self.fs, self.root, self.url, **self._lock_args)
 

@@ -173,6 +173,16 @@ class Cluster:
         self.workers[name] = (proc, log_path)
         return log_path
 
+    def kill_node(self, name: str) -> None:
+        """SIGKILL a worker and every process it started (its flow runs, which Prefect starts in
+        sessions of their own): a node that vanishes, leaving nobody to report its runs' end."""
+        proc = self.workers[name][0]
+        victims = [proc.pid, *descendants(proc.pid)]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        proc.wait()
+
     def worker_log(self, name: str) -> str:
         return self.workers[name][1].read_text(errors="replace")
 

@@ -76,3 +76,38 @@ def test_drafter_fingerprint_matches_the_loader(drafter, fixture_paths, extract_
     from tasks.extract import drafter_fingerprint
 
     assert drafter_fingerprint(extract_cfg) == drafter.fingerprint
+
+
+def test_a_cached_result_whose_outputs_are_gone_is_recomputed(tmp_path, states_by_name):
+    """Issue 13 item 11: deleting an evaluation's (or adapter run's) outputs and rerunning used to be
+    served from the cache: a reference to files that no longer exist (then `compare` failed forever)."""
+    from egpt_core.adapters.synthetic import write_synthetic_pair_store
+    from egpt_core.config import EvalConfig, TrainAdapterConfig
+    from flows.evaluate import evaluate
+    from flows.train import train_adapter
+
+    store = str(tmp_path / "store")
+    write_synthetic_pair_store(store, hidden_size=16, n_scenes=6, pairs_per_scene=3, shard_size=18)
+    run = tmp_path / "run"
+    train_cfg = TrainAdapterConfig(train=[store], out=str(run), epochs=1)
+    eval_cfg = EvalConfig(store=store, out=str(tmp_path / "eval"), adapter_run=str(run))
+
+    def states(flow, cfg) -> list[str]:
+        state = flow(cfg, return_state=True)
+        assert state.is_completed(), state.message
+        return list(states_by_name(state).values())
+
+    assert states(train_adapter, train_cfg) == ["Completed"]
+    assert states(evaluate, eval_cfg) == ["Completed"]
+    assert states(train_adapter, train_cfg) == ["Cached"] and states(evaluate, eval_cfg) == ["Cached"]
+
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    shutil.rmtree(tmp_path / "eval")
+    assert states(evaluate, eval_cfg) == ["Completed"]  # recomputed, not a reference to nothing
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["summary"] == metrics["summary"]
+    assert states(evaluate, eval_cfg) == ["Cached"]  # and the new result is what the next run finds
+
+    (run / "best.safetensors").unlink()
+    assert states(train_adapter, train_cfg) == ["Completed"]
+    assert (run / "best.safetensors").is_file()
+    assert states(train_adapter, train_cfg) == ["Cached"]

@@ -252,7 +252,7 @@ def test_gpu_limit_named_by_the_worker_environment(monkeypatch):
     acquired: list[str] = []
 
     @contextlib.contextmanager
-    def spy(name, occupy=1, strict=False):
+    def spy(name, occupy=1, strict=False, **kwargs):
         acquired.append(name)
         yield
 

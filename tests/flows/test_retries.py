@@ -106,6 +106,22 @@ def test_a_real_config_error_fails_fast(tmp_path, task_runs):
     assert run.run_count == 1 and "exactly one prediction source" in run.state.message
 
 
+def test_a_diverging_training_run_is_not_retried(tmp_path, task_runs):
+    """A non-finite loss is deterministic: the train-adapter task fails once (no 3 retries, ~70 s of
+    back-off on 0ff812c, which also ended the run Completed with NaN)."""
+    from egpt_core.adapters.synthetic import write_synthetic_pair_store
+    from egpt_core.config import TrainAdapterConfig
+    from flows.train import train_adapter
+
+    store = str(tmp_path / "store")
+    write_synthetic_pair_store(store, hidden_size=16, n_scenes=6, pairs_per_scene=4, shard_size=24)
+    state = train_adapter(TrainAdapterConfig(train=[store], out=str(tmp_path / "run"), epochs=2, lr=1e30),
+                          return_state=True)
+    assert state.is_failed()
+    [run] = task_runs(state.state_details.flow_run_id)
+    assert run.run_count == 1 and "diverged" in run.state.message
+
+
 def test_gpu_slot_is_strict_only_when_the_server_has_the_limit(monkeypatch):
     from prefect import flow, get_client, task
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -115,8 +131,8 @@ def test_gpu_slot_is_strict_only_when_the_server_has_the_limit(monkeypatch):
     acquired: list[tuple] = []
 
     @contextlib.contextmanager
-    def spy(names, occupy=1, strict=False):
-        acquired.append((names, occupy, strict))
+    def spy(names, occupy=1, strict=False, lease_duration=300):
+        acquired.append((names, occupy, strict, lease_duration))
         yield
 
     monkeypatch.setattr(runtime, "concurrency", spy)
@@ -135,6 +151,6 @@ def test_gpu_slot_is_strict_only_when_the_server_has_the_limit(monkeypatch):
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=runtime.GPU_LIMIT, limit=1))
         try:
             assert uses_gpu() == 1
-            assert acquired == [("gpu", 1, True)]
+            assert acquired == [("gpu", 1, True, runtime.GPU_LEASE_S)]  # a dead holder's slot: back in 60 s
         finally:
             client.delete_global_concurrency_limit_by_name(runtime.GPU_LIMIT)

@@ -34,6 +34,23 @@ from egpt_core.config import ExtractConfig
 from egpt_core.store import StoreReader, StoreWriter
 
 RATE = 0.08  # of eligible storage calls
+
+
+@pytest.fixture(autouse=True)
+def store_retries(monkeypatch):
+    """The tests below let each injected fault reach the store's own logic (commit, lock) and the
+    task retries: store-level request retries (egpt_core/store/retrying.py) are off unless a test
+    turns them on with ``store_retries(n)``."""
+    from egpt_core.store import retrying
+
+    monkeypatch.setattr(retrying, "ATTEMPTS", 1)
+    monkeypatch.setattr(retrying, "retried", {})
+
+    def set_attempts(n: int) -> dict:
+        monkeypatch.setattr(retrying, "ATTEMPTS", n)
+        return retrying.retried
+
+    return set_attempts
 N_PAIRS = 12  # fixtures: 4 scenes x 3 questions
 
 
@@ -118,6 +135,46 @@ def test_flow_with_retries_completes_identically_under_faults(prefect_api, basel
     assert state.result().counts == {"ok": N_PAIRS, "failed": 0, "skipped": 0}
     got = snapshot(url)
     assert_same_store(got, baseline)
+    assert leftovers(url) == []
+
+
+@pytest.mark.parametrize("lost_ack", [0.0, 0.5], ids=["fail-before", "half-lost-acks"])
+def test_store_level_retries_absorb_faults_without_a_task_retry(prefect_api, baseline, fixtures_dir, tmp_path,
+                                                                task_retries, store_retries, monkeypatch, lost_ack):
+    """The same 8 % faults with store-level request retries on and NO task or flow retries: the run
+    completes with the identical store, each task runs once (the models are loaded once), and without
+    lost acknowledgements each fault costs exactly one more storage request."""
+    import tasks.extract
+    from flows.extract import extract
+
+    task_retries(0)
+    loads = []
+    real_load = tasks.extract.run_extraction
+
+    def counting(cfg, *args, **kwargs):
+        loads.append(cfg.group_index)
+        return real_load(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.extract, "run_extraction", counting)
+    retried = store_retries(4)
+    url = flaky_fs.url(tmp_path / "clean" / "store")
+    with flaky_fs.faults(rate=0.0) as clean:
+        assert extract(_cfg(fixtures_dir, url), return_state=True).is_completed()
+    loads.clear()
+    url = flaky_fs.url(tmp_path / "store")
+    with flaky_fs.faults(rate=RATE, seed=2024, lost_ack=lost_ack) as plan:
+        state = extract(_cfg(fixtures_dir, url), return_state=True)
+    assert state.is_completed(), state.message
+    flow_runs, task_runs = _run_counts(state)
+    assert flow_runs == 1 and all(n == 1 for n in task_runs.values()), task_runs
+    assert loads == [None]  # one extraction task, its models loaded once
+    assert plan.injected >= 5 and sum(retried.values()) == plan.injected  # every fault absorbed by one retry
+    if not lost_ack:
+        assert sum(plan.calls.values()) == sum(clean.calls.values()) + plan.injected
+    print(f"\n[storage faults, store-level retries, no task retries] lost acks {lost_ack:.0%}: {plan.summary()}; "
+          f"requests {sum(clean.calls.values())} fault-free vs {sum(plan.calls.values())}; retried {retried}; "
+          f"task runs {task_runs}")
+    assert_same_store(snapshot(url), baseline)
     assert leftovers(url) == []
 
 
@@ -355,6 +412,23 @@ def test_a_transient_read_error_is_not_reported_as_a_corrupt_shard(tmp_path):
     tensors.write_bytes(b"\xff" * 64)
     with pytest.raises(StoreError, match="is not readable"):
         list(StoreReader(url).iter_shards())
+
+
+def test_store_level_retries_read_through_transient_faults(tmp_path, store_retries):
+    """The same transient shard read as above, with store-level retries on: the read succeeds with one
+    more request; a fault that outlasts the attempts still propagates as itself (the task retries it)."""
+    url = flaky_fs.url(tmp_path / "store")
+    flaky_fs.configure()
+    _writer(url).commit_shard(*SHARDS[0])
+    retried = store_retries(4)
+    reader = StoreReader(url)
+    with flaky_fs.faults(ops={"cat_file"}, match="/tensors/", fail_calls={1}) as plan:
+        assert len(list(reader.iter_shards())) == 1
+    assert plan.injected == 1 and retried == {"GET": 1} and plan.calls["cat_file"] == 2
+    with flaky_fs.faults(rate=1.0, ops={"cat_file"}, match="/tensors/", max_consecutive=10) as plan:
+        with pytest.raises(flaky_fs.InjectedFault):
+            list(StoreReader(url).iter_shards())
+    assert plan.injected == 4  # the attempts, then the error itself
 
 
 def test_flaky_faults_are_transient_and_seeded(tmp_path):

@@ -209,9 +209,26 @@ def test_an_out_dir_with_files_no_run_wrote_is_refused_and_left_alone(fixtures_d
     out = tmp_path / "theirs"
     out.mkdir()
     (out / "report.md").write_text("somebody else's report")
-    with pytest.raises(ConfigError, match="no `egpt speculate` run wrote"):
+    with pytest.raises(ConfigError, match="not written by egpt|no egpt output marker|holds"):
         run_speculative(_cfg(fixtures_dir, fp32, out, store=fp32_store, identity=True, max_pairs=1, gammas=[1]))
     assert [p.name for p in out.iterdir()] == ["report.md"] and (out / "report.md").read_text() == "somebody else's report"
+
+
+def test_a_second_run_into_a_claimed_out_dir_fails_naming_the_holder(fixtures_dir, fp32, fp32_store, tmp_path):
+    """One run owns a speculative run directory (egpt_core.outdir): a concurrent second run fails at
+    once, before any model is loaded, and leaves the first run's claim alone."""
+    import os
+
+    from egpt_core import outdir
+    from egpt_core.speculative import run_speculative
+    from egpt_core.speculative.outputs import OUTPUT_KIND
+    from egpt_core.speculative.run import output_identity
+
+    cfg = _cfg(fixtures_dir, fp32, tmp_path / "sd", store=fp32_store, identity=True, max_pairs=1, gammas=[1])
+    with outdir.claim_output(cfg.out, OUTPUT_KIND, output_identity(cfg)):  # the first run, still running
+        with pytest.raises(outdir.OutputDirError, match=str(os.getpid())):
+            run_speculative(cfg)
+        assert (tmp_path / "sd" / outdir.LOCK).exists()
 
 
 def test_a_missing_checkpoint_fails_before_the_out_dir_is_claimed(fixtures_dir, fp32, fp32_store, tmp_path):
