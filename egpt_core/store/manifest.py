@@ -48,8 +48,9 @@ TMP_MARK = ".tmp-"
 POSITION_CONVENTION = "row t = final post-norm hidden state at input position P-1+t (predicts g_t)"
 
 #: Meta fields that define a store: a writer whose meta differs in one of them is refused.
-DEFINING_FIELDS = ("hidden_size", "dtype", "mode", "position_convention", "model_fingerprints",
-                   "config_fingerprint", "compat_key")
+#: ``compat_key`` comes before the fingerprints it covers, so a mismatch names the differing setting.
+DEFINING_FIELDS = ("hidden_size", "dtype", "mode", "position_convention", "compat_key", "model_fingerprints",
+                   "config_fingerprint")
 #: Defining fields newer than schema 1's first stores: enforced when the store records them; a store
 #: written before them (none recorded) takes the next writer's values.
 LATER_DEFINING_FIELDS = ("model_fingerprints", "config_fingerprint")

@@ -134,7 +134,7 @@ def test_corrupt_parquet_is_named(synth, tmp_path, capsys):
     pairs = sorted((store / "pairs").glob("*.parquet"))[0]
     pairs.write_bytes(b"PAR1 this is not parquet PAR1")
     _fails_clearly(["train-adapter", "--train", str(store), "--out", str(tmp_path / "r"), "--epochs", "1"], capsys,
-                   pairs.name, "Parquet")
+                   pairs.name, "not readable as committed", "inspect --verify")
     _fails_clearly(["evaluate", "--store", str(store), "--identity", "--out", str(tmp_path / "e")], capsys, pairs.name)
 
 

@@ -168,9 +168,13 @@ def test_store_level_retries_absorb_faults_without_a_task_retry(prefect_api, bas
     flow_runs, task_runs = _run_counts(state)
     assert flow_runs == 1 and all(n == 1 for n in task_runs.values()), task_runs
     assert loads == [None]  # one extraction task, its models loaded once
-    assert plan.injected >= 5 and sum(retried.values()) == plan.injected  # every fault absorbed by one retry
-    if not lost_ack:
+    assert plan.injected >= 3, plan.summary()
+    if not lost_ack:  # every fault absorbed by one retry of the request
+        assert sum(retried.values()) == plan.injected, (plan.log, retried)
         assert sum(plan.calls.values()) == sum(clean.calls.values()) + plan.injected
+    else:  # a lost answer on the lock object may instead be absorbed by the lock's own protocol
+        on_lock = sum(1 for _, path in plan.log if path.endswith("/_lock"))
+        assert plan.injected - on_lock <= sum(retried.values()) <= plan.injected, (plan.log, retried)
     print(f"\n[storage faults, store-level retries, no task retries] lost acks {lost_ack:.0%}: {plan.summary()}; "
           f"requests {sum(clean.calls.values())} fault-free vs {sum(plan.calls.values())}; retried {retried}; "
           f"task runs {task_runs}")
