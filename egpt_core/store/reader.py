@@ -35,6 +35,7 @@ from torch.utils.data import Dataset, Sampler
 from egpt_core.errors import StoreError
 from egpt_core.fsio import url_to_fs
 from egpt_core.store import manifest as mf
+from egpt_core.store.fp8 import decode_rows
 from egpt_core.store.retrying import with_retries
 from egpt_core.store.writer import _get_features
 
@@ -42,11 +43,13 @@ log = logging.getLogger(__name__)
 
 _READ_CHUNK = 256 << 10  # hash each chunk while it is still in cache
 _WHOLE_VERIFY_LOCK = threading.Lock()  # old stores: one whole-shard hash at a time, not one per thread
+DECODED_DTYPE = torch.bfloat16  # what rows of an fp8 (per-row scaled) store decode to
 
 
 @dataclass
 class PairRows:
-    """One pair's rows (``drafter``/``target`` [L, D] in the store dtype) and token ids."""
+    """One pair's rows (``drafter``/``target`` [L, D] in the reader's dtype: the store dtype, or
+    bfloat16 decoded from an fp8 store) and token ids."""
 
     pair_id: str
     scene_id: str
@@ -67,7 +70,7 @@ class PairRows:
 
 @dataclass
 class ShardData:
-    """One committed shard: its ok pairs (table) and packed rows [R, D] (store dtype)."""
+    """One committed shard: its ok pairs (table) and packed rows [R, D] (reader dtype)."""
 
     name: str
     table: pa.Table
@@ -123,7 +126,10 @@ class StoreReader:
         self.manifest = m
         self.meta: dict = m["meta"]
         self.hidden_size = int(self.meta["hidden_size"])
-        self.dtype = mf.torch_dtype(self.meta["dtype"])
+        #: dtype of the rows in the files; ``dtype`` is what readers hand out (fp8 rows decode to bf16)
+        self.stored_dtype = mf.torch_dtype(self.meta["dtype"])
+        self.scaled = mf.is_scaled(self.stored_dtype)
+        self.dtype = DECODED_DTYPE if self.scaled else self.stored_dtype
         self._tables: dict[str, pa.Table] = {}
         self._headers: dict[str, _Header] = {}
         self._whole_verified: set[str] = set()
@@ -218,17 +224,21 @@ class StoreReader:
 
     # -- whole shards -------------------------------------------------------------------------------
     def _load_tensors(self, sh: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """drafter [R, D], target [R, D] (store dtype; views of one verified buffer) and offsets [n+1]."""
+        """drafter [R, D], target [R, D] (store dtype: views of one verified buffer; fp8 stores: decoded
+        with their row scales to bf16) and offsets [n+1]."""
         where = self._where(sh, "tensors")
         buf = self._fetch_shard_file(sh, "tensors")
         n = mf.header_len(buf[:8], where)
         if 8 + n > len(buf):
             raise StoreError(f"{where} is truncated (header of {n} bytes)")
         tensors, _ = mf.parse_tensor_header(memoryview(buf)[8:8 + n], where)
-        layout = mf.check_tensor_layout(sh, tensors, hidden_size=self.hidden_size, dtype=self.dtype,
+        layout = mf.check_tensor_layout(sh, tensors, hidden_size=self.hidden_size, dtype=self.stored_dtype,
                                         where=where, data_len=len(buf) - 8 - n)
         if sys.byteorder != "little":  # safetensors is little-endian
-            d, t, off = (st.load(bytes(buf))[k] for k in mf.TENSOR_KEYS)
+            loaded = st.load(bytes(buf))
+            d, t, off = (loaded[k] for k in mf.TENSOR_KEYS)
+            if self.scaled:
+                d, t = (decode_rows(loaded[k], loaded[k + mf.SCALE_SUFFIX], self.dtype) for k in ("drafter", "target"))
         else:
             def view(key: str) -> torch.Tensor:
                 dt, shape, begin, end = layout[key]
@@ -238,6 +248,9 @@ class StoreReader:
                                         count=(end - begin) // dt.itemsize).view(shape)
 
             d, t, off = view("drafter"), view("target"), view("offsets").clone()
+            if self.scaled:
+                d = decode_rows(d, view("drafter" + mf.SCALE_SUFFIX), self.dtype)
+                t = decode_rows(t, view("target" + mf.SCALE_SUFFIX), self.dtype)
         self._check_offsets(sh, self._table(sh), off, d.shape[0])
         return d, t, off
 
@@ -305,7 +318,8 @@ class StoreReader:
                                  f"{want[:16]}... recorded in the manifest. The store is corrupt or was modified "
                                  f"after commit; `egpt inspect --verify {self.url}` lists every damaged file.")
             tensors, meta = mf.parse_tensor_header(raw, where)
-            layout = mf.check_tensor_layout(sh, tensors, hidden_size=self.hidden_size, dtype=self.dtype, where=where)
+            layout = mf.check_tensor_layout(sh, tensors, hidden_size=self.hidden_size, dtype=self.stored_dtype,
+                                            where=where)
             mf.check_row_layout(self._table(sh), layout["drafter"][1][0], where)
             digests = meta.get(mf.ROW_DIGESTS) if want else None
             if digests is not None and (not isinstance(digests, str)
@@ -348,14 +362,18 @@ class StoreReader:
         where = self._where(sh, "tensors")
         if h.row_digests is None:
             self._verify_whole_once(sh)
+        keys = ("drafter", "target")
+        if self.scaled:
+            keys += ("drafter" + mf.SCALE_SUFFIX, "target" + mf.SCALE_SUFFIX)
         raw = []
-        for key in ("drafter", "target"):
+        for key in keys:
             dt, shape, begin, _ = h.layout[key]
             if row_offset < 0 or row_offset + length > shape[0]:
                 raise StoreError(f"{where}:{key} has {shape[0]} rows; cannot read rows "
                                  f"{row_offset}..{row_offset + length}")
-            start = h.data_start + begin + row_offset * D * dt.itemsize
-            nbytes = length * D * dt.itemsize
+            width = D if len(shape) == 2 else 1
+            start = h.data_start + begin + row_offset * width * dt.itemsize
+            nbytes = length * width * dt.itemsize
             data = self.fs.cat_file(self._abs(sh["files"]["tensors"]), start=start, end=start + nbytes)
             if len(data) != nbytes:
                 raise StoreError(f"{where} is truncated")
@@ -367,6 +385,10 @@ class StoreReader:
                 raise StoreError(f"{where} is not readable as committed: the rows of pair {pid!r} do not match "
                                  "their sha256 in the shard header. The store is corrupt or was modified after "
                                  f"commit; `egpt inspect --verify {self.url}` lists every damaged file.")
+        if self.scaled:
+            q = [torch.frombuffer(bytearray(b), dtype=self.stored_dtype).view(length, D) for b in raw[:2]]
+            sc = [torch.frombuffer(bytearray(b), dtype=torch.float32) for b in raw[2:]]
+            return decode_rows(q[0], sc[0], self.dtype), decode_rows(q[1], sc[1], self.dtype)
         return tuple(torch.frombuffer(bytearray(b), dtype=self.dtype).view(length, D) for b in raw)
 
     def get(self, pair_id: str) -> PairRows:
