@@ -36,6 +36,7 @@ from egpt_core.errors import StoreError
 from egpt_core.fsio import url_to_fs
 from egpt_core.store import manifest as mf
 from egpt_core.store.fp8 import decode_rows
+from egpt_core.store.prefetch import ShardLoader, background
 from egpt_core.store.retrying import with_retries
 from egpt_core.store.writer import _get_features
 
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 _READ_CHUNK = 256 << 10  # hash each chunk while it is still in cache
 _WHOLE_VERIFY_LOCK = threading.Lock()  # old stores: one whole-shard hash at a time, not one per thread
 DECODED_DTYPE = torch.bfloat16  # what rows of an fp8 (per-row scaled) store decode to
+PREFETCH_SHARDS = 2  # shards read (fetched, verified, decoded) ahead of the consumer, in a thread
+TABLE_CACHE = 16  # pairs tables kept per reader (LRU): memory does not grow with the store
 
 
 @dataclass
@@ -130,7 +133,8 @@ class StoreReader:
         self.stored_dtype = mf.torch_dtype(self.meta["dtype"])
         self.scaled = mf.is_scaled(self.stored_dtype)
         self.dtype = DECODED_DTYPE if self.scaled else self.stored_dtype
-        self._tables: dict[str, pa.Table] = {}
+        self._tables: OrderedDict[str, pa.Table] = OrderedDict()  # LRU of TABLE_CACHE shards
+        self._tables_lock = threading.Lock()
         self._headers: dict[str, _Header] = {}
         self._whole_verified: set[str] = set()
         self._index: dict[str, tuple[int, int]] | None = None
@@ -199,24 +203,39 @@ class StoreReader:
 
     # -- pairs tables -----------------------------------------------------------------------------
     def _table(self, sh: dict) -> pa.Table:
+        """The shard's pairs table (verified); the last TABLE_CACHE are kept, so a reader's memory does
+        not grow with the number of shards it has read."""
         name = sh["name"]
-        if name not in self._tables:
-            data = self._fetch_shard_file(sh, "pairs")
-            try:
-                # single-threaded: pyarrow's thread pools racing interpreter exit abort the process
-                # ("terminate called without an active exception") after torch is loaded
-                t = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
-            except (pa.ArrowException, OSError, ValueError) as exc:
-                raise StoreError(f"{self._where(sh, 'pairs')} is not a readable Parquet file ({exc})") from exc
-            self._tables[name] = mf.conform_pairs_table(t)
-        return self._tables[name]
+        with self._tables_lock:
+            if name in self._tables:
+                self._tables.move_to_end(name)
+                return self._tables[name]
+        data = self._fetch_shard_file(sh, "pairs")
+        try:
+            # single-threaded: pyarrow's thread pools racing interpreter exit abort the process
+            # ("terminate called without an active exception") after torch is loaded
+            t = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise StoreError(f"{self._where(sh, 'pairs')} is not a readable Parquet file ({exc})") from exc
+        t = mf.conform_pairs_table(t)
+        with self._tables_lock:
+            self._tables[name] = t
+            while len(self._tables) > TABLE_CACHE:
+                self._tables.popitem(last=False)
+        return t
 
     def pairs(self, status: str | None = None, columns: Sequence[str] | None = None) -> pa.Table:
-        """All pairs (or those with ``status``) as one Arrow table; shard tables are read lazily."""
-        tables = [self._table(sh) for sh in self.shards]
-        t = pa.concat_tables(tables) if tables else mf.PAIR_SCHEMA.empty_table()
-        if status is not None:
-            t = t.filter(pc.equal(t.column("status"), status))
+        """All pairs (or those with ``status``) as one Arrow table of ``columns`` (all by default); shard
+        tables are read one at a time and only the selected rows and columns are kept."""
+        tables = []
+        for sh in self.shards:
+            t = self._table(sh)
+            if status is not None:
+                t = t.filter(pc.equal(t.column("status"), status))
+            tables.append(t.select(list(columns)) if columns else t)
+        if tables:
+            return pa.concat_tables(tables)
+        t = mf.PAIR_SCHEMA.empty_table()
         return t.select(list(columns)) if columns else t
 
     def pair_ids(self, status: str | None = "ok") -> list[str]:
@@ -260,31 +279,44 @@ class StoreReader:
         if offsets.tolist()[:-1] != table.column("row_offset").to_pylist() or int(offsets[-1]) != rows:
             raise StoreError(f"{where}: offsets disagree with its pairs table")
 
-    def iter_shards(self) -> Iterator[ShardData]:
-        """One shard at a time: (name, table of its ok pairs, drafter [R, D], target [R, D])."""
-        for sh in self.shards:
-            table = self._table(sh)
-            d, t, _ = self._load_tensors(sh)
-            ok = table.filter(pc.equal(table.column("status"), "ok"))
-            yield ShardData(sh["name"], ok, d, t)
+    def iter_shards(self, prefetch: int = PREFETCH_SHARDS) -> Iterator[ShardData]:
+        """One shard at a time: (name, table of its ok pairs, drafter [R, D], target [R, D]). The next
+        ``prefetch`` shards are read, verified and decoded in a background thread meanwhile (0: inline);
+        a read error is raised here, at the shard it belongs to."""
+        def shards() -> Iterator[ShardData]:
+            for sh in self.shards:
+                table = self._table(sh)
+                d, t, _ = self._load_tensors(sh)
+                ok = table.filter(pc.equal(table.column("status"), "ok"))
+                yield ShardData(sh["name"], ok, d, t)
 
-    def iter_pairs(self, status: str | None = "ok") -> Iterator[PairRows]:
-        """Every pair (with ``status``), shard by shard; rows are views into the loaded shard."""
+        return background(shards, prefetch, name=f"prefetch {self.url}")
+
+    def iter_pairs(self, status: str | None = "ok", prefetch: int = PREFETCH_SHARDS) -> Iterator[PairRows]:
+        """Every pair (with ``status``), shard by shard; rows are views into the loaded shard, and the
+        next ``prefetch`` shards load in a background thread (see :meth:`iter_shards`)."""
         empty = torch.zeros(0, self.hidden_size, dtype=self.dtype)
-        for sh in self.shards:
-            table = self._table(sh)
-            if status is not None:
-                table = table.filter(pc.equal(table.column("status"), status))
-            if table.num_rows == 0:
-                continue
-            if status is not None and status != "ok":
-                for row in table.to_pylist():
-                    yield _pair_rows(row, empty, empty)
-                continue
-            d, t, _ = self._load_tensors(sh)
+
+        def shards() -> Iterator[tuple[pa.Table, torch.Tensor | None, torch.Tensor | None]]:
+            for sh in self.shards:
+                table = self._table(sh)
+                if status is not None:
+                    table = table.filter(pc.equal(table.column("status"), status))
+                if table.num_rows == 0:
+                    continue
+                if status is not None and status != "ok":
+                    yield table, None, None
+                    continue
+                d, t, _ = self._load_tensors(sh)
+                yield table, d, t
+
+        for table, d, t in background(shards, prefetch, name=f"prefetch {self.url}"):
             for row in table.to_pylist():
-                a, n = row["row_offset"], row["length"]
-                yield _pair_rows(row, d[a:a + n], t[a:a + n])
+                if d is None:
+                    yield _pair_rows(row, empty, empty)
+                else:
+                    a, n = row["row_offset"], row["length"]
+                    yield _pair_rows(row, d[a:a + n], t[a:a + n])
 
     # -- random access ------------------------------------------------------------------------------
     def _build_index(self) -> dict[str, tuple[int, int]]:
@@ -444,8 +476,10 @@ class StoreReader:
         return {"files": files, "bytes": total, "problems": problems}
 
     # -- training views -----------------------------------------------------------------------------
-    def dataset(self, pair_ids: Sequence[str] | None = None, cache_shards: int = 2) -> PairDataset:
-        """A torch Dataset of unpadded ok pairs (all, or ``pair_ids`` in that order)."""
+    def dataset(self, pair_ids: Sequence[str] | None = None, cache_shards: int = 2,
+                prefetch: int = PREFETCH_SHARDS) -> PairDataset:
+        """A torch Dataset of unpadded ok pairs (all, or ``pair_ids`` in that order); shards load
+        ``prefetch`` ahead in a background thread (see :class:`PairDataset`)."""
         items = []
         if pair_ids is None:
             for si, sh in enumerate(self.shards):
@@ -464,7 +498,7 @@ class StoreReader:
                 if row["status"] != "ok":
                     raise KeyError(f"pair {pid!r} has status {row['status']!r} ({row['reason']}); it has no rows")
                 items.append((si, row["row_offset"], row["length"], pid, row["scene_id"]))
-        return PairDataset(self, items, cache_shards)
+        return PairDataset(self, items, cache_shards, prefetch)
 
     def lm_head(self) -> torch.Tensor:
         """The target's LM head ``[V, D]`` in its stored dtype."""
@@ -512,13 +546,22 @@ class PairDataset(Dataset):
 
     Rows come from whole-shard loads kept in a small LRU (``cache_shards``). Iterate in shard order
     (the default order, or :class:`ShardGroupedSampler` for shuffling) so each shard loads once.
+    When a shard is first needed, the shards that follow it in the items' order and are not cached
+    yet (up to ``prefetch``, and never more than the cache holds) load in a background thread, so
+    the consumer finds them ready; a load error is raised by the ``__getitem__`` that needs it.
     """
 
-    def __init__(self, reader: StoreReader, items: list[tuple[int, int, int, str, str]], cache_shards: int = 2):
+    def __init__(self, reader: StoreReader, items: list[tuple[int, int, int, str, str]], cache_shards: int = 2,
+                 prefetch: int = PREFETCH_SHARDS):
         self.reader = reader
         self.items = items
         self.cache_shards = max(1, int(cache_shards))
+        self.prefetch = max(0, min(int(prefetch), self.cache_shards - 1))
         self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._sequence = list(dict.fromkeys(it[0] for it in items))  # shards in order of first use
+        self._position = {s: k for k, s in enumerate(self._sequence)}
+        self._loader: ShardLoader | None = None
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -534,15 +577,40 @@ class PairDataset(Dataset):
     def shard_of(self, i: int) -> int:
         return self.items[i][0]
 
-    def _shard(self, si: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if si in self._cache:
-            self._cache.move_to_end(si)
-            return self._cache[si]
+    def _load(self, si: int) -> tuple[torch.Tensor, torch.Tensor]:
         d, t, _ = self.reader._load_tensors(self.reader.shards[si])
-        self._cache[si] = (d, t)
-        while len(self._cache) > self.cache_shards:
-            self._cache.popitem(last=False)
         return d, t
+
+    def _shard(self, si: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            if si in self._cache:
+                self._cache.move_to_end(si)
+                return self._cache[si]
+            if self.prefetch and self._loader is None:
+                self._loader = ShardLoader(self._load, self.prefetch)
+            loader = self._loader
+        d, t = loader.get(si) if loader is not None else self._load(si)
+        with self._lock:
+            self._cache[si] = (d, t)
+            while len(self._cache) > self.cache_shards:
+                self._cache.popitem(last=False)
+            if loader is not None:  # read ahead: the next shards not cached, within the cache's room
+                room = self.cache_shards - 1
+                k = self._position.get(si, len(self._sequence))
+                for nxt in self._sequence[k + 1:k + 1 + 4 * self.cache_shards]:
+                    if room <= 0:
+                        break
+                    if nxt in self._cache:
+                        continue
+                    loader.request(nxt)
+                    room -= 1
+        return d, t
+
+    def close(self) -> None:
+        """Stop the read-ahead thread (it also ends with the dataset)."""
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
 
     def __getitem__(self, i: int) -> dict:
         si, off, n, pid, sid = self.items[i]
@@ -558,7 +626,13 @@ class PairDataset(Dataset):
     def __getstate__(self) -> dict:  # DataLoader workers: do not ship cached shards
         state = self.__dict__.copy()
         state["_cache"] = OrderedDict()
+        state["_loader"] = None
+        state.pop("_lock", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 class ShardGroupedSampler(Sampler[int]):
