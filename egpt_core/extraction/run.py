@@ -391,7 +391,7 @@ def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], fi
     shards = [pending[i : i + cfg.shard_size] for i in range(0, len(pending), cfg.shard_size)]
     n_done = n_shards = 0
     bar = tqdm(total=len(pending), desc=f"extract[{cfg.mode}]", unit="pair", disable=None)
-    videos = _Videos(cfg, target if cfg.mode != "retf" or cfg.retf_side == "target" else None)
+    videos = _Videos(cfg, target)
     try:
         for k, shard in enumerate(shards):
             videos.schedule([*shard, *(shards[k + 1] if k + 1 < len(shards) else [])])  # this shard + the next
