@@ -34,6 +34,7 @@ from torch.utils.data import Dataset, Sampler
 
 from egpt_core.errors import StoreError
 from egpt_core.fsio import url_to_fs
+from egpt_core.memory import pin_mmap_threshold
 from egpt_core.store import manifest as mf
 from egpt_core.store.fp8 import decode_rows
 from egpt_core.store.prefetch import ShardLoader, background
@@ -114,6 +115,7 @@ class StoreReader:
     stays inside the store)."""
 
     def __init__(self, url: str, storage_options: dict | None = None):
+        pin_mmap_threshold()  # shard buffers and decoded rows: freed memory goes back to the OS
         self.url = str(url)
         self.storage_options = storage_options
         fs, root = url_to_fs(self.url, storage_options)
