@@ -74,7 +74,7 @@ def _flow_fraction(cfg, root: Path) -> dict:
 
     fwd = ForwardTimer(None)
     sections = SectionTimer(fwd)
-    targets = [(task_mod, "load_models", "model_load"), (task_mod, "load_eventgpt", "model_load"),
+    targets = [(task_mod, "videollava_identity", "model_load"), (task_mod, "load_eventgpt", "model_load"),
                (run_mod, "load_models", "model_load_in_extract"), (task_mod, "run_extraction", "run_extraction"),
                (task_mod, "scene_features", "features_task"), (FingerprintPolicy, "compute_key", "cache_keys")]
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(root / "prefect-results")}):
