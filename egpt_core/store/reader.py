@@ -141,6 +141,16 @@ class StoreReader:
         self._whole_verified: set[str] = set()
         self._index: dict[str, tuple[int, int]] | None = None
 
+    def __getstate__(self) -> dict:  # spawned DataLoader workers: no lock, no cached tables
+        state = self.__dict__.copy()
+        state.pop("_tables_lock", None)
+        state["_tables"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tables_lock = threading.Lock()
+
     # -- manifest views ---------------------------------------------------------------------------
     @property
     def shards(self) -> list[dict]:
@@ -563,6 +573,7 @@ class PairDataset(Dataset):
         self._sequence = list(dict.fromkeys(it[0] for it in items))  # shards in order of first use
         self._position = {s: k for k, s in enumerate(self._sequence)}
         self._loader: ShardLoader | None = None
+        self._loader_pid = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -588,8 +599,11 @@ class PairDataset(Dataset):
             if si in self._cache:
                 self._cache.move_to_end(si)
                 return self._cache[si]
+            if self._loader is not None and self._loader_pid != os.getpid():
+                self._loader = None  # a forked DataLoader worker: the parent's thread is not here
             if self.prefetch and self._loader is None:
                 self._loader = ShardLoader(self._load, self.prefetch)
+                self._loader_pid = os.getpid()
             loader = self._loader
         d, t = loader.get(si) if loader is not None else self._load(si)
         with self._lock:

@@ -195,3 +195,40 @@ def test_reader_keeps_a_bounded_number_of_pairs_tables(tmp_path):
     assert len(list(r.iter_pairs())) == n
     assert len(r.pair_ids()) == n and r.get(r.pair_ids()[0]).pair_id == r.pair_ids()[0]
     assert len(r._tables) <= reader_mod.TABLE_CACHE
+
+
+_FORKED: dict = {}
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_pair_dataset_in_a_forked_worker_reads_without_the_parents_thread(tmp_path):
+    import multiprocessing as mp
+
+    url = str(tmp_path / "s")
+    _store(url, 3)
+    ds = StoreReader(url).dataset(cache_shards=2)
+    ds[0]  # the parent's read-ahead thread exists now
+    _FORKED["ds"] = ds  # inherited by fork, not pickled (as a fork-started DataLoader worker's dataset)
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_read_all_forked).get(timeout=120)  # the parent's thread is not in the child
+    assert got == ds.pair_ids
+    ds.close()
+
+
+def _read_all_forked() -> list[str]:
+    ds = _FORKED["ds"]
+    ds._cache.clear()
+    return [ds[i]["pair_id"] for i in range(len(ds))]
+
+
+def test_pair_dataset_pickles_for_spawned_workers(tmp_path):
+    import pickle
+
+    url = str(tmp_path / "s")
+    _store(url, 3)
+    ds = StoreReader(url).dataset(cache_shards=2)
+    ds[0]
+    copy = pickle.loads(pickle.dumps(ds))
+    assert [copy[i]["pair_id"] for i in range(len(copy))] == ds.pair_ids
+    ds.close()
+    copy.close()
