@@ -63,12 +63,14 @@ def compute_features(cfg: ExtractConfig, scene_ids: list[str]) -> FeaturesRef:
                                 storage_options=cfg.storage_options)
         if store_exists(cfg.store, cfg.storage_options):
             writer = StoreWriter(cfg.store, {}, cfg.storage_options)
-        else:
-            target = videollava_identity(cfg.target, cfg.storage_options)
-            if target.hidden_size != drafter.hidden_size:
+        else:  # the models the extraction records: retf names only the side it recomputes
+            need_d = cfg.mode != "retf" or cfg.retf_side == "drafter"
+            target = videollava_identity(cfg.target, cfg.storage_options) \
+                if cfg.mode != "retf" or cfg.retf_side == "target" else None
+            if target is not None and target.hidden_size != drafter.hidden_size:
                 raise ConfigError(f"drafter hidden size {drafter.hidden_size} != target hidden size "
                                   f"{target.hidden_size} ({cfg.drafter}, {cfg.target})")
-            writer = StoreWriter(cfg.store, store_meta(cfg, drafter, target), cfg.storage_options)
+            writer = StoreWriter(cfg.store, store_meta(cfg, drafter if need_d else None, target), cfg.storage_options)
         for i, scene in enumerate(scenes):
             try:
                 scene_features(scene, drafter, cfg.events, writer, cfg.storage_options, stats)
