@@ -166,10 +166,11 @@ class ExtractConfig(_Model):
     min_tokens: int = Field(5, ge=1, title="Advanced: min tokens",
                             description="pairs with fewer generated tokens are recorded as skipped")
     shard_size: int = Field(64, ge=1, title="Advanced: shard size", description="pairs per committed shard")
-    store_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+    store_dtype: Literal["bfloat16", "float16", "float32", "float8_e4m3fn"] = Field(
         "bfloat16", title="Advanced: store dtype",
         description="dtype of the hidden states in the store; float32 for exact checks (e.g. measured vs "
-        "simulated acceptance)")
+        "simulated acceptance); float8_e4m3fn halves the bytes of bf16 (one float32 scale per row, "
+        "decoded to bf16 on read)")
     lm_head_dtype: Literal["model", "float32"] = Field(
         "model", title="Advanced: LM head dtype",
         description="target LM head in the store: as loaded ('model'), or the checkpoint's own values "

@@ -155,3 +155,39 @@ def decide_data_cache(data_bytes: int, cache_gb: float | None, local_ranks: int 
                                  "whole shards held in RAM")
     return DataCacheDecision("byte-range", data_bytes, budget, available, ranks,
                              f"{_gb(data_bytes)} of tensor shards > RAM budget {_gb(budget)} ({how}): {streamed}")
+
+
+# --------------------------------------------------------------------------------------------------
+# allocator: big, short-lived buffers go back to the OS when freed
+# --------------------------------------------------------------------------------------------------
+#: buffers at least this large (whole shards, padded batches [B, S, D], decoded rows) are mmapped by
+#: glibc and returned to the OS on free. glibc's default threshold (128 KiB) is *dynamic*: freeing one
+#: mmapped buffer raises it to that buffer's size, after which same-sized buffers come from the heap,
+#: whose holes are rarely returned -- RSS then creeps up with every shard and batch.
+MMAP_THRESHOLD_BYTES = 256 << 10
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+_MMAP_PINNED: bool | None = None
+
+
+def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap threshold (as ``MALLOC_MMAP_THRESHOLD_`` would), which turns off its dynamic
+    adjustment, so large tensors freed by a long loop do not fragment the heap. Once per process;
+    True when set (glibc), False elsewhere (other C libraries, or an explicit environment setting,
+    which wins)."""
+    global _MMAP_PINNED
+    if _MMAP_PINNED is not None:
+        return _MMAP_PINNED
+    _MMAP_PINNED = False
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return False
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
+            _MMAP_PINNED = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except OSError:
+        pass
+    return _MMAP_PINNED

@@ -11,13 +11,13 @@ from prefect.runtime import flow_run, task_run
 
 from egpt_core.config import ExtractConfig
 from egpt_core.data import load_scenes
-from egpt_core.errors import BadInputError
-from egpt_core.extraction import load_models, plan_pairs, run_extraction
+from egpt_core.errors import BadInputError, ConfigError
+from egpt_core.extraction import plan_pairs, run_extraction
 from egpt_core.extraction.features import scene_features
 from egpt_core.extraction.run import store_meta
 from egpt_core.fsio import join, url_to_fs
 from egpt_core.models.loading import drafter_fingerprint as _drafter_fingerprint
-from egpt_core.models.loading import load_eventgpt
+from egpt_core.models.loading import load_eventgpt, videollava_identity
 from egpt_core.store import StoreReader, StoreWriter
 from egpt_core.store.retrying import with_retries
 from tasks.caching import FingerprintPolicy, extract_material, features_material
@@ -56,14 +56,21 @@ def compute_features(cfg: ExtractConfig, scene_ids: list[str]) -> FeaturesRef:
     stats: dict[str, int] = {}
     failed: dict[str, str] = {}
     with gpu_slot():
-        if store_exists(cfg.store, cfg.storage_options):  # features need the drafter only
-            drafter = load_eventgpt(cfg.drafter, cfg.load, double_adaptor=cfg.events.double_feature_adaptor,
-                                    storage_options=cfg.storage_options)
+        # features need the drafter only; a new store is created with the full metadata, which names
+        # both models: the target's fingerprint and hidden size come from its files (the extract task
+        # loads the target, once)
+        drafter = load_eventgpt(cfg.drafter, cfg.load, double_adaptor=cfg.events.double_feature_adaptor,
+                                storage_options=cfg.storage_options)
+        if store_exists(cfg.store, cfg.storage_options):
             writer = StoreWriter(cfg.store, {}, cfg.storage_options)
-        else:  # a new store is created with the full metadata, which names both models
-            drafter, target = load_models(cfg)
-            writer = StoreWriter(cfg.store, store_meta(cfg, drafter, target), cfg.storage_options)
-            del target
+        else:  # the models the extraction records: retf names only the side it recomputes
+            need_d = cfg.mode != "retf" or cfg.retf_side == "drafter"
+            target = videollava_identity(cfg.target, cfg.storage_options) \
+                if cfg.mode != "retf" or cfg.retf_side == "target" else None
+            if target is not None and target.hidden_size != drafter.hidden_size:
+                raise ConfigError(f"drafter hidden size {drafter.hidden_size} != target hidden size "
+                                  f"{target.hidden_size} ({cfg.drafter}, {cfg.target})")
+            writer = StoreWriter(cfg.store, store_meta(cfg, drafter if need_d else None, target), cfg.storage_options)
         for i, scene in enumerate(scenes):
             try:
                 scene_features(scene, drafter, cfg.events, writer, cfg.storage_options, stats)

@@ -89,7 +89,7 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-head-dtype", choices=["model", "float32"],
                    help="store the target LM head as loaded (default) or the checkpoint's values in float32")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--store-dtype", choices=["bfloat16", "float16", "float32"],
+    p.add_argument("--store-dtype", choices=["bfloat16", "float16", "float32", "float8_e4m3fn"],
                    help="dtype of the stored rows (default bfloat16; float32 for an exact `egpt speculate` cross-check)")
     p.add_argument("--quant", choices=["none", "nf4"])
     p.add_argument("--device")

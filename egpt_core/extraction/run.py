@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -126,19 +127,66 @@ def _record(pair: Pair, status: str = "ok", reason: str | None = None, input_fin
     }
 
 
+VIDEO_WORKERS = 2  # threads decoding + processing videos ahead of the model work (PyAV releases the GIL)
+
+
+class _Videos:
+    """Videos decoded and run through the target's video processor once per scene, in background
+    threads, for the shard being extracted and the next one (bounded: futures of other scenes are
+    dropped). A decode error surfaces, as itself, where the pair asks for the video."""
+
+    def __init__(self, cfg: ExtractConfig, target, workers: int = VIDEO_WORKERS):
+        self.cfg, self.target = cfg, target
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="video-decode") \
+            if target is not None and workers > 0 else None
+        self.futures: dict[str, Future] = {}
+
+    def _load(self, scene):
+        if not scene.video_path:
+            raise BadInputError(scene.scene_id, "scene has no video (video_data)")
+        frames = read_video_frames(scene.video_path, self.cfg.n_video_frames, self.cfg.storage_options,
+                                   strategy=self.cfg.frame_sampling)
+        return self.target.prepare_video(frames)
+
+    def schedule(self, pairs: Sequence[Pair]) -> None:
+        """Start decoding the videos of ``pairs`` (in order); forget those of other scenes."""
+        if self.pool is None:
+            return
+        wanted = {p.scene.scene_id: p.scene for p in pairs}
+        for sid in [s for s in self.futures if s not in wanted]:
+            self.futures.pop(sid).cancel()
+        for sid, scene in wanted.items():
+            if sid not in self.futures:
+                self.futures[sid] = self.pool.submit(self._load, scene)
+
+    def get(self, pair: Pair):
+        fut = self.futures.get(pair.scene.scene_id) if self.pool is not None else None
+        return fut.result() if fut is not None else self._load(pair.scene)
+
+    def close(self) -> None:
+        for f in self.futures.values():
+            f.cancel()
+        self.futures.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _Inputs:
     """Per-shard input preparation with a per-scene memo; bad input becomes a recorded reason.
 
     ``fingerprints``: pair_id -> input fingerprint (recorded with each pair); ``reserved``: strings a
-    question must not contain (the models' placeholders and control tokens)."""
+    question must not contain (the models' placeholders and control tokens); ``videos``: the run's
+    background video decoder (None: decode inline)."""
 
     def __init__(self, cfg: ExtractConfig, drafter, target, writer, stats: dict,
-                 fingerprints: dict[str, str] | None = None, reserved: list[str] | None = None):
+                 fingerprints: dict[str, str] | None = None, reserved: list[str] | None = None,
+                 videos: _Videos | None = None):
         self.cfg, self.drafter, self.target, self.writer, self.stats = cfg, drafter, target, writer, stats
         self.fingerprints = fingerprints or {}
         self.reserved = reserved if reserved is not None else guards.reserved_strings(drafter, target)
+        self.videos = videos if videos is not None else _Videos(cfg, target, workers=0)
         self._features: dict[str, torch.Tensor | BadInputError] = {}
-        self._video: dict[str, list | BadInputError] = {}
+        self._video: dict[str, object] = {}
 
     @staticmethod
     def _memo(cache: dict, key: str, compute: Callable[[], object]):
@@ -156,14 +204,9 @@ class _Inputs:
         return self._memo(self._features, pair.scene.scene_id, lambda: scene_features(
             pair.scene, self.drafter, self.cfg.events, self.writer, self.cfg.storage_options, self.stats))
 
-    def video(self, pair: Pair) -> list:
-        def read() -> list:
-            if not pair.scene.video_path:
-                raise BadInputError(pair.scene.scene_id, "scene has no video (video_data)")
-            return read_video_frames(pair.scene.video_path, self.cfg.n_video_frames, self.cfg.storage_options,
-                                     strategy=self.cfg.frame_sampling)
-
-        return self._memo(self._video, pair.scene.scene_id, read)
+    def video(self, pair: Pair):
+        """The scene's video, decoded and processed once (``VideoLlavaTarget.prepare_video``)."""
+        return self._memo(self._video, pair.scene.scene_id, lambda: self.videos.get(pair))
 
 
 def _response_status(ids: list[int], eos: int | None, min_tokens: int) -> tuple[str, str | None]:
@@ -196,7 +239,7 @@ def _extract_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, ta
                 problem = guards.context_problem("drafter", drafter.model.expanded_len(d_prompts[i], feats[i].shape[0]),
                                                  new_tokens, guards.context_size(drafter))
             if target is not None and problem is None:
-                t_prompts[i], videos[i] = target.prepare(p.question, inputs.video(p))
+                t_prompts[i], videos[i] = target.prepare_question(p.question, inputs.video(p))
                 recs[i]["target_prompt_ids"] = t_prompts[i]
                 problem = guards.context_problem("target", len(t_prompts[i]), new_tokens, guards.context_size(target))
         except BadInputError as exc:
@@ -348,23 +391,15 @@ def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], fi
     shards = [pending[i : i + cfg.shard_size] for i in range(0, len(pending), cfg.shard_size)]
     n_done = n_shards = 0
     bar = tqdm(total=len(pending), desc=f"extract[{cfg.mode}]", unit="pair", disable=None)
-    for shard in shards:
-        inputs = _Inputs(cfg, drafter, target, writer, stats, fingerprints, reserved)
-        source_rows = _source_rows(source, shard) if source is not None else None
-        records, d_rows, t_rows = [], [], []
-        for b in range(0, len(shard), cfg.batch_size):
-            batch = shard[b : b + cfg.batch_size]
-            r, d, t = _extract_batch(batch, cfg.mode, cfg, drafter, target, inputs, source_rows)
-            records += r
-            d_rows += d
-            t_rows += t
-            bar.update(len(batch))
-        if writer.commit_shard(records, d_rows, t_rows) is not None:
-            n_shards += 1
-        n_done += len(shard)
-        if progress:
-            progress(n_done / max(len(pending), 1), f"{n_done}/{len(pending)} pairs, {n_shards} shards committed")
-    bar.close()
+    videos = _Videos(cfg, target)
+    try:
+        for k, shard in enumerate(shards):
+            videos.schedule([*shard, *(shards[k + 1] if k + 1 < len(shards) else [])])  # this shard + the next
+            n_done, n_shards = _extract_shard(cfg, writer, shard, drafter, target, source, stats, fingerprints,
+                                              reserved, videos, bar, progress, n_done, n_shards, len(pending))
+    finally:
+        videos.close()
+        bar.close()
     man = StoreReader(cfg.store, cfg.storage_options).manifest
     reasons = dict(man.get("reasons", {}))  # counted per shard at commit: no table reads here
     return ExtractSummary(
@@ -373,6 +408,28 @@ def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], fi
         shards_committed=n_shards, pairs_processed=n_done, seconds=round(time.perf_counter() - t0, 3),
         reasons=reasons, lm_head_written=bool(lm_written), features=stats,
     )
+
+
+def _extract_shard(cfg: ExtractConfig, writer: StoreWriter, shard: list[Pair], drafter, target,
+                   source: StoreReader | None, stats: dict, fingerprints: dict, reserved: list[str], videos: _Videos,
+                   bar, progress: Progress | None, n_done: int, n_shards: int, n_pending: int) -> tuple[int, int]:
+    """Extract and commit one shard -> (pairs done, shards committed) so far."""
+    inputs = _Inputs(cfg, drafter, target, writer, stats, fingerprints, reserved, videos)
+    source_rows = _source_rows(source, shard) if source is not None else None
+    records, d_rows, t_rows = [], [], []
+    for b in range(0, len(shard), cfg.batch_size):
+        batch = shard[b : b + cfg.batch_size]
+        r, d, t = _extract_batch(batch, cfg.mode, cfg, drafter, target, inputs, source_rows)
+        records += r
+        d_rows += d
+        t_rows += t
+        bar.update(len(batch))
+    if writer.commit_shard(records, d_rows, t_rows) is not None:
+        n_shards += 1
+    n_done += len(shard)
+    if progress:
+        progress(n_done / max(n_pending, 1), f"{n_done}/{n_pending} pairs, {n_shards} shards committed")
+    return n_done, n_shards
 
 
 def _source_rows(source: StoreReader, shard: list[Pair]) -> dict:

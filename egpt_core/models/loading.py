@@ -333,6 +333,28 @@ def _tensor_digest(module) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    """What a store's metadata records about a model, read from its files without loading it."""
+
+    path: str
+    fingerprint: str
+    hidden_size: int
+
+
+def videollava_identity(path: str, storage_options: dict | None = None) -> CheckpointIdentity:
+    """`load_videollava(path).fingerprint` and hidden size from the checkpoint's files (no weights loaded)."""
+    ckpt = local_checkpoint(path, storage_options)
+    raw = json.loads((ckpt / "config.json").read_text())
+    if raw.get("model_type") != "video_llava":
+        raise ConfigError(f"{ckpt}/config.json: model_type {raw.get('model_type')!r}, expected 'video_llava'")
+    try:
+        hidden = int(raw["text_config"]["hidden_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{ckpt}/config.json: no text_config.hidden_size ({exc})") from exc
+    return CheckpointIdentity(str(path), checkpoint_fingerprint(ckpt), hidden)
+
+
 def load_videollava(path: str, load: ModelLoadConfig | None = None, storage_options: dict | None = None):
     """Load a Video-LLaVA checkpoint directory -> `VideoLlavaTarget` (model + processor)."""
     from transformers import VideoLlavaForConditionalGeneration, VideoLlavaProcessor

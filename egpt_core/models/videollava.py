@@ -6,6 +6,8 @@ Prompt ``USER: <video>\\n{question} ASSISTANT:``; 8 frames sampled uniformly ove
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from egpt_core.models.eventgpt import greedy_generation_kwargs, split_generation
@@ -15,6 +17,14 @@ from egpt_core.models.positions import gather_rows, tf_input_ids
 def videollava_prompt(question: str) -> str:
     """The target's prompt (research extraction variant: a space before ``ASSISTANT:``)."""
     return f"USER: <video>\n{question} ASSISTANT:"
+
+
+@dataclass
+class PreparedVideo:
+    """A video processed once (see :meth:`VideoLlavaTarget.prepare_video`)."""
+
+    pixel_values: torch.Tensor  # [F, 3, H, W]
+    frames: list  # the sampled frames (for the processor where its expansion must be learnt)
 
 
 class VideoLlavaTarget:
@@ -28,6 +38,7 @@ class VideoLlavaTarget:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self._token_runs: dict[tuple, tuple[int, list[int]] | bool] = {}  # pixel shape -> '<video>' expansion
 
     @property
     def device(self) -> torch.device:
@@ -41,6 +52,45 @@ class VideoLlavaTarget:
         """(expanded prompt ids, pixel_values_videos [F, 3, H, W]) for one pair."""
         enc = self.processor(text=videollava_prompt(question), videos=[frames], return_tensors="pt")
         return enc["input_ids"][0].tolist(), enc["pixel_values_videos"][0]
+
+    def prepare_video(self, frames: list) -> PreparedVideo:
+        """Process one video once, for all the questions about it: pixel values [F, 3, H, W] by the
+        processor's video processor (no tokenizer: safe to call from a decoding thread)."""
+        pv = self.processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"][0]
+        return PreparedVideo(pv, frames)
+
+    def prepare_question(self, question: str, video: PreparedVideo) -> tuple[list[int], torch.Tensor]:
+        """(expanded prompt ids, pixel values [F, 3, H, W]) of one question about a prepared video: the
+        same as :meth:`prepare` on its frames without processing the video again.
+
+        The ids that replace ``<video>`` depend only on the pixel values' shape; they are learnt from
+        one full processor call per shape (and checked against it), then each question needs only the
+        tokenizer. Where they cannot be learnt, every question goes through the processor."""
+        key = tuple(video.pixel_values.shape)
+        run = self._token_runs.get(key)
+        if run is None:
+            ids, pv = self.prepare(question, video.frames)
+            self._token_runs[key] = self._learn_token_run(question, ids) if torch.equal(pv, video.pixel_values) else False
+            return ids, pv
+        if run is False:
+            return self.prepare(question, video.frames)
+        vid, tokens = run
+        raw = self.tokenizer(videollava_prompt(question))["input_ids"]
+        if raw.count(vid) != 1:
+            return self.prepare(question, video.frames)  # the processor's own verdict on such a prompt
+        k = raw.index(vid)
+        return raw[:k] + tokens + raw[k + 1:], video.pixel_values
+
+    def _learn_token_run(self, question: str, full: list[int]) -> tuple[int, list[int]] | bool:
+        vid = self.tokenizer.convert_tokens_to_ids("<video>")
+        raw = self.tokenizer(videollava_prompt(question))["input_ids"]
+        if not isinstance(vid, int) or raw.count(vid) != 1:
+            return False
+        k, n = raw.index(vid), len(full) - len(raw) + 1
+        tokens = full[k:k + n]
+        if n < 1 or any(x != vid for x in tokens) or raw[:k] + tokens + raw[k + 1:] != full:
+            return False
+        return vid, tokens
 
     def lm_head_weight(self) -> torch.Tensor:
         """The LM head [V, D] (float32, CPU)."""

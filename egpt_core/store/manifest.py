@@ -92,10 +92,18 @@ _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "float": torch.float32,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
 }
-_CANON = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_CANON = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
+          torch.float8_e4m3fn: "float8_e4m3fn"}
 #: safetensors header dtype codes of the dtypes a store may hold
-ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64,
+             "F8_E4M3": torch.float8_e4m3fn}
+#: stores whose rows are scaled per row: ``<side>`` [R, D] in this dtype + ``<side>_scale`` [R] float32
+SCALED_DTYPES = (torch.float8_e4m3fn,)
+SCALE_SUFFIX = "_scale"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
@@ -105,13 +113,14 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 # small helpers
 # ------------------------------------------------------------------------------------------------
 def canonical_dtype(dtype: Any) -> str:
-    """'bfloat16' | 'float16' | 'float32' from a string alias or a torch dtype."""
+    """'bfloat16' | 'float16' | 'float32' | 'float8_e4m3fn' from a string alias or a torch dtype."""
     if isinstance(dtype, torch.dtype):
         if dtype in _CANON:
             return _CANON[dtype]
     elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _CANON[_DTYPES[dtype.lower().removeprefix("torch.")]]
-    raise ConfigError(f"store dtype {dtype!r} is not supported; use 'bfloat16', 'float16' or 'float32'")
+    raise ConfigError(f"store dtype {dtype!r} is not supported; use 'bfloat16', 'float16', 'float32' or "
+                      "'float8_e4m3fn' (per-row scaled)")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -264,6 +273,7 @@ def read_parquet(fs: fsspec.AbstractFileSystem, path: str, store: str, rel: str,
 
 
 _ST_CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64",
+             torch.float8_e4m3fn: "F8_E4M3",
              torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
 
 
@@ -376,10 +386,28 @@ ROW_DIGEST_HEX = 32
 TENSOR_KEYS = ("drafter", "target", "offsets")
 
 
-def row_digest(drafter_raw: bytes | bytearray | memoryview, target_raw: bytes | bytearray | memoryview) -> str:
+def row_digest(drafter_raw: bytes | bytearray | memoryview, target_raw: bytes | bytearray | memoryview,
+               drafter_scale_raw: bytes | bytearray | memoryview = b"",
+               target_scale_raw: bytes | bytearray | memoryview = b"") -> str:
+    """sha256 prefix over drafter rows, [drafter row scales], target rows, [target row scales]
+    (scaled stores only; without scales it is the digest of rows alone, as before)."""
     h = hashlib.sha256(drafter_raw)
+    h.update(drafter_scale_raw)
     h.update(target_raw)
+    h.update(target_scale_raw)
     return h.hexdigest()[:ROW_DIGEST_HEX]
+
+
+def is_scaled(dtype: torch.dtype) -> bool:
+    """True for store dtypes kept with a float32 scale per row (float8_e4m3fn)."""
+    return dtype in SCALED_DTYPES
+
+
+def tensor_keys(dtype: torch.dtype) -> tuple[str, ...]:
+    """The tensors of a shard of a store with this row dtype."""
+    if is_scaled(dtype):
+        return ("drafter", "drafter" + SCALE_SUFFIX, "target", "target" + SCALE_SUFFIX, "offsets")
+    return TENSOR_KEYS
 
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -412,16 +440,17 @@ def check_tensor_layout(sh: dict, tensors: dict, *, hidden_size: int, dtype: tor
     (dtype, shape, begin, end) with begin/end relative to the data section.
 
     ``drafter``/``target`` must be [rows, D] in the store dtype (rows = the manifest's row count),
-    ``offsets`` int64 [pairs + 1]; byte ranges must match the shapes, not overlap and (when
+    ``offsets`` int64 [pairs + 1], and in scaled (fp8) stores ``drafter_scale``/``target_scale``
+    float32 [rows]; byte ranges must match the shapes, not overlap and (when
     ``data_len`` is known) lie inside the file. Both read paths use this, so a header whose offsets
     point one tensor at another's data is refused whichever path reads it.
     """
-    keys = set(tensors)
-    if keys != set(TENSOR_KEYS):
-        raise StoreError(f"{where}: tensors {sorted(keys)} are not the shard layout {list(TENSOR_KEYS)}")
+    keys, want_keys = set(tensors), tensor_keys(dtype)
+    if keys != set(want_keys):
+        raise StoreError(f"{where}: tensors {sorted(keys)} are not the shard layout {list(want_keys)}")
     rows, pairs = sh.get("rows"), sh.get("pairs")
     out: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
-    for key in TENSOR_KEYS:
+    for key in want_keys:
         info = tensors[key]
         try:
             code, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
@@ -429,16 +458,19 @@ def check_tensor_layout(sh: dict, tensors: dict, *, hidden_size: int, dtype: tor
             raise StoreError(f"{where}: header entry {key!r} is malformed ({exc})") from exc
         dt = ST_DTYPES.get(code)
         ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, begin, end])
+        vector = key == "offsets" or key.endswith(SCALE_SUFFIX)
         if key == "offsets":
             want_dt, want_shape = torch.int64, [int(pairs) + 1] if pairs is not None else None
+        elif vector:
+            want_dt, want_shape = torch.float32, [int(rows)] if rows is not None else None
         else:
             want_dt, want_shape = dtype, [int(rows), hidden_size] if rows is not None else None
-        if (not ints or dt != want_dt or len(shape) != (1 if key == "offsets" else 2)
-                or (key != "offsets" and shape[1] != hidden_size)
+        if (not ints or dt != want_dt or len(shape) != (1 if vector else 2)
+                or (not vector and shape[1] != hidden_size)
                 or (want_shape is not None and shape != want_shape)):
             raise StoreError(
                 f"{where}: tensor {key!r} is {code} {shape} but the manifest says "
-                f"{want_dt} {want_shape or ['R', hidden_size]}"
+                f"{want_dt} {want_shape or (['R'] if vector else ['R', hidden_size])}"
             )
         numel = 1
         for v in shape:
@@ -452,7 +484,7 @@ def check_tensor_layout(sh: dict, tensors: dict, *, hidden_size: int, dtype: tor
     for (b1, e1, k1), (b2, e2, k2) in zip(spans, spans[1:]):
         if b2 < e1:
             raise StoreError(f"{where}: tensors {k1!r} and {k2!r} overlap (bytes {b1}..{e1} and {b2}..{e2})")
-    if out["drafter"][1][0] != out["target"][1][0]:
+    if len({v[1][0] for k, v in out.items() if k != "offsets"}) != 1:
         raise StoreError(f"{where}: drafter and target row counts differ")
     return out
 

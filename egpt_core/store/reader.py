@@ -34,7 +34,10 @@ from torch.utils.data import Dataset, Sampler
 
 from egpt_core.errors import StoreError
 from egpt_core.fsio import url_to_fs
+from egpt_core.memory import pin_mmap_threshold
 from egpt_core.store import manifest as mf
+from egpt_core.store.fp8 import decode_rows
+from egpt_core.store.prefetch import ShardLoader, background
 from egpt_core.store.retrying import with_retries
 from egpt_core.store.writer import _get_features
 
@@ -42,11 +45,15 @@ log = logging.getLogger(__name__)
 
 _READ_CHUNK = 256 << 10  # hash each chunk while it is still in cache
 _WHOLE_VERIFY_LOCK = threading.Lock()  # old stores: one whole-shard hash at a time, not one per thread
+DECODED_DTYPE = torch.bfloat16  # what rows of an fp8 (per-row scaled) store decode to
+PREFETCH_SHARDS = 2  # shards read (fetched, verified, decoded) ahead of the consumer, in a thread
+TABLE_CACHE = 16  # pairs tables kept per reader (LRU): memory does not grow with the store
 
 
 @dataclass
 class PairRows:
-    """One pair's rows (``drafter``/``target`` [L, D] in the store dtype) and token ids."""
+    """One pair's rows (``drafter``/``target`` [L, D] in the reader's dtype: the store dtype, or
+    bfloat16 decoded from an fp8 store) and token ids."""
 
     pair_id: str
     scene_id: str
@@ -67,7 +74,7 @@ class PairRows:
 
 @dataclass
 class ShardData:
-    """One committed shard: its ok pairs (table) and packed rows [R, D] (store dtype)."""
+    """One committed shard: its ok pairs (table) and packed rows [R, D] (reader dtype)."""
 
     name: str
     table: pa.Table
@@ -108,6 +115,7 @@ class StoreReader:
     stays inside the store)."""
 
     def __init__(self, url: str, storage_options: dict | None = None):
+        pin_mmap_threshold()  # shard buffers and decoded rows: freed memory goes back to the OS
         self.url = str(url)
         self.storage_options = storage_options
         fs, root = url_to_fs(self.url, storage_options)
@@ -123,11 +131,25 @@ class StoreReader:
         self.manifest = m
         self.meta: dict = m["meta"]
         self.hidden_size = int(self.meta["hidden_size"])
-        self.dtype = mf.torch_dtype(self.meta["dtype"])
-        self._tables: dict[str, pa.Table] = {}
+        #: dtype of the rows in the files; ``dtype`` is what readers hand out (fp8 rows decode to bf16)
+        self.stored_dtype = mf.torch_dtype(self.meta["dtype"])
+        self.scaled = mf.is_scaled(self.stored_dtype)
+        self.dtype = DECODED_DTYPE if self.scaled else self.stored_dtype
+        self._tables: OrderedDict[str, pa.Table] = OrderedDict()  # LRU of TABLE_CACHE shards
+        self._tables_lock = threading.Lock()
         self._headers: dict[str, _Header] = {}
         self._whole_verified: set[str] = set()
         self._index: dict[str, tuple[int, int]] | None = None
+
+    def __getstate__(self) -> dict:  # spawned DataLoader workers: no lock, no cached tables
+        state = self.__dict__.copy()
+        state.pop("_tables_lock", None)
+        state["_tables"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tables_lock = threading.Lock()
 
     # -- manifest views ---------------------------------------------------------------------------
     @property
@@ -193,24 +215,39 @@ class StoreReader:
 
     # -- pairs tables -----------------------------------------------------------------------------
     def _table(self, sh: dict) -> pa.Table:
+        """The shard's pairs table (verified); the last TABLE_CACHE are kept, so a reader's memory does
+        not grow with the number of shards it has read."""
         name = sh["name"]
-        if name not in self._tables:
-            data = self._fetch_shard_file(sh, "pairs")
-            try:
-                # single-threaded: pyarrow's thread pools racing interpreter exit abort the process
-                # ("terminate called without an active exception") after torch is loaded
-                t = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
-            except (pa.ArrowException, OSError, ValueError) as exc:
-                raise StoreError(f"{self._where(sh, 'pairs')} is not a readable Parquet file ({exc})") from exc
-            self._tables[name] = mf.conform_pairs_table(t)
-        return self._tables[name]
+        with self._tables_lock:
+            if name in self._tables:
+                self._tables.move_to_end(name)
+                return self._tables[name]
+        data = self._fetch_shard_file(sh, "pairs")
+        try:
+            # single-threaded: pyarrow's thread pools racing interpreter exit abort the process
+            # ("terminate called without an active exception") after torch is loaded
+            t = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise StoreError(f"{self._where(sh, 'pairs')} is not a readable Parquet file ({exc})") from exc
+        t = mf.conform_pairs_table(t)
+        with self._tables_lock:
+            self._tables[name] = t
+            while len(self._tables) > TABLE_CACHE:
+                self._tables.popitem(last=False)
+        return t
 
     def pairs(self, status: str | None = None, columns: Sequence[str] | None = None) -> pa.Table:
-        """All pairs (or those with ``status``) as one Arrow table; shard tables are read lazily."""
-        tables = [self._table(sh) for sh in self.shards]
-        t = pa.concat_tables(tables) if tables else mf.PAIR_SCHEMA.empty_table()
-        if status is not None:
-            t = t.filter(pc.equal(t.column("status"), status))
+        """All pairs (or those with ``status``) as one Arrow table of ``columns`` (all by default); shard
+        tables are read one at a time and only the selected rows and columns are kept."""
+        tables = []
+        for sh in self.shards:
+            t = self._table(sh)
+            if status is not None:
+                t = t.filter(pc.equal(t.column("status"), status))
+            tables.append(t.select(list(columns)) if columns else t)
+        if tables:
+            return pa.concat_tables(tables)
+        t = mf.PAIR_SCHEMA.empty_table()
         return t.select(list(columns)) if columns else t
 
     def pair_ids(self, status: str | None = "ok") -> list[str]:
@@ -218,17 +255,21 @@ class StoreReader:
 
     # -- whole shards -------------------------------------------------------------------------------
     def _load_tensors(self, sh: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """drafter [R, D], target [R, D] (store dtype; views of one verified buffer) and offsets [n+1]."""
+        """drafter [R, D], target [R, D] (store dtype: views of one verified buffer; fp8 stores: decoded
+        with their row scales to bf16) and offsets [n+1]."""
         where = self._where(sh, "tensors")
         buf = self._fetch_shard_file(sh, "tensors")
         n = mf.header_len(buf[:8], where)
         if 8 + n > len(buf):
             raise StoreError(f"{where} is truncated (header of {n} bytes)")
         tensors, _ = mf.parse_tensor_header(memoryview(buf)[8:8 + n], where)
-        layout = mf.check_tensor_layout(sh, tensors, hidden_size=self.hidden_size, dtype=self.dtype,
+        layout = mf.check_tensor_layout(sh, tensors, hidden_size=self.hidden_size, dtype=self.stored_dtype,
                                         where=where, data_len=len(buf) - 8 - n)
         if sys.byteorder != "little":  # safetensors is little-endian
-            d, t, off = (st.load(bytes(buf))[k] for k in mf.TENSOR_KEYS)
+            loaded = st.load(bytes(buf))
+            d, t, off = (loaded[k] for k in mf.TENSOR_KEYS)
+            if self.scaled:
+                d, t = (decode_rows(loaded[k], loaded[k + mf.SCALE_SUFFIX], self.dtype) for k in ("drafter", "target"))
         else:
             def view(key: str) -> torch.Tensor:
                 dt, shape, begin, end = layout[key]
@@ -238,6 +279,9 @@ class StoreReader:
                                         count=(end - begin) // dt.itemsize).view(shape)
 
             d, t, off = view("drafter"), view("target"), view("offsets").clone()
+            if self.scaled:
+                d = decode_rows(d, view("drafter" + mf.SCALE_SUFFIX), self.dtype)
+                t = decode_rows(t, view("target" + mf.SCALE_SUFFIX), self.dtype)
         self._check_offsets(sh, self._table(sh), off, d.shape[0])
         return d, t, off
 
@@ -247,31 +291,44 @@ class StoreReader:
         if offsets.tolist()[:-1] != table.column("row_offset").to_pylist() or int(offsets[-1]) != rows:
             raise StoreError(f"{where}: offsets disagree with its pairs table")
 
-    def iter_shards(self) -> Iterator[ShardData]:
-        """One shard at a time: (name, table of its ok pairs, drafter [R, D], target [R, D])."""
-        for sh in self.shards:
-            table = self._table(sh)
-            d, t, _ = self._load_tensors(sh)
-            ok = table.filter(pc.equal(table.column("status"), "ok"))
-            yield ShardData(sh["name"], ok, d, t)
+    def iter_shards(self, prefetch: int = PREFETCH_SHARDS) -> Iterator[ShardData]:
+        """One shard at a time: (name, table of its ok pairs, drafter [R, D], target [R, D]). The next
+        ``prefetch`` shards are read, verified and decoded in a background thread meanwhile (0: inline);
+        a read error is raised here, at the shard it belongs to."""
+        def shards() -> Iterator[ShardData]:
+            for sh in self.shards:
+                table = self._table(sh)
+                d, t, _ = self._load_tensors(sh)
+                ok = table.filter(pc.equal(table.column("status"), "ok"))
+                yield ShardData(sh["name"], ok, d, t)
 
-    def iter_pairs(self, status: str | None = "ok") -> Iterator[PairRows]:
-        """Every pair (with ``status``), shard by shard; rows are views into the loaded shard."""
+        return background(shards, prefetch, name=f"prefetch {self.url}")
+
+    def iter_pairs(self, status: str | None = "ok", prefetch: int = PREFETCH_SHARDS) -> Iterator[PairRows]:
+        """Every pair (with ``status``), shard by shard; rows are views into the loaded shard, and the
+        next ``prefetch`` shards load in a background thread (see :meth:`iter_shards`)."""
         empty = torch.zeros(0, self.hidden_size, dtype=self.dtype)
-        for sh in self.shards:
-            table = self._table(sh)
-            if status is not None:
-                table = table.filter(pc.equal(table.column("status"), status))
-            if table.num_rows == 0:
-                continue
-            if status is not None and status != "ok":
-                for row in table.to_pylist():
-                    yield _pair_rows(row, empty, empty)
-                continue
-            d, t, _ = self._load_tensors(sh)
+
+        def shards() -> Iterator[tuple[pa.Table, torch.Tensor | None, torch.Tensor | None]]:
+            for sh in self.shards:
+                table = self._table(sh)
+                if status is not None:
+                    table = table.filter(pc.equal(table.column("status"), status))
+                if table.num_rows == 0:
+                    continue
+                if status is not None and status != "ok":
+                    yield table, None, None
+                    continue
+                d, t, _ = self._load_tensors(sh)
+                yield table, d, t
+
+        for table, d, t in background(shards, prefetch, name=f"prefetch {self.url}"):
             for row in table.to_pylist():
-                a, n = row["row_offset"], row["length"]
-                yield _pair_rows(row, d[a:a + n], t[a:a + n])
+                if d is None:
+                    yield _pair_rows(row, empty, empty)
+                else:
+                    a, n = row["row_offset"], row["length"]
+                    yield _pair_rows(row, d[a:a + n], t[a:a + n])
 
     # -- random access ------------------------------------------------------------------------------
     def _build_index(self) -> dict[str, tuple[int, int]]:
@@ -305,7 +362,8 @@ class StoreReader:
                                  f"{want[:16]}... recorded in the manifest. The store is corrupt or was modified "
                                  f"after commit; `egpt inspect --verify {self.url}` lists every damaged file.")
             tensors, meta = mf.parse_tensor_header(raw, where)
-            layout = mf.check_tensor_layout(sh, tensors, hidden_size=self.hidden_size, dtype=self.dtype, where=where)
+            layout = mf.check_tensor_layout(sh, tensors, hidden_size=self.hidden_size, dtype=self.stored_dtype,
+                                            where=where)
             mf.check_row_layout(self._table(sh), layout["drafter"][1][0], where)
             digests = meta.get(mf.ROW_DIGESTS) if want else None
             if digests is not None and (not isinstance(digests, str)
@@ -348,14 +406,18 @@ class StoreReader:
         where = self._where(sh, "tensors")
         if h.row_digests is None:
             self._verify_whole_once(sh)
+        keys = ("drafter", "target")
+        if self.scaled:
+            keys += ("drafter" + mf.SCALE_SUFFIX, "target" + mf.SCALE_SUFFIX)
         raw = []
-        for key in ("drafter", "target"):
+        for key in keys:
             dt, shape, begin, _ = h.layout[key]
             if row_offset < 0 or row_offset + length > shape[0]:
                 raise StoreError(f"{where}:{key} has {shape[0]} rows; cannot read rows "
                                  f"{row_offset}..{row_offset + length}")
-            start = h.data_start + begin + row_offset * D * dt.itemsize
-            nbytes = length * D * dt.itemsize
+            width = D if len(shape) == 2 else 1
+            start = h.data_start + begin + row_offset * width * dt.itemsize
+            nbytes = length * width * dt.itemsize
             data = self.fs.cat_file(self._abs(sh["files"]["tensors"]), start=start, end=start + nbytes)
             if len(data) != nbytes:
                 raise StoreError(f"{where} is truncated")
@@ -367,6 +429,10 @@ class StoreReader:
                 raise StoreError(f"{where} is not readable as committed: the rows of pair {pid!r} do not match "
                                  "their sha256 in the shard header. The store is corrupt or was modified after "
                                  f"commit; `egpt inspect --verify {self.url}` lists every damaged file.")
+        if self.scaled:
+            q = [torch.frombuffer(bytearray(b), dtype=self.stored_dtype).view(length, D) for b in raw[:2]]
+            sc = [torch.frombuffer(bytearray(b), dtype=torch.float32) for b in raw[2:]]
+            return decode_rows(q[0], sc[0], self.dtype), decode_rows(q[1], sc[1], self.dtype)
         return tuple(torch.frombuffer(bytearray(b), dtype=self.dtype).view(length, D) for b in raw)
 
     def get(self, pair_id: str) -> PairRows:
@@ -422,8 +488,10 @@ class StoreReader:
         return {"files": files, "bytes": total, "problems": problems}
 
     # -- training views -----------------------------------------------------------------------------
-    def dataset(self, pair_ids: Sequence[str] | None = None, cache_shards: int = 2) -> PairDataset:
-        """A torch Dataset of unpadded ok pairs (all, or ``pair_ids`` in that order)."""
+    def dataset(self, pair_ids: Sequence[str] | None = None, cache_shards: int = 2,
+                prefetch: int = PREFETCH_SHARDS) -> PairDataset:
+        """A torch Dataset of unpadded ok pairs (all, or ``pair_ids`` in that order); shards load
+        ``prefetch`` ahead in a background thread (see :class:`PairDataset`)."""
         items = []
         if pair_ids is None:
             for si, sh in enumerate(self.shards):
@@ -442,7 +510,7 @@ class StoreReader:
                 if row["status"] != "ok":
                     raise KeyError(f"pair {pid!r} has status {row['status']!r} ({row['reason']}); it has no rows")
                 items.append((si, row["row_offset"], row["length"], pid, row["scene_id"]))
-        return PairDataset(self, items, cache_shards)
+        return PairDataset(self, items, cache_shards, prefetch)
 
     def lm_head(self) -> torch.Tensor:
         """The target's LM head ``[V, D]`` in its stored dtype."""
@@ -490,13 +558,23 @@ class PairDataset(Dataset):
 
     Rows come from whole-shard loads kept in a small LRU (``cache_shards``). Iterate in shard order
     (the default order, or :class:`ShardGroupedSampler` for shuffling) so each shard loads once.
+    When a shard is first needed, the shards that follow it in the items' order and are not cached
+    yet (up to ``prefetch``, and never more than the cache holds) load in a background thread, so
+    the consumer finds them ready; a load error is raised by the ``__getitem__`` that needs it.
     """
 
-    def __init__(self, reader: StoreReader, items: list[tuple[int, int, int, str, str]], cache_shards: int = 2):
+    def __init__(self, reader: StoreReader, items: list[tuple[int, int, int, str, str]], cache_shards: int = 2,
+                 prefetch: int = PREFETCH_SHARDS):
         self.reader = reader
         self.items = items
         self.cache_shards = max(1, int(cache_shards))
+        self.prefetch = max(0, min(int(prefetch), self.cache_shards - 1))
         self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._sequence = list(dict.fromkeys(it[0] for it in items))  # shards in order of first use
+        self._position = {s: k for k, s in enumerate(self._sequence)}
+        self._loader: ShardLoader | None = None
+        self._loader_pid = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -512,15 +590,43 @@ class PairDataset(Dataset):
     def shard_of(self, i: int) -> int:
         return self.items[i][0]
 
-    def _shard(self, si: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if si in self._cache:
-            self._cache.move_to_end(si)
-            return self._cache[si]
+    def _load(self, si: int) -> tuple[torch.Tensor, torch.Tensor]:
         d, t, _ = self.reader._load_tensors(self.reader.shards[si])
-        self._cache[si] = (d, t)
-        while len(self._cache) > self.cache_shards:
-            self._cache.popitem(last=False)
         return d, t
+
+    def _shard(self, si: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            if si in self._cache:
+                self._cache.move_to_end(si)
+                return self._cache[si]
+            if self._loader is not None and self._loader_pid != os.getpid():
+                self._loader = None  # a forked DataLoader worker: the parent's thread is not here
+            if self.prefetch and self._loader is None:
+                self._loader = ShardLoader(self._load, self.prefetch)
+                self._loader_pid = os.getpid()
+            loader = self._loader
+        d, t = loader.get(si) if loader is not None else self._load(si)
+        with self._lock:
+            self._cache[si] = (d, t)
+            while len(self._cache) > self.cache_shards:
+                self._cache.popitem(last=False)
+            if loader is not None:  # read ahead: the next shards not cached, within the cache's room
+                room = self.cache_shards - 1
+                k = self._position.get(si, len(self._sequence))
+                for nxt in self._sequence[k + 1:k + 1 + 4 * self.cache_shards]:
+                    if room <= 0:
+                        break
+                    if nxt in self._cache:
+                        continue
+                    loader.request(nxt)
+                    room -= 1
+        return d, t
+
+    def close(self) -> None:
+        """Stop the read-ahead thread (it also ends with the dataset)."""
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
 
     def __getitem__(self, i: int) -> dict:
         si, off, n, pid, sid = self.items[i]
@@ -536,7 +642,13 @@ class PairDataset(Dataset):
     def __getstate__(self) -> dict:  # DataLoader workers: do not ship cached shards
         state = self.__dict__.copy()
         state["_cache"] = OrderedDict()
+        state["_loader"] = None
+        state.pop("_lock", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 class ShardGroupedSampler(Sampler[int]):

@@ -32,6 +32,7 @@ from egpt_core.errors import ConfigError, StoreError
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import url_to_fs
 from egpt_core.store import manifest as mf
+from egpt_core.store.fp8 import encode_rows
 from egpt_core.store.retrying import with_retries
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class _Entry:
     rec: dict
     drafter: torch.Tensor | None
     target: torch.Tensor | None
+    drafter_scale: torch.Tensor | None = None  # [L] float32, scaled (fp8) stores only
+    target_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -137,8 +140,9 @@ def committed_inputs(url: str, storage_options: dict | None = None) -> dict[str,
 class StoreWriter:
     """Append shards of pairs to the store at ``url`` (any fsspec URL).
 
-    ``meta`` must give ``hidden_size`` and ``dtype`` ('bfloat16' | 'float16' | 'float32'), unless the
-    store exists already; recognised further keys: ``mode``, ``position_convention`` (default
+    ``meta`` must give ``hidden_size`` and ``dtype`` ('bfloat16' | 'float16' | 'float32' |
+    'float8_e4m3fn': rows scaled to the fp8 range, one float32 scale per row, see
+    :mod:`egpt_core.store.fp8`), unless the store exists already; recognised further keys: ``mode``, ``position_convention`` (default
     :data:`POSITION_CONVENTION`), ``compat_key`` (any string that must match for writers to share a
     store, e.g. a hash of model fingerprints + generation config), ``model_fingerprints`` and
     ``config_fingerprint`` (defining too; a store written before they existed takes the first
@@ -177,6 +181,7 @@ class StoreWriter:
                 self.meta[f] = m["meta"][f]
         self.hidden_size = int(self.meta["hidden_size"])
         self.dtype = mf.torch_dtype(self.meta["dtype"])
+        self.scaled = mf.is_scaled(self.dtype)
 
     # -- meta ------------------------------------------------------------------------------------
     def _normalize_meta(self, meta: dict) -> dict:
@@ -337,11 +342,16 @@ class StoreWriter:
                     raise ValueError(
                         f"pair {pid}: {side} has {x.shape[0]} rows but record length is {L} (must match, >= 1)"
                     )
-            d = d.detach().to("cpu", self.dtype).contiguous()
-            t = t.detach().to("cpu", self.dtype).contiguous()
+            row_dtype = torch.float32 if self.scaled else self.dtype  # fp8: scaled below, from float32
+            d = d.detach().to("cpu", row_dtype).contiguous()
+            t = t.detach().to("cpu", row_dtype).contiguous()
             if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(t).all())):
                 rec.update(status="failed", reason=NON_FINITE, length=0)
                 entries.append(_Entry(rec, None, None))
+                continue
+            if self.scaled:
+                (d, ds), (t, ts) = encode_rows(d), encode_rows(t)
+                entries.append(_Entry(rec, d, t, ds, ts))
                 continue
             entries.append(_Entry(rec, d, t))
         return entries
@@ -372,10 +382,21 @@ class StoreWriter:
             "target": torch.cat([e.target for e in oks]) if oks else empty.clone(),
             "offsets": torch.tensor(offsets, dtype=torch.int64),
         }
-        # per-pair digests of the rows, in table order: byte-range readers verify what they fetch
+        if self.scaled:  # float32 [R] beside each side's rows, same file
+            none = torch.zeros(0, dtype=torch.float32)
+            for side in ("drafter", "target"):
+                key = side + mf.SCALE_SUFFIX
+                tensors[key] = torch.cat([getattr(e, key) for e in oks]) if oks else none.clone()
+            tensors = {k: tensors[k] for k in mf.tensor_keys(self.dtype)}
+        # per-pair digests of the rows (and row scales), in table order: byte-range readers verify
+        # what they fetch
         nothing = memoryview(b"")
-        digests = "".join(mf.row_digest(_raw(e.drafter) if e.drafter is not None else nothing,
-                                        _raw(e.target) if e.target is not None else nothing) for e in entries)
+
+        def raw(t: torch.Tensor | None) -> memoryview:
+            return _raw(t) if t is not None else nothing
+
+        digests = "".join(mf.row_digest(raw(e.drafter), raw(e.target), raw(e.drafter_scale), raw(e.target_scale))
+                          for e in entries)
         tensors_bytes = mf.safetensors_bytes(
             tensors,
             metadata={"format": mf.FORMAT, "schema_version": str(mf.SCHEMA_VERSION), "shard": name,
@@ -482,7 +503,10 @@ class StoreWriter:
             raise ConfigError(
                 f"lm head must be [V, {self.hidden_size}] (store hidden_size), got {_shape(weight)}"
             )
-        w = weight.detach().to("cpu", mf.torch_dtype(dtype or self.meta["dtype"])).contiguous()
+        head_dtype = mf.torch_dtype(dtype or self.meta["dtype"])
+        if mf.is_scaled(head_dtype):  # fp8 is for rows (scaled per row); the head stays bf16
+            head_dtype = torch.bfloat16
+        w = weight.detach().to("cpu", head_dtype).contiguous()
         data = mf.safetensors_bytes({"weight": w}, metadata={"format": mf.FORMAT, "fingerprint": str(fingerprint)})
         info = {
             "path": mf.LM_HEAD,
