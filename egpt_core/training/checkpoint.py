@@ -6,7 +6,7 @@
     epoch-000N-<sha12>.train.safetensors     optimizer state tensors + every rank's RNG state
     commit.json                              the commit record (written last)
 
-Weight files are immutable: named by epoch and content hash, never overwritten. ``commit.json``
+Weight files are immutable: named by epoch and a hash of their content, never overwritten. ``commit.json``
 names the files of the last committed epoch and of the best epoch (with their sha256), and holds the
 run state (`RunState`), the optimizer's scalar state and the RNG infos. The commit rule:
 
@@ -25,7 +25,9 @@ only JSON into the record: nothing is ever unpickled.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,9 +82,16 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _content_digest(data: bytes) -> str:
+    """sha256 of a safetensors blob's content: its tensor bytes, tensor index and metadata in a canonical
+    order (safetensors writes the metadata map in no fixed order, so equal content can differ in bytes)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode() + data[8 + n :]).hexdigest()
+
+
 def _put_immutable(run_url: str, epoch: int, role: str, data: bytes, storage_options: dict | None) -> str:
-    digest = _sha(data)
-    name = f"epoch-{epoch:04d}-{digest[:12]}.{role}.safetensors"
+    name = f"epoch-{epoch:04d}-{_content_digest(data)[:12]}.{role}.safetensors"
     rf.write_bytes(checkpoint_url(run_url, name), data, storage_options)
     return name
 
