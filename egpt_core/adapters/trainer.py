@@ -23,7 +23,6 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,6 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from egpt_core import outdir
 from egpt_core import runfiles as rf
 from egpt_core.adapters.checkpoint import adapter_weights_metadata
 from egpt_core.adapters.losses import combine_sums, loss_sums
@@ -46,7 +44,7 @@ from egpt_core.fsio import is_local, join
 from egpt_core.memory import DataCacheDecision, decide_data_cache
 from egpt_core.training import checkpoint as ck
 from egpt_core.training.curves import Panel, SumAccumulator, pack, plot_curves, unpack
-from egpt_core.training.dist import DistContext
+from egpt_core.training.dist import DistContext, launch
 from egpt_core.training.schedule import param_groups, set_lr, warmup_cosine_lr
 from egpt_core.training.similarity import DEFAULT_TAUS, accept_counts, accept_key, cosine_rows
 from egpt_core.training.state import RunState
@@ -196,6 +194,26 @@ class PairRandomAccess(Dataset):
 
 
 def _prepare_data(cfg: TrainAdapterConfig, local_ranks: int = 1) -> _Split:
+    """Open and check the stores, split the pairs by scene, choose RAM cache or byte-range reads."""
+    readers, val_reader, d, fingerprints = _open_stores(cfg)
+    parts, train_scenes, val_scenes, shared, max_len = _split_pairs(cfg, readers, val_reader)
+    n_train = sum(len(tr) for _, tr, _ in parts)
+    n_val = sum(len(va) for _, _, va in parts)
+    if not n_train:
+        raise ConfigError(f"no 'ok' train pairs in {cfg.train}")
+    if not n_val:
+        raise ConfigError(f"no 'ok' validation pairs ({cfg.val or 'scene split'})")
+    used = [r for r, tr, va in parts if tr or va]
+    cache = decide_data_cache(sum(_tensor_bytes(r) for r in used), cfg.data_cache_gb, local_ranks,
+                              remote=not all(is_local(r.url) for r in used))
+    log.info("training data: %s (%s)", cache.path, cache.reason)
+    train, val = _datasets(parts, cache.in_ram)
+    return _Split(train, val, n_train, n_val, d, fingerprints, val_scenes, train_scenes, shared, max_len, cache)
+
+
+def _open_stores(cfg: TrainAdapterConfig) -> tuple[list, Any, int, dict[str, str]]:
+    """(train readers, val reader | None, hidden size, fingerprints by URL) after the stores are checked
+    to agree on the hidden size (and the adapter's) and on the model pair."""
     if not cfg.train:
         raise ConfigError("no train store given (TrainAdapterConfig.train / --train URL)")
     so = cfg.storage_options
@@ -218,7 +236,12 @@ def _prepare_data(cfg: TrainAdapterConfig, local_ranks: int = 1) -> _Split:
     fingerprints = {u: _manifest_fingerprint(r) for u, r in zip(cfg.train, readers)}
     if val_reader is not None:
         fingerprints[cfg.val] = _manifest_fingerprint(val_reader)
+    return readers, val_reader, d, fingerprints
 
+
+def _split_pairs(cfg: TrainAdapterConfig, readers: list, val_reader):
+    """-> (parts, train scenes, val scenes, scenes on both sides, longest pair); parts are (reader,
+    train pair ids, val pair ids): one dataset per store keeps one RAM copy."""
     per_store = _drop_repeated_pairs([_ok_pairs(r) for r in readers], cfg.train)
     if not any(ids for ids, _, _ in per_store):
         counts = {u: r.counts for u, r in zip(cfg.train, readers)}
@@ -226,39 +249,27 @@ def _prepare_data(cfg: TrainAdapterConfig, local_ranks: int = 1) -> _Split:
                           "failed or was skipped; see `egpt inspect` for the reasons")
     max_len = max((max(p[2], default=0) for p in per_store), default=0)
     all_train_scenes = sorted({s for _, scenes, _ in per_store for s in scenes})
-    shared = 0
-    # parts: (reader, train pair ids, val pair ids); one dataset per store keeps one RAM copy
     if val_reader is not None:
         v_ids, v_scenes, v_len = _ok_pairs(val_reader)
-        max_len = max(max_len, max(v_len, default=0))
         val_scene_set = set(v_scenes)
         shared = len(val_scene_set & set(all_train_scenes))
         if shared:
             log.warning("%d scene(s) appear in both the train and the val store (leakage)", shared)
         parts = [(r, ids, []) for r, (ids, _, _) in zip(readers, per_store)] + [(val_reader, [], v_ids)]
-        train_scenes, val_scenes = all_train_scenes, sorted(val_scene_set)
-    else:
-        if len(all_train_scenes) < 2:
-            raise ConfigError(
-                f"cannot split validation by scene: the train store(s) hold {len(all_train_scenes)} scene(s); "
-                "give a --val store or more scenes"
-            )
-        _, val_set = split_scenes(all_train_scenes, cfg.val_fraction, cfg.seed)
-        parts = [(r, [i for i, s in zip(ids, sc) if s not in val_set], [i for i, s in zip(ids, sc) if s in val_set])
-                 for r, (ids, sc, _) in zip(readers, per_store)]
-        train_scenes, val_scenes = sorted(set(all_train_scenes) - val_set), sorted(val_set)
+        return parts, all_train_scenes, sorted(val_scene_set), shared, max(max_len, max(v_len, default=0))
+    if len(all_train_scenes) < 2:
+        raise ConfigError(
+            f"cannot split validation by scene: the train store(s) hold {len(all_train_scenes)} scene(s); "
+            "give a --val store or more scenes"
+        )
+    _, val_set = split_scenes(all_train_scenes, cfg.val_fraction, cfg.seed)
+    parts = [(r, [i for i, s in zip(ids, sc) if s not in val_set], [i for i, s in zip(ids, sc) if s in val_set])
+             for r, (ids, sc, _) in zip(readers, per_store)]
+    return parts, sorted(set(all_train_scenes) - val_set), sorted(val_set), 0, max_len
 
-    n_train = sum(len(tr) for _, tr, _ in parts)
-    n_val = sum(len(va) for _, _, va in parts)
-    if not n_train:
-        raise ConfigError(f"no 'ok' train pairs in {cfg.train}")
-    if not n_val:
-        raise ConfigError(f"no 'ok' validation pairs ({cfg.val or 'scene split'})")
-    used = [r for r, tr, va in parts if tr or va]
-    cache = decide_data_cache(sum(_tensor_bytes(r) for r in used), cfg.data_cache_gb, local_ranks,
-                              remote=not all(is_local(r.url) for r in used))
-    log.info("training data: %s (%s)", cache.path, cache.reason)
-    cached = cache.in_ram
+
+def _datasets(parts: list, cached: bool) -> tuple[Dataset, Dataset]:
+    """(train, val) views over one dataset per store: RAM-cached shards, or per-pair byte-range reads."""
     datasets, train_idx, val_idx, base = [], [], [], 0
     for r, tr, va in parts:
         ids = tr + va
@@ -272,8 +283,7 @@ def _prepare_data(cfg: TrainAdapterConfig, local_ranks: int = 1) -> _Split:
         val_idx += range(base + len(tr), base + len(ids))
         base += len(ids)
     full = ConcatDataset(datasets)
-    return _Split(Subset(full, train_idx), Subset(full, val_idx), n_train, n_val, d, fingerprints, val_scenes,
-                  train_scenes, shared, max_len, cache)
+    return Subset(full, train_idx), Subset(full, val_idx)
 
 
 def _collate(items):
@@ -401,15 +411,8 @@ def train_adapter(cfg: TrainAdapterConfig, progress: Progress | None = None, res
     required; a finished run is returned as is, a run asked for more epochs than it ran continues).
     Under torchrun (WORLD_SIZE > 1) it runs data-parallel; every rank must call it with the same config.
     """
-    ctx = DistContext.setup(cfg.device)
-    try:
-        # one run owns cfg.out; never a directory egpt did not write (egpt_core/outdir.py); rank 0 holds it
-        claim = outdir.claim_output(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options or None,
-                                    replace=not resume, replace_hint="--no-resume") if ctx.main else nullcontext()
-        with claim:
-            return _AdapterRecipe(cfg, progress, ctx).run(resume)
-    finally:
-        ctx.teardown()
+    return launch(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options, resume=resume,
+                  device=cfg.device, run=lambda ctx: _AdapterRecipe(cfg, progress, ctx).run(resume))
 
 
 class _AdapterRecipe:

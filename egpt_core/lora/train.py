@@ -33,7 +33,6 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +41,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from egpt_core import outdir
 from egpt_core import runfiles as rf
 from egpt_core.config import EventRenderConfig, LoraTrainConfig
 from egpt_core.data.split import split_scenes
@@ -51,7 +49,7 @@ from egpt_core.fsio import join
 from egpt_core.models.positions import POSITION_CONVENTION, gather_rows
 from egpt_core.training import checkpoint as ck
 from egpt_core.training.curves import Panel, SumAccumulator, plot_curves
-from egpt_core.training.dist import DistContext
+from egpt_core.training.dist import DistContext, launch
 from egpt_core.training.schedule import param_groups, set_lr, warmup_cosine_lr
 from egpt_core.training.similarity import DEFAULT_TAUS, accept_counts, accept_key, cosine_rows
 from egpt_core.training.state import RunState
@@ -420,15 +418,8 @@ def config_fingerprint(cfg) -> str:
 def train_lora(cfg: LoraTrainConfig, progress: Progress | None = None, resume: bool = True) -> LoraResult:
     """Train an L6 LoRA on the drafter from a store; resumes from the committed ``cfg.out/checkpoint``
     when present (a finished run is returned as is, a run asked for more epochs continues)."""
-    ctx = DistContext.setup("auto")
-    try:
-        # one run owns cfg.out; never a directory egpt did not write (egpt_core/outdir.py); rank 0 holds it
-        claim = outdir.claim_output(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options or None,
-                                    replace=not resume, replace_hint="--no-resume") if ctx.main else nullcontext()
-        with claim:
-            return _LoraRecipe(cfg, progress, ctx).run(resume)
-    finally:
-        ctx.teardown()
+    return launch(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options, resume=resume, device="auto",
+                  run=lambda ctx: _LoraRecipe(cfg, progress, ctx).run(resume))
 
 
 class _LoraRecipe:

@@ -7,16 +7,20 @@ on CUDA and gloo on CPU. Rank 0 (``main``) writes every run file; every rank cal
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from egpt_core import outdir
 from egpt_core import runfiles as rf
 from egpt_core.errors import ConfigError
 
 RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -110,3 +114,18 @@ class DistContext:
             torch.manual_seed(fallback_seed + 7919 * self.rank)
             return
         rf.rng_from_flat(mine, info)
+
+
+def launch(run_url: str, kind: str, identity: str, storage_options: dict | None, *, resume: bool, device: str,
+           run: Callable[[DistContext], T]) -> T:
+    """Join the process group, let rank 0 claim ``run_url`` for a ``kind`` run of ``identity`` (one run
+    owns a directory, never one egpt did not write: `egpt_core.outdir`; ``resume=False`` replaces an
+    earlier run of another identity), call ``run(ctx)``, leave the group."""
+    ctx = DistContext.setup(device)
+    try:
+        claim = outdir.claim_output(run_url, kind, identity, storage_options or None, replace=not resume,
+                                    replace_hint="--no-resume") if ctx.main else nullcontext()
+        with claim:
+            return run(ctx)
+    finally:
+        ctx.teardown()
