@@ -44,6 +44,8 @@ CHECKPOINT_DIR = "checkpoint"
 COMMIT = "commit.json"
 #: commit points of the layouts before FORMAT (relative to the run directory)
 LEGACY_COMMITS = ("last_state.json", f"{CHECKPOINT_DIR}/state.json")
+#: the tensor files those layouts wrote beside them
+LEGACY_FILES = ("last_optim.safetensors", f"{CHECKPOINT_DIR}/lora.safetensors", f"{CHECKPOINT_DIR}/optim.safetensors")
 _OWN_FILE = re.compile(r"epoch-\d{4,}-[0-9a-f]{12}\.(weights|train)\.safetensors")
 
 
@@ -172,8 +174,8 @@ def load_committed(run_url: str, kind: str, storage_options: dict | None = None)
 
 
 def clear(run_url: str, storage_options: dict | None = None) -> None:
-    """A fresh start: remove the commit record (and older layouts' commit points) so no stale
+    """A fresh start: remove the commit record (and the older layouts' checkpoint files) so no stale
     checkpoint is continued later; the epoch files go with the next commit's garbage collection."""
     rf.remove(checkpoint_url(run_url, COMMIT), storage_options)
-    for legacy in LEGACY_COMMITS:
+    for legacy in LEGACY_COMMITS + LEGACY_FILES:
         rf.remove(join(run_url, legacy), storage_options)

@@ -194,8 +194,10 @@ def test_a_checkpoint_of_the_previous_layout_is_refused_with_a_clear_message(tmp
     path.write_text(json.dumps({"epoch": 2}))
     with pytest.raises(ConfigError, match="older layout.*--no-resume"):
         ck.load_committed(str(tmp_path / "run"), "adapter-run")
-    ck.clear(str(tmp_path / "run"))  # a fresh start (--no-resume) removes the old commit point
-    assert not path.exists() and ck.load_committed(str(tmp_path / "run"), "adapter-run") is None
+    (tmp_path / "run" / "last_optim.safetensors").write_bytes(b"old")
+    ck.clear(str(tmp_path / "run"))  # a fresh start (--no-resume) removes the old checkpoint files
+    assert not path.exists() and not (tmp_path / "run" / "last_optim.safetensors").exists()
+    assert ck.load_committed(str(tmp_path / "run"), "adapter-run") is None
 
 
 def test_non_finite_best_loss_round_trips():
