@@ -13,8 +13,12 @@ aligned). LoRA (peft) adapts only the language model's q/k/v/o projections, sele
 path regex, so the CLIP tower carries none (bug B8); the reported trainable count is the number of
 parameters that actually received a gradient in the first backward.
 
+A recipe over `egpt_core.training` (distributed context, schedule, run state, checkpoint layout,
+curves, cosine/accept@tau): setup -> resume | start_fresh (the untrained LoRA validated and
+committed as epoch 0) -> train_epoch + checkpoint_epoch -> finish.
+
 Run directory (``cfg.out``): ``config.json`` (written at start), ``checkpoint/`` (resume point, each
-epoch), ``best/`` and ``adapter/`` (peft ``save_pretrained`` folders, safetensors; best val loss and
+epoch: `egpt_core.training.checkpoint`), ``best/`` and ``adapter/`` (peft ``save_pretrained`` folders, safetensors; best val loss and
 final), ``history.json``, ``training_curves.png``, ``metrics.json``, ``features/`` (event features
 the store's cache lacked).
 
@@ -32,7 +36,7 @@ import re
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -616,11 +620,9 @@ class _LoraRecipe:
         rank takes a strided share of every accumulation group; gradients are summed over ranks."""
         cfg, ctx = self.cfg, self.ctx
         self.peft.train()
-        mb, ga, total = cfg.micro_batch, cfg.grad_accum, self.steps_per_epoch * cfg.epochs
-        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-        micro = [[self.train[i] for i in order[j : j + mb].tolist()] for j in range(0, len(order), mb)]
+        total = self.steps_per_epoch * cfg.epochs
         acc, step, lr = SumAccumulator(_SUM_KEYS, ctx.device), self.state.step, cfg.lr
-        for group in (micro[j : j + ga] for j in range(0, len(micro), ga)):
+        for group in self._accumulation_groups(epoch):
             for mbatch in group[ctx.rank :: ctx.world]:
                 loss, sums = self._forward(mbatch)
                 (loss / len(group)).backward()
@@ -638,6 +640,16 @@ class _LoraRecipe:
             if self.progress:
                 self.progress(min(step / total, 1.0), f"epoch {epoch}/{cfg.epochs} step {step}/{total}")
         return summarize(acc.pooled(ctx), cfg, self.reader.hidden_size), step, lr
+
+    def _accumulation_groups(self, epoch: int) -> Iterator[list[list[LoraSample]]]:
+        """The epoch's seeded shuffle as optimizer steps: lists of ``grad_accum`` micro-batches of
+        ``micro_batch`` samples (the batch iterator the training loop consumes)."""
+        mb, ga = self.cfg.micro_batch, self.cfg.grad_accum
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train), generator=gen).tolist()
+        micro = [[self.train[i] for i in order[j : j + mb]] for j in range(0, len(order), mb)]
+        for j in range(0, len(micro), ga):
+            yield micro[j : j + ga]
 
     # -- checkpoint and outputs --------------------------------------------------------------------
     def checkpoint_epoch(self, improved: bool) -> None:
