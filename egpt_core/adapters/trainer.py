@@ -608,12 +608,12 @@ class _AdapterRecipe:
             extra = {"config_fingerprint": self.fingerprint, "optimizer": opt_info, "rng": rng_infos,
                      "n_train": self.data.n_train, "n_val": self.data.n_val, "param_count": self.n_params,
                      "world_size": ctx.world}
-            record = ck.commit_epoch(
+            committed = ck.commit_epoch(
                 cfg.out, RUN_KIND, self.state.epoch, weights=self.adapter.state_dict(),
                 weights_metadata=adapter_weights_metadata(cfg.adapter, self.d),
                 train_tensors={**opt_tensors, **rng_tensors}, state=self.state.to_json(), extra=extra,
                 best=improved, storage_options=self.so)
-            self._publish(ck.Committed(cfg.out, record, {}, {}), best_changed=improved)
+            self._publish(committed, best_changed=improved)
             entry = self.state.history[-1]
             if self.progress is not None:
                 self.progress(self.state.epoch / cfg.epochs, f"epoch {self.state.epoch}/{cfg.epochs} val_loss "

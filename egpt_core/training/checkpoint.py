@@ -28,7 +28,7 @@ import hashlib
 import json
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +57,8 @@ class Committed:
     record: dict[str, Any]  # commit.json: format, kind, epoch, files, sha256, state, extra
     weights: dict[str, torch.Tensor]
     train_tensors: dict[str, torch.Tensor]
+    blobs: dict[str, bytes] = field(default_factory=dict)  # file name -> bytes this process just wrote
+
 
     @property
     def epoch(self) -> int:
@@ -73,7 +75,9 @@ class Committed:
     def weights_bytes(self, which: str, storage_options: dict | None = None) -> bytes | None:
         """The verified bytes of the ``"last"`` or ``"best"`` weights file (None: no best file)."""
         name = self.record["files"].get(f"{which}_weights")
-        return None if name is None else _read_verified(self.run_url, self.record, name, storage_options)
+        if name is None:
+            return None
+        return self.blobs.get(name) or _read_verified(self.run_url, self.record, name, storage_options)
 
 
 def checkpoint_url(run_url: str, name: str = "") -> str:
@@ -100,15 +104,15 @@ def _put_immutable(run_url: str, epoch: int, role: str, data: bytes, storage_opt
 
 def commit_epoch(run_url: str, kind: str, epoch: int, *, weights: dict[str, torch.Tensor],
                  weights_metadata: dict[str, str], train_tensors: dict[str, torch.Tensor], state: dict[str, Any],
-                 extra: dict[str, Any], best: bool, storage_options: dict | None = None) -> dict[str, Any]:
-    """Commit epoch ``epoch`` (see the module docstring for the order); returns the record.
+                 extra: dict[str, Any], best: bool, storage_options: dict | None = None) -> Committed:
+    """Commit epoch ``epoch`` (see the module docstring for the order); returns it as committed.
 
     ``best``: this epoch's weights become the best ones; else the previous record's best file stays.
     """
     previous = rf.read_json(checkpoint_url(run_url, COMMIT), storage_options) or {}
-    w = st_save({k: v.detach().to("cpu").contiguous() for k, v in weights.items()},
+    w = st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()},
                 metadata={**weights_metadata, "epoch": str(epoch)})
-    t = st_save({k: v.detach().to("cpu").contiguous() for k, v in train_tensors.items()},
+    t = st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in train_tensors.items()},
                 metadata={"format": FORMAT, "epoch": str(epoch)})
     files = {"last_weights": _put_immutable(run_url, epoch, "weights", w, storage_options),
              "train_state": _put_immutable(run_url, epoch, "train", t, storage_options)}
@@ -121,7 +125,7 @@ def commit_epoch(run_url: str, kind: str, epoch: int, *, weights: dict[str, torc
               "state": state, "extra": extra}
     rf.write_json(checkpoint_url(run_url, COMMIT), record, storage_options)  # the commit point
     _collect_garbage(run_url, set(sha), storage_options)
-    return record
+    return Committed(run_url, record, weights, train_tensors, blobs={files["last_weights"]: w})
 
 
 def _collect_garbage(run_url: str, keep: set[str], storage_options: dict | None) -> None:

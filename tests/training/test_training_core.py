@@ -173,7 +173,7 @@ def test_crash_between_weights_and_commit_keeps_the_finished_epochs(tmp_path, mo
 def test_altered_or_foreign_checkpoints_fail_loudly(tmp_path):
     run = str(tmp_path / "run")
     assert ck.load_committed(run, "test-run") is None
-    record = _commit(run, 1, best=True)
+    record = _commit(run, 1, best=True).record
     with pytest.raises(ConfigError, match="not a 'adapter-run'"):
         ck.load_committed(run, "adapter-run")
     weights = tmp_path / "run" / "checkpoint" / record["files"]["last_weights"]
