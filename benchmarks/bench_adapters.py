@@ -50,13 +50,14 @@ def _train_pass(dataset, n: int, level: str = "L2", epochs: int = EPOCHS, worker
     """Pairs per second of ``epochs`` training epochs over ``dataset`` (seeded, as the trainer does)."""
     from egpt_core.adapters.losses import combine_sums, loss_sums
     from egpt_core.adapters.modules import create_adapter
-    from egpt_core.adapters.trainer import _Step, iter_batches, param_groups
+    from egpt_core.adapters.trainer import _Step, iter_batches
     from egpt_core.config import AdapterConfig
+    from egpt_core.training.schedule import param_groups
 
     torch.manual_seed(0)
     adapter = create_adapter(AdapterConfig(level=level), D)
     step = _Step(adapter, level)
-    opt = torch.optim.AdamW(param_groups(adapter, 0.01), lr=1e-3)
+    opt = torch.optim.AdamW(param_groups(adapter.named_parameters(), 0.01), lr=1e-3)
     t0 = time.perf_counter()
     for epoch in range(epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).tolist()

@@ -1,7 +1,7 @@
 """Run-directory files on any fsspec URL, without pickle: atomic bytes/JSON writes, whole-directory
 puts, and optimizer / RNG state flattened into safetensors tensors + JSON scalars.
 
-Shared by adapter training (`egpt_core/adapters/checkpoint.py`) and L6 (`egpt_core/lora/checkpoint.py`).
+Used by the training checkpoint (`egpt_core/training/checkpoint.py`) of adapters and L6.
 """
 
 from __future__ import annotations

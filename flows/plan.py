@@ -25,8 +25,10 @@ from tasks.refs import StoreRef, derived_store_url
 
 __all__ = ["adapter_configs", "derived_store_url", "eval_config", "group_configs", "lora_config", "retf_config"]
 
-#: settings that do not change what is trained (and the location we assign ourselves)
-_NOT_IDENTITY = {"out", "storage_options", "device"}
+#: settings that do not change what is trained (and the location we assign ourselves); ``epochs`` is
+#: how long a run trains, not which run it is: more epochs continue the same run directory
+#: (egpt_core.training.state)
+_NOT_IDENTITY = {"out", "storage_options", "device", "epochs"}
 
 
 def _run_id(settings, fingerprints: dict[str, str]) -> str:

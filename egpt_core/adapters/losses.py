@@ -22,23 +22,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
+
+# the one cosine / accept@tau definition (shared with evaluation), re-exported for this module's users
+from egpt_core.training.similarity import DEFAULT_TAUS, accept_counts, accept_key, cosine_rows
 
 COS_WEIGHT = 0.5
-DEFAULT_TAUS: tuple[float, ...] = (0.80, 0.85, 0.90, 0.95)
-
-
-def accept_key(tau: float) -> str:
-    """'accept_80' for tau = 0.80 (the history/metrics naming)."""
-    return f"accept_{round(tau * 100):d}"
+__all__ = ["DEFAULT_TAUS", "accept_counts", "accept_key", "accept_rates", "combine_sums", "loss_sums",
+           "masked_cos_per_position"]
 
 
 def masked_cos_per_position(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Cosine similarity per position [B, S] (F.normalize, eps 1e-12); 0 where mask is False."""
-    cos = (F.normalize(pred.float(), dim=-1, eps=1e-12) * F.normalize(target.float(), dim=-1, eps=1e-12)).sum(-1)
-    if mask is not None:
-        cos = torch.where(mask.bool(), cos, torch.zeros_like(cos))
-    return cos
+    """Cosine similarity per position [B, S] (`egpt_core.training.similarity.cosine_rows`); 0 where
+    mask is False."""
+    return cosine_rows(pred, target, mask)
 
 
 def _sq_per_position(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,12 +115,6 @@ def eagle_loss(aligned: torch.Tensor, next_pred: torch.Tensor | None, target: to
     sums = loss_sums(aligned, target, mask, next_pred)
     return combine_sums(sums, aligned.shape[-1], eagle=True, prediction_weight=prediction_weight,
                         separate_prediction_head=separate_prediction_head)
-
-
-def accept_counts(cos: torch.Tensor, mask: torch.Tensor, taus: Iterable[float] = DEFAULT_TAUS) -> torch.Tensor:
-    """Number of valid positions with cos strictly greater than each tau -> float tensor [len(taus)]."""
-    mask = mask.bool()
-    return torch.stack([((cos > t) & mask).sum().to(torch.float32) for t in taus])
 
 
 def accept_rates(cos: torch.Tensor, mask: torch.Tensor, taus: Iterable[float] = DEFAULT_TAUS) -> dict[float, float]:

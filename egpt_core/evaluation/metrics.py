@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from egpt_core.errors import ConfigError
+from egpt_core.training.similarity import DEFAULT_TAUS, accepted, cosine_rows
 
-DEFAULT_TAUS: tuple[float, ...] = (0.80, 0.85, 0.90, 0.95)
+__all__ = ["DEFAULT_TAUS", "MetricAccumulator", "primary_basis", "summary_from", "tau_key"]
 DEFAULT_GAMMAS: tuple[int, ...] = tuple(range(1, 9))
 TOPK: tuple[int, ...] = (1, 5, 10)
 #: Token reference names recorded in the results.
@@ -270,7 +270,7 @@ class MetricAccumulator:
             target_tokens = target_tokens.to(self.device, torch.long)[keep]
         lengths = mask.sum(1)
 
-        cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-8).masked_fill(~mask, 0.0)
+        cos = cosine_rows(pred, target, mask)  # the training history's cosine (one definition)
         vals = cos[mask]
         n = int(vals.numel())
         self.n_positions += n
@@ -286,7 +286,7 @@ class MetricAccumulator:
         self.pos_count[:k] += mask[:, :k].sum(0).double().cpu()
         self.pos_cos_sum[:k] += cos[:, :k].sum(0).double().cpu()
         for t in self.taus:
-            self.cos_runs[t].update(cos > t, mask, lengths)
+            self.cos_runs[t].update(accepted(cos, t), mask, lengths)
 
         if self.lm_head is not None:
             self._update_tokens(pred, target, mask, target_tokens, lengths)

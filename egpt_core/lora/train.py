@@ -13,8 +13,12 @@ aligned). LoRA (peft) adapts only the language model's q/k/v/o projections, sele
 path regex, so the CLIP tower carries none (bug B8); the reported trainable count is the number of
 parameters that actually received a gradient in the first backward.
 
+A recipe over `egpt_core.training` (distributed context, schedule, run state, checkpoint layout,
+curves, cosine/accept@tau): setup -> resume | start_fresh (the untrained LoRA validated and
+committed as epoch 0) -> train_epoch + checkpoint_epoch -> finish.
+
 Run directory (``cfg.out``): ``config.json`` (written at start), ``checkpoint/`` (resume point, each
-epoch), ``best/`` and ``adapter/`` (peft ``save_pretrained`` folders, safetensors; best val loss and
+epoch: `egpt_core.training.checkpoint`), ``best/`` and ``adapter/`` (peft ``save_pretrained`` folders, safetensors; best val loss and
 final), ``history.json``, ``training_curves.png``, ``metrics.json``, ``features/`` (event features
 the store's cache lacked).
 
@@ -25,17 +29,14 @@ optimizer step (gloo on CPU, nccl on CUDA) and only rank 0 writes.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import os
 import random
 import re
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,14 +45,18 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from egpt_core import outdir
 from egpt_core import runfiles as rf
 from egpt_core.config import EventRenderConfig, LoraTrainConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError, TrainingDivergedError
 from egpt_core.fsio import join
-from egpt_core.lora import checkpoint as ck
 from egpt_core.models.positions import POSITION_CONVENTION, gather_rows
+from egpt_core.training import checkpoint as ck
+from egpt_core.training.curves import Panel, SumAccumulator, plot_curves
+from egpt_core.training.dist import DistContext, launch
+from egpt_core.training.schedule import param_groups, set_lr, warmup_cosine_lr
+from egpt_core.training.similarity import DEFAULT_TAUS, accept_counts, accept_key, cosine_rows
+from egpt_core.training.state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +66,11 @@ Progress = Callable[[float, str], None]
 DECODER_ATTN_REGEX = r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"
 #: where a LoRA layer may live once peft has wrapped the model
 _LORA_PLACEMENT = re.compile(r"(base_model\.model\.)?model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj")
-TAUS = (0.80, 0.85, 0.90, 0.95)
-_SUM_KEYS = ("n", "sq", "cos", "ce", "match", *(f"acc{int(round(t * 100))}" for t in TAUS))
-
-
-def accept_key(tau: float) -> str:
-    return f"accept_{int(round(tau * 100))}"
+TAUS = DEFAULT_TAUS
+_ACCEPT_KEYS = tuple(accept_key(t) for t in TAUS)
+_SUM_KEYS = ("n", "sq", "cos", "ce", "match", *_ACCEPT_KEYS)
+#: ``format`` of the provenance (egpt_lora.json) of a published LoRA folder
+LORA_FORMAT = "egpt-lora/1"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,23 +336,6 @@ def trainable_parameters(peft_model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
 
 
-def param_groups(named: Sequence[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases and norms."""
-    decay, no_decay = [], []
-    for n, p in named:
-        (no_decay if (p.ndim < 2 or n.endswith(".bias") or "norm" in n.lower()) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, total: int, warmup: int, base: float, min_lr: float) -> float:
-    """Linear warmup over ``warmup`` optimizer steps, then cosine from ``base`` to ``min_lr``."""
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    span = max(total - warmup, 1)
-    progress = min(max(step - warmup, 0) / span, 1.0)
-    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 # --------------------------------------------------------------------------------------------------
 # forward + loss
 # --------------------------------------------------------------------------------------------------
@@ -368,11 +355,10 @@ def loss_and_sums(pred: torch.Tensor, target: torch.Tensor, target_ids: torch.Te
     pred = pred.float()
     n = pred.shape[0]
     sq = (pred - target).pow(2).sum()
-    cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
+    cos = cosine_rows(pred, target)
     loss = cfg.mse_weight * sq / (n * pred.shape[1]) + cfg.cos_weight * (1.0 - cos.mean())
     sums = {"n": torch.tensor(float(n)), "sq": sq.detach().cpu(), "cos": cos.detach().sum().cpu()}
-    for tau in TAUS:
-        sums[f"acc{int(round(tau * 100))}"] = (cos.detach() > tau).sum().float().cpu()
+    sums.update(zip(_ACCEPT_KEYS, accept_counts(cos.detach(), None, TAUS).cpu()))
     if lm_head is not None:
         logits = pred @ lm_head.t()
         ce = F.cross_entropy(logits, target_ids, reduction="sum")
@@ -395,117 +381,21 @@ def summarize(sums: dict[str, float], cfg: LoraTrainConfig, d: int) -> dict[str,
     out = {"loss": cfg.mse_weight * mse + cfg.cos_weight * (1.0 - cos) + (cfg.ce_weight * ce if cfg.ce_weight else 0.0),
            "mse": mse, "cos_loss": 1.0 - cos, "cos_sim": cos, "ce": ce, "token_match": float(sums["match"]) / n,
            "positions": int(n)}
-    for tau in TAUS:
-        out[accept_key(tau)] = float(sums[f"acc{int(round(tau * 100))}"]) / n
+    out.update({k: float(sums[k]) / n for k in _ACCEPT_KEYS})
     return out
-
-
-def _zero_sums() -> dict[str, torch.Tensor]:
-    return {k: torch.zeros((), dtype=torch.float64) for k in _SUM_KEYS}
-
-
-def _add(acc: dict[str, torch.Tensor], s: dict[str, torch.Tensor]) -> None:
-    for k in _SUM_KEYS:
-        acc[k] += s[k].double()
-
-
-# --------------------------------------------------------------------------------------------------
-# distributed
-# --------------------------------------------------------------------------------------------------
-class _Dist:
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, owns: bool = False):
-        self.rank, self.world, self.local_rank, self.owns = rank, world, local_rank, owns
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def setup(cls) -> _Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as dist
-
-        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        owns = False
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(local)
-            dist.init_process_group(backend=backend)
-            owns = True
-        return cls(rank, world, local, owns)
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t)
-        return t
-
-    def broadcast_object(self, obj):
-        if self.world <= 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def teardown(self) -> None:
-        if self.owns:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------
 # outputs
 # --------------------------------------------------------------------------------------------------
-def plot_curves(history: list[dict[str, Any]], url: str, storage_options: dict | None = None,
-                initial_val: dict[str, float] | None = None) -> None:
-    """training_curves.png: loss parts, cosine, accept@tau and token match per epoch (epoch 0 = untrained)."""
-    if not history:
-        return
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    ep = [h["epoch"] for h in history]
-    val_ep, val = ep, history
-    if initial_val:
-        val_ep, val = [0, *ep], [{f"val_{k}": v for k, v in initial_val.items()}, *history]
-    fig = Figure(figsize=(16, 4.2))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots(1, 4)
-    ax[0].plot(ep, [h["train_loss"] for h in history], label="train loss")
-    ax[0].plot(val_ep, [h["val_loss"] for h in val], label="val loss")
-    ax[0].plot(val_ep, [h["val_mse"] for h in val], "--", label="val mse")
-    ax[0].plot(val_ep, [h["val_ce"] for h in val], ":", label="val ce")
-    for side, xs, hs in (("train", ep, history), ("val", val_ep, val)):
-        ax[1].plot(xs, [h[f"{side}_cos_sim"] for h in hs], label=side)
-        ax[3].plot(xs, [h[f"{side}_token_match"] for h in hs], label=side)
-    for tau in TAUS:
-        ax[2].plot(val_ep, [h[f"val_{accept_key(tau)}"] for h in val], label=f"cos > {tau:.2f}")
-    titles = ("loss", "cosine similarity (pooled)", "val accept@tau (pooled)", "token match (target LM head)")
-    for a, t in zip(ax, titles):
-        a.set_title(t)
-        a.set_xlabel("epoch (0 = untrained LoRA)")
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    ax[2].set_ylim(0, 1)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    rf.write_bytes(url, buf.getvalue(), storage_options)
+CURVES = (
+    Panel("loss", [("train_loss", "train loss", "-"), ("val_loss", "val loss", "-"), ("val_mse", "val mse", "--"),
+                   ("val_ce", "val ce", ":")]),
+    Panel("cosine similarity (pooled)", [("train_cos_sim", "train", "-"), ("val_cos_sim", "val", "-")]),
+    Panel("val accept@tau (pooled)", [(f"val_{accept_key(t)}", f"cos > {t:.2f}", "-") for t in TAUS],
+          ylim=(0.0, 1.0)),
+    Panel("token match (target LM head)", [("train_token_match", "train", "-"), ("val_token_match", "val", "-")]),
+)
 
 
 def save_adapter(peft_model, url: str, provenance: dict[str, Any], storage_options: dict | None = None) -> None:
@@ -516,6 +406,8 @@ def save_adapter(peft_model, url: str, provenance: dict[str, Any], storage_optio
     rf.put_dir(tmp, url, storage_options, kind="lora-adapter")
 
 
+#: fields that do not change what is trained; ``epochs`` is how long, not what (a run asked for more
+#: epochs continues: egpt_core.training.state)
 _NON_SEMANTIC = {"out", "storage_options", "epochs"}
 RUN_KIND = "lora-run"
 
@@ -528,24 +420,92 @@ def config_fingerprint(cfg) -> str:
 # entry point
 # --------------------------------------------------------------------------------------------------
 def train_lora(cfg: LoraTrainConfig, progress: Progress | None = None, resume: bool = True) -> LoraResult:
-    """Train an L6 LoRA on the drafter from a store; resumes from ``cfg.out/checkpoint`` when present."""
-    ctx = _Dist.setup()
-    try:
-        # one run owns cfg.out; never a directory egpt did not write (egpt_core/outdir.py); rank 0 holds it
-        claim = outdir.claim_output(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options or None,
-                                    replace=not resume, replace_hint="--no-resume") if ctx.main else nullcontext()
-        with claim:
-            return _Trainer(cfg, progress, resume, ctx).run()
-    finally:
-        ctx.teardown()
+    """Train an L6 LoRA on the drafter from a store; resumes from the committed ``cfg.out/checkpoint``
+    when present (a finished run is returned as is, a run asked for more epochs continues)."""
+    return launch(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options, resume=resume, device="auto",
+                  run=lambda ctx: _LoraRecipe(cfg, progress, ctx).run(resume))
 
 
-class _Trainer:
-    def __init__(self, cfg: LoraTrainConfig, progress: Progress | None, resume: bool, ctx: _Dist):
-        self.cfg, self.progress, self.resume, self.ctx = cfg, progress, resume, ctx
+class _LoraRecipe:
+    """One L6 run: setup -> resume (or start fresh: validate the untrained LoRA as epoch 0) ->
+    train_epoch + checkpoint_epoch until the run state says done -> finish."""
+
+    def __init__(self, cfg: LoraTrainConfig, progress: Progress | None, ctx: DistContext):
+        self.cfg, self.progress, self.ctx = cfg, progress, ctx
         self.so = cfg.storage_options
+        self.fingerprint = config_fingerprint(cfg)
+        self.state = RunState()
+        self.extra: dict[str, Any] = {}  # what the checkpoint keeps besides the run state
+        self.resumed_from: int | None = None
+
+    def run(self, resume: bool) -> LoraResult:
+        t0 = time.perf_counter()
+        committed = self.setup(resume)
+        if committed is not None:
+            self.resume(committed)
+        else:
+            self.start_fresh()
+        total = self.steps_per_epoch * self.cfg.epochs
+        self.bar = tqdm(total=total, initial=min(self.state.step, total), desc="train-lora", unit="step",
+                        disable=None if self.ctx.main else True)
+        while not self.state.finished(self.cfg.epochs):
+            improved = self.train_epoch()
+            self.checkpoint_epoch(improved)
+        self.bar.close()
+        return self.finish(time.perf_counter() - t0)
 
     # -- setup -------------------------------------------------------------------------------------
+    def setup(self, resume: bool) -> ck.Committed | None:
+        """Stores, the committed checkpoint to continue (checked before the model loads), config.json,
+        the drafter with its LoRA, the data and the optimizer."""
+        cfg, ctx = self.cfg, self.ctx
+        self._open()
+        committed = ck.load_committed(cfg.out, RUN_KIND, self.so) if resume else None
+        if committed is not None and committed.extra.get("config_fingerprint") != self.fingerprint:
+            raise ConfigError(f"{cfg.out} holds a checkpoint of a different L6 config; use another --out, "
+                              "or --no-resume to replace it")
+        if ctx.main:
+            if committed is None:  # a fresh start never continues a stale checkpoint left in cfg.out later
+                ck.clear(cfg.out, self.so)
+            rf.write_json(join(cfg.out, "config.json"), rf.config_record(cfg), self.so)
+        ctx.barrier()
+        self._load_model()
+        self._data()
+        self.peft = apply_lora(self.drafter, cfg)
+        named = trainable_parameters(self.peft)
+        self.params = [p for _, p in named]
+        self.declared = sum(p.numel() for p in self.params)
+        self.lora_names = lora_modules(self.peft)
+        self.opt = torch.optim.AdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr)
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.train) / cfg.micro_batch) / cfg.grad_accum)
+        return committed
+
+    def resume(self, committed: ck.Committed) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.peft, committed.weights)
+        rf.optimizer_from_flat(self.opt, committed.train_tensors, committed.extra["optimizer"])
+        self.state, self.extra = RunState.from_json(committed.state), dict(committed.extra)
+        self.ctx.restore_rng(committed.train_tensors, committed.extra["rng"], self.cfg.seed + 104729 * self.state.epoch)
+        self.resumed_from = self.state.epoch
+        log.info("resuming %s after epoch %d", self.cfg.out, self.state.epoch)
+        if self.ctx.main:
+            rf.write_json(join(self.cfg.out, "history.json"), self.state.history, self.so)
+            if _published_epoch(join(self.cfg.out, "best"), self.so) != self.state.best_epoch:
+                self._publish_best_from(committed)  # a crash after the commit, or a deleted best/
+        self.ctx.barrier()
+
+    def start_fresh(self) -> None:
+        """Validate the untrained LoRA (B = 0): the baseline and first "best", committed as epoch 0."""
+        torch.manual_seed(self.cfg.seed)
+        random.seed(self.cfg.seed)
+        initial = self.validate()
+        self._check_finite(0, 0.0, initial["loss"])
+        self.state.best_val_loss = initial["loss"]
+        self.extra = {"initial_val": initial, "trainable_params": None, "config_fingerprint": self.fingerprint,
+                      "n_train": len(self.train), "n_val": len(self.val)}
+        self.checkpoint_epoch(improved=True)
+
     def _open(self):
         from egpt_core.store import StoreReader
 
@@ -581,7 +541,6 @@ class _Trainer:
         self.device = self.drafter.device
         for reader in self.readers:
             check_store_vocab(self.drafter, reader, self.cfg.drafter, self.so)
-
     def _data(self):
         cfg = self.cfg
         train = load_samples(self.reader, src=0, drafter=self.drafter)
@@ -630,142 +589,107 @@ class _Trainer:
         return loss_and_sums(torch.cat(rows), tgt, ids, self.lm_head, self.cfg)
 
     # -- evaluation --------------------------------------------------------------------------------
+
+    # -- one epoch ---------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
+        """Pooled metrics over every val pair (micro-batches strided over the ranks)."""
         self.peft.eval()
-        acc = _zero_sums()
+        acc = SumAccumulator(_SUM_KEYS, self.ctx.device)
         mb = self.cfg.micro_batch
         batches = [self.val[i : i + mb] for i in range(0, len(self.val), mb)]
         for b in batches[self.ctx.rank :: self.ctx.world]:
-            _, sums = self._forward(b)
-            _add(acc, sums)
-        vec = self.ctx.all_reduce(torch.stack([acc[k] for k in _SUM_KEYS]))
-        return summarize(dict(zip(_SUM_KEYS, vec.tolist())), self.cfg, self.reader.hidden_size)
+            acc.add(self._forward(b)[1])
+        return summarize(acc.pooled(self.ctx), self.cfg, self.reader.hidden_size)
 
-    # -- main --------------------------------------------------------------------------------------
-    def run(self) -> LoraResult:
-        t0 = time.perf_counter()
+    def train_epoch(self) -> bool:
+        """Train one epoch (seeded shuffle, gradient accumulation), validate, record the epoch in the
+        run state; returns whether it is the new best."""
+        cfg, epoch, t0 = self.cfg, self.state.epoch + 1, time.perf_counter()
+        train_m, step, lr = self._train_steps(epoch)
+        val_m = self.validate()
+        self._check_finite(epoch, train_m["loss"], val_m["loss"])
+        entry = {"epoch": epoch, "step": step, "lr": lr, "seconds": round(time.perf_counter() - t0, 3),
+                 **{f"train_{k}": v for k, v in train_m.items()}, **{f"val_{k}": v for k, v in val_m.items()}}
+        self.bar.set_postfix(loss=f"{train_m['loss']:.4f}", val=f"{val_m['loss']:.4f}", cos=f"{val_m['cos_sim']:.3f}")
+        return self.state.after_epoch(entry, val_m["loss"], step=step, early_stopping=cfg.early_stopping,
+                                      epochs=cfg.epochs)
+
+    def _train_steps(self, epoch: int) -> tuple[dict[str, float], int, float]:
+        """The optimizer steps of one epoch -> (pooled train metrics, step count after, last LR). Each
+        rank takes a strided share of every accumulation group; gradients are summed over ranks."""
         cfg, ctx = self.cfg, self.ctx
-        self._open()
-        state = None
-        if self.resume:
-            loaded = ck.load_checkpoint(cfg.out, self.so)
-            if loaded is not None:
-                state, lora_w, opt_t = loaded
-                if state.get("config_fingerprint") != config_fingerprint(cfg):
-                    raise ConfigError(f"{cfg.out} holds a checkpoint of a different L6 config; use another --out, "
-                                      "or --no-resume to replace it")
-                if state.get("done") and not rf.exists(join(cfg.out, "best", "adapter_config.json"), self.so):
-                    log.warning("%s: the finished run's best/ adapter is gone; training again from scratch", cfg.out)
-                    state = None
-        if ctx.main:
-            if state is None:  # a fresh start never continues a stale checkpoint left in cfg.out later
-                rf.remove(join(cfg.out, ck.CHECKPOINT_DIR, "state.json"), self.so)
-            rf.write_json(join(cfg.out, "config.json"), rf.config_record(cfg), self.so)
-        ctx.barrier()
-        self._load_model()
-        self._data()
-        self.peft = apply_lora(self.drafter, cfg)
-        named = trainable_parameters(self.peft)
-        params = [p for _, p in named]
-        self.declared = sum(p.numel() for p in params)
-        self.lora_names = lora_modules(self.peft)
-        opt = torch.optim.AdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr)
-
-        mb, ga = cfg.micro_batch, cfg.grad_accum
-        n_micro = math.ceil(len(self.train) / mb)
-        steps_per_epoch = math.ceil(n_micro / ga)
-        total_steps = steps_per_epoch * cfg.epochs
-        d = self.reader.hidden_size
-
-        resumed_from = None
-        if state is not None:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.peft, lora_w)
-            rf.optimizer_from_flat(opt, opt_t, state["optimizer"])
-            rf.rng_from_flat(opt_t, state["rng"])
-            resumed_from = int(state["epoch"])
-            log.info("resuming %s after epoch %d", cfg.out, resumed_from)
-            if state["done"] and not state.get("stopped_early") and resumed_from < cfg.epochs:
-                state["done"] = False  # epochs raised after the run finished (the fingerprint allows it): go on
-        else:
-            torch.manual_seed(cfg.seed)
-            random.seed(cfg.seed)
-            initial = self.validate()
-            self._check_finite(0, 0.0, initial["loss"])
-            state = {"epoch": 0, "step": 0, "best_val_loss": initial["loss"], "best_epoch": 0, "bad_epochs": 0,
-                     "history": [], "initial_val": initial, "trainable_params": None, "done": False,
-                     "stopped_early": False, "config_fingerprint": config_fingerprint(cfg),
-                     "n_train": len(self.train), "n_val": len(self.val)}
-            if ctx.main:  # the untrained LoRA (B = 0) is the baseline "best"
-                self._save(self.peft, "best", state)
-        step = int(state["step"])
-        bar = tqdm(total=total_steps, initial=min(step, total_steps), desc="train-lora", unit="step",
-                   disable=None if ctx.main else True)
-        epoch = int(state["epoch"])
-        while not state["done"] and epoch < cfg.epochs:
-            epoch += 1
-            te = time.perf_counter()
-            self.peft.train()
-            order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-            micro = [[self.train[i] for i in order[j : j + mb].tolist()] for j in range(0, len(order), mb)]
-            groups = [micro[j : j + ga] for j in range(0, len(micro), ga)]
-            acc = _zero_sums()
-            for group in groups:
-                for mbatch in group[ctx.rank :: ctx.world]:
-                    loss, sums = self._forward(mbatch)
-                    (loss / len(group)).backward()
-                    _add(acc, sums)
-                    if state["trainable_params"] is None:
-                        state["trainable_params"] = sum(p.numel() for p in params if p.grad is not None)
-                if ctx.world > 1:
-                    for p in params:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                        ctx.all_reduce(p.grad)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                lr = lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                if self.progress:
-                    self.progress(min(step / total_steps, 1.0), f"epoch {epoch}/{cfg.epochs} step {step}/{total_steps}")
-            tr_vec = ctx.all_reduce(torch.stack([acc[k] for k in _SUM_KEYS]))
-            train_m = summarize(dict(zip(_SUM_KEYS, tr_vec.tolist())), cfg, d)
-            val_m = self.validate()
-            self._check_finite(epoch, train_m["loss"], val_m["loss"])
-            entry = {"epoch": epoch, "step": step, "lr": lr, "seconds": round(time.perf_counter() - te, 3),
-                     **{f"train_{k}": v for k, v in train_m.items()}, **{f"val_{k}": v for k, v in val_m.items()}}
-            state["history"].append(entry)
-            state["epoch"], state["step"] = epoch, step
-            improved = val_m["loss"] < state["best_val_loss"]
-            if improved:
-                state.update(best_val_loss=val_m["loss"], best_epoch=epoch, bad_epochs=0)
-            else:
-                state["bad_epochs"] += 1
-            if state["bad_epochs"] >= cfg.early_stopping:
-                state.update(done=True, stopped_early=epoch < cfg.epochs)
-            if epoch >= cfg.epochs:
-                state["done"] = True
-            bar.set_postfix(loss=f"{train_m['loss']:.4f}", val=f"{val_m['loss']:.4f}", cos=f"{val_m['cos_sim']:.3f}")
-            if ctx.main:
-                if improved:
-                    self._save(self.peft, "best", state)
-                rf.write_json(join(cfg.out, "history.json"), state["history"], self.so)
-                plot_curves(state["history"], join(cfg.out, "training_curves.png"), self.so, state["initial_val"])
-                from peft import get_peft_model_state_dict
-
-                ck.save_checkpoint(cfg.out, get_peft_model_state_dict(self.peft), opt, state, self.so)
-            ctx.barrier()
+        self.peft.train()
+        total = self.steps_per_epoch * cfg.epochs
+        acc, step, lr = SumAccumulator(_SUM_KEYS, ctx.device), self.state.step, cfg.lr
+        for group in self._accumulation_groups(epoch):
+            for mbatch in group[ctx.rank :: ctx.world]:
+                loss, sums = self._forward(mbatch)
+                (loss / len(group)).backward()
+                acc.add(sums)
+                if self.extra["trainable_params"] is None:
+                    self.extra["trainable_params"] = sum(p.numel() for p in self.params if p.grad is not None)
+            ctx.sum_grads(self.params)
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            lr = warmup_cosine_lr(step, total, cfg.warmup_steps, cfg.lr, cfg.min_lr)
+            set_lr(self.opt, lr)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            step += 1
+            self.bar.update(1)
             if self.progress:
-                self.progress(min(step / total_steps, 1.0),
-                              f"epoch {epoch}/{cfg.epochs}: val loss {val_m['loss']:.4f} cos {val_m['cos_sim']:.3f}")
-        bar.close()
-        return self._finish(state, resumed_from, time.perf_counter() - t0)
+                self.progress(min(step / total, 1.0), f"epoch {epoch}/{cfg.epochs} step {step}/{total}")
+        return summarize(acc.pooled(ctx), cfg, self.reader.hidden_size), step, lr
+
+    def _accumulation_groups(self, epoch: int) -> Iterator[list[list[LoraSample]]]:
+        """The epoch's seeded shuffle as optimizer steps: lists of ``grad_accum`` micro-batches of
+        ``micro_batch`` samples (the batch iterator the training loop consumes)."""
+        mb, ga = self.cfg.micro_batch, self.cfg.grad_accum
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train), generator=gen).tolist()
+        micro = [[self.train[i] for i in order[j : j + mb]] for j in range(0, len(order), mb)]
+        for j in range(0, len(micro), ga):
+            yield micro[j : j + ga]
+
+    # -- checkpoint and outputs --------------------------------------------------------------------
+    def checkpoint_epoch(self, improved: bool) -> None:
+        """Commit the epoch (rank 0 writes; every rank's RNG is kept), then publish best/ (when it
+        improved), history.json and the curves."""
+        from peft import get_peft_model_state_dict
+
+        ctx, cfg, epoch = self.ctx, self.cfg, self.state.epoch
+        rng_tensors, rng_infos = ctx.gather_rng(numpy_state=False)  # L6 draws no numpy randomness
+        if ctx.main:
+            opt_tensors, opt_info = rf.optimizer_to_flat(self.opt)
+            self.extra.update(optimizer=opt_info, rng=rng_infos)
+            ck.commit_epoch(cfg.out, RUN_KIND, epoch, weights=get_peft_model_state_dict(self.peft),
+                            weights_metadata={"format": LORA_FORMAT}, train_tensors={**opt_tensors, **rng_tensors},
+                            state=self.state.to_json(), extra=self.extra, best=improved, storage_options=self.so)
+            if improved:
+                self._save("best")
+            rf.write_json(join(cfg.out, "history.json"), self.state.history, self.so)
+            plot_curves(self.state.history, CURVES, join(cfg.out, "training_curves.png"), self.so, self._baseline())
+        ctx.barrier()
+        if self.progress and epoch:
+            val = self.state.history[-1]
+            self.progress(min(self.state.step / (self.steps_per_epoch * cfg.epochs), 1.0),
+                          f"epoch {epoch}/{cfg.epochs}: val loss {val['val_loss']:.4f} cos {val['val_cos_sim']:.3f}")
+
+    def _publish_best_from(self, committed: ck.Committed) -> None:
+        """Write best/ from the committed best weights (the model holds the last ones meanwhile)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from safetensors.torch import load as st_load
+
+        data = committed.weights_bytes("best", self.so)
+        if data is None:
+            return
+        last = {k: v.clone() for k, v in get_peft_model_state_dict(self.peft).items()}
+        set_peft_model_state_dict(self.peft, st_load(data))
+        self._save("best", epoch=self.state.best_epoch)
+        set_peft_model_state_dict(self.peft, last)
+
+    def _baseline(self) -> dict[str, float]:
+        return {f"val_{k}": v for k, v in self.extra["initial_val"].items()}
 
     def _check_finite(self, epoch: int, train_loss: float, val_loss: float) -> None:
         """A non-finite loss ends the run: TrainingDivergedError naming the first pair with non-finite
@@ -780,34 +704,38 @@ class _Trainer:
         raise TrainingDivergedError(f"{where}: the target rows are finite, so the learning rate (lr={self.cfg.lr}) is "
                                     "too high; lower it (the last good checkpoint is kept)")
 
-    def _provenance(self, state: dict) -> dict[str, Any]:
-        return {"format": ck.FORMAT, "drafter": self.cfg.drafter, "drafter_fingerprint": self.drafter.fingerprint,
-                "clip_path": self.cfg.load.clip_path,
-                "store": self.cfg.store, "store_fingerprint": self.reader.fingerprint,
-                "val_store": self.cfg.val_store, "events": self.render.model_dump(mode="json"),
-                "position_convention": POSITION_CONVENTION, "target_modules": DECODER_ATTN_REGEX,
-                "rank": self.cfg.rank, "alpha": self.cfg.alpha, "epoch": state["epoch"],
-                "trainable_params": state.get("trainable_params")}
+    def _save(self, which: str, epoch: int | None = None) -> None:
+        """best/ or adapter/: the peft folder of the model's current LoRA + its provenance."""
+        provenance = {"format": LORA_FORMAT, "drafter": self.cfg.drafter, "drafter_fingerprint": self.drafter.fingerprint,
+                      "clip_path": self.cfg.load.clip_path,
+                      "store": self.cfg.store, "store_fingerprint": self.reader.fingerprint,
+                      "val_store": self.cfg.val_store, "events": self.render.model_dump(mode="json"),
+                      "position_convention": POSITION_CONVENTION, "target_modules": DECODER_ATTN_REGEX,
+                      "rank": self.cfg.rank, "alpha": self.cfg.alpha,
+                      "epoch": self.state.epoch if epoch is None else epoch,
+                      "trainable_params": self.extra.get("trainable_params")}
+        save_adapter(self.peft, join(self.cfg.out, which), provenance, self.so)
 
-    def _save(self, peft_model, which: str, state: dict) -> None:
-        save_adapter(peft_model, join(self.cfg.out, which), self._provenance(state), self.so)
-
-    def _finish(self, state: dict, resumed_from: int | None, seconds: float) -> LoraResult:
-        cfg = self.cfg
-        hist = state["history"]
-        best = next((h for h in hist if h["epoch"] == state["best_epoch"]), None)
-        trainable = state.get("trainable_params")
-        if trainable is None:  # no step ran in this process: measure with one backward
+    def _measured_trainable(self) -> int:
+        """Parameters that receive a gradient (one backward when no step ran in this process)."""
+        if self.extra.get("trainable_params") is None:
             self.peft.train()
-            loss, _ = self._forward(self.train[: cfg.micro_batch])
+            loss, _ = self._forward(self.train[: self.cfg.micro_batch])
             loss.backward()
-            trainable = sum(p.numel() for _, p in trainable_parameters(self.peft) if p.grad is not None)
+            self.extra["trainable_params"] = sum(p.numel() for _, p in trainable_parameters(self.peft)
+                                                 if p.grad is not None)
             self.peft.zero_grad(set_to_none=True)
-            state["trainable_params"] = trainable
+        return int(self.extra["trainable_params"])
+
+    def finish(self, seconds: float) -> LoraResult:
+        """adapter/ (the final LoRA), history.json, the curves and metrics.json; the result."""
+        cfg, st = self.cfg, self.state
+        trainable = self._measured_trainable()
+        hist = st.history
         metrics = {
-            "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"], "best": best,
-            "final": hist[-1] if hist else None, "initial_val": state["initial_val"],
-            "epochs_run": len(hist), "stopped_early": state["stopped_early"],
+            "best_epoch": st.best_epoch, "best_val_loss": st.best_val_loss, "best": st.best_entry(),
+            "final": hist[-1] if hist else None, "initial_val": self.extra["initial_val"],
+            "epochs_run": len(hist), "stopped_early": st.stopped_early,
             "trainable_params": trainable, "declared_trainable_params": self.declared,
             "lora_modules": len(self.lora_names), "n_train_pairs": len(self.train), "n_val_pairs": len(self.val),
             "train_scenes": len({s.scene_id for s in self.train}), "val_scenes": len({s.scene_id for s in self.val}),
@@ -815,17 +743,22 @@ class _Trainer:
             "features": dict(self.features.stats), "world_size": self.ctx.world,
         }
         if self.ctx.main:
-            self._save(self.peft, "adapter", state)
+            self._save("adapter")
             rf.write_json(join(cfg.out, "history.json"), hist, self.so)
-            plot_curves(hist, join(cfg.out, "training_curves.png"), self.so, state["initial_val"])
+            plot_curves(hist, CURVES, join(cfg.out, "training_curves.png"), self.so, self._baseline())
             rf.write_json(join(cfg.out, "metrics.json"), metrics, self.so)
         self.ctx.barrier()
         return LoraResult(
             out=cfg.out, adapter_dir=join(cfg.out, "adapter"), best_dir=join(cfg.out, "best"),
-            best_epoch=int(state["best_epoch"]), best_val_loss=float(state["best_val_loss"]),
-            initial_val_loss=float(state["initial_val"]["loss"]), epochs_run=len(hist),
-            stopped_early=bool(state["stopped_early"]), trainable_params=int(trainable),
-            declared_trainable_params=int(self.declared), lora_modules=len(self.lora_names),
-            n_train_pairs=len(self.train), n_val_pairs=len(self.val), metrics=metrics,
-            resumed_from_epoch=resumed_from, seconds=round(seconds, 3),
+            best_epoch=st.best_epoch, best_val_loss=st.best_val_loss,
+            initial_val_loss=float(self.extra["initial_val"]["loss"]), epochs_run=len(hist),
+            stopped_early=st.stopped_early, trainable_params=trainable, declared_trainable_params=int(self.declared),
+            lora_modules=len(self.lora_names), n_train_pairs=len(self.train), n_val_pairs=len(self.val),
+            metrics=metrics, resumed_from_epoch=self.resumed_from, seconds=round(seconds, 3),
         )
+
+
+def _published_epoch(url: str, storage_options: dict | None) -> int | None:
+    """The epoch a published peft folder (best/, adapter/) holds, from its egpt_lora.json (None: none)."""
+    prov = rf.read_json(join(url, "egpt_lora.json"), storage_options)
+    return None if prov is None else prov.get("epoch")

@@ -170,12 +170,29 @@ def test_resume_false_starts_over_and_progress_fractions(synth_store, tmp_path):
     assert res.epochs_run == 2
 
 
+def test_more_epochs_extend_a_finished_run(synth_store, tmp_path):
+    """`epochs` is not part of a run's identity: a finished run asked for more epochs continues after
+    its last committed epoch (it used to raise "different configuration"), and its first epochs are
+    those of the shorter run."""
+    kw = dict(adapter={"dropout": 0.1}, warmup_steps=2, early_stopping=50)
+    short = _cfg(synth_store["url"], tmp_path / "r", "L2", epochs=2, **kw)
+    first = train_adapter(short)
+    h2 = json.loads((tmp_path / "r" / "history.json").read_text())
+    calls = []
+    longer = train_adapter(short.model_copy(update={"epochs": 3}), progress=lambda f, m: calls.append(m))
+    assert first.epochs_run == 2 and longer.epochs_run == 3
+    assert [c.split()[1] for c in calls] == ["3/3"]  # only the new epoch ran
+    h3 = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert h3[:2] == h2 and h3[2]["epoch"] == 3
+    assert json.loads((tmp_path / "r" / "checkpoint" / "commit.json").read_text())["epoch"] == 3
+
+
 def test_outputs_and_load_adapter(synth_store, tmp_path):
     out = tmp_path / "r"
     res = train_adapter(_cfg(synth_store["url"], out, "L4", epochs=3, adapter={"dropout": 0.1}))
     names = set(os.listdir(out))
-    assert {"config.json", "history.json", "best.safetensors", "last.safetensors", "last_optim.safetensors",
-            "last_state.json", "training_curves.png", "result.json"} <= names
+    assert {"config.json", "checkpoint", "history.json", "best.safetensors", "last.safetensors",
+            "training_curves.png", "result.json"} <= names
     assert not [n for n in names if ".tmp" in n]
     assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     conf = json.loads((out / "config.json").read_text())
@@ -192,12 +209,15 @@ def test_outputs_and_load_adapter(synth_store, tmp_path):
     with torch.no_grad():
         y = apply_adapter(module, acfg, batch["drafter"], batch["target"], batch["mask"])
     assert y.shape == batch["target"].shape
-    # optimizer state and RNG live in safetensors + JSON (no pickle anywhere)
-    opt = load_file(out / "last_optim.safetensors")
+    # optimizer state and RNG live in safetensors + JSON (no pickle anywhere), in the checkpoint
+    record = json.loads((out / "checkpoint" / "commit.json").read_text())
+    assert record["epoch"] == 3 and record["files"]["best_weights"]
+    opt = load_file(out / "checkpoint" / record["files"]["train_state"])
     assert any(k.endswith(".exp_avg") for k in opt) and opt["rng.torch"].dtype == torch.uint8
+    # best/last are byte copies of the committed weight files
+    assert (out / "last.safetensors").read_bytes() == (out / "checkpoint" / record["files"]["last_weights"]).read_bytes()
     # no weight decay on norms / gates / biases
-    state = json.loads((out / "last_state.json").read_text())
-    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.01, 0.0]
+    assert [g["weight_decay"] for g in record["extra"]["optimizer"]["param_groups"]] == [0.01, 0.0]
 
 
 def test_memory_url_and_streaming_mode_match_cached(synth_store, tmp_path):

@@ -37,3 +37,26 @@ def test_another_dataset_is_taken_from_the_store(base):
 
     cfg = retf_config(base, _source("s3://bucket/other-dataset"), "new-drafter", "0123456789abcdef")
     assert cfg.dataset == "s3://bucket/other-dataset" and cfg.max_scenes is None and cfg.questions is None
+
+
+def test_epochs_are_not_part_of_a_run_directory(tmp_path):
+    """More epochs continue the same adapter / L6 run (the trainers resume it); any other setting is
+    another run in another directory."""
+    from egpt_core.config import ExtractConfig, PipelineAdapterConfig, PipelineConfig, PipelineLoraConfig
+    from flows.plan import adapter_configs, lora_config
+    from tasks.refs import StoreRef
+
+    extract = ExtractConfig(dataset="/d", drafter="/m/egpt", target="/m/vl", store=str(tmp_path / "s"))
+    stores = [StoreRef(url=extract.store, fingerprint="f" * 16, counts={"ok": 1}, shards=1, hidden_size=8,
+                       lm_head=True)]
+
+    def dirs(epochs: int, lr: float = 1e-3) -> tuple[str, str]:
+        cfg = PipelineConfig(extract=extract, out=str(tmp_path / "runs"),
+                             adapters=[PipelineAdapterConfig(epochs=epochs, lr=lr)],
+                             lora=PipelineLoraConfig(epochs=epochs, lr=lr))
+        [(_, adapter)] = adapter_configs(cfg, stores)
+        return adapter.out, lora_config(cfg, {extract.store: "f" * 16}).out
+
+    assert dirs(3) == dirs(10)
+    a, b = dirs(3), dirs(3, lr=2e-3)
+    assert a[0] != b[0] and a[1] != b[1]

@@ -22,13 +22,13 @@ from egpt_core.lora.train import (
     load_samples,
     lora_modules,
     loss_and_sums,
-    lr_at,
     split_by_scene,
     tf_rows,
     trainable_parameters,
 )
 from egpt_core.models import load_eventgpt
 from egpt_core.store import StoreReader
+from egpt_core.training.schedule import warmup_cosine_lr as lr_at
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 

@@ -1,16 +1,16 @@
 """kill -9 of adapter training and of L6 LoRA training, then resume: bitwise equal to an uninterrupted run.
 
-Kill points (see train_kill_runner.py): after a committed epoch, mid-epoch, mid-write of the weights
-file (a torn temp file is left behind), and between the weight files and the commit point (the
-torn ``last_state.json`` / ``state.json``). Torn or mismatched files are never used: resume continues
-from the last complete checkpoint, or from scratch when the in-place overwrite already destroyed it;
-either way the final weights, optimizer state and history are bitwise those of an uninterrupted run.
+Kill points (see train_kill_runner.py): after a committed epoch, mid-epoch, mid-write of an epoch's
+weights file (a torn temp file is left behind), and between the weight files and the commit record
+(a torn ``checkpoint/commit.json``). Torn or uncommitted files are never used, and no crash loses a
+finished epoch (egpt_core/training/checkpoint.py: immutable per-epoch files, the commit record
+written last): resume continues after the last committed epoch, and the final weights, optimizer
+state and history are bitwise those of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -109,8 +109,19 @@ def adapter_full(adapter_store, tmp_path_factory):
     return out, time.perf_counter() - t0
 
 
-# point -> (epoch the resume continues after; 0 = from scratch)
-ADAPTER_POINTS = {"after-epoch": 2, "torn-weights": 2, "torn-commit": 0}
+def _commit(out: Path) -> dict:
+    return json.loads((out / "checkpoint" / "commit.json").read_text())
+
+
+def _assert_same_checkpoint(full: Path, out: Path) -> int:
+    """Both commit records name the same files (named by content) and their tensors are bitwise equal."""
+    a, b = _commit(full), _commit(out)
+    assert a["files"] == b["files"] and a["sha256"].keys() == b["sha256"].keys()
+    return sum(_assert_same_tensors(full / "checkpoint" / n, out / "checkpoint" / n) for n in a["sha256"])
+
+
+# point -> epoch the resume continues after (a crash before the commit record keeps the finished ones)
+ADAPTER_POINTS = {"after-epoch": 2, "torn-weights": 2, "torn-commit": 2}
 
 
 @pytest.mark.parametrize("point", list(ADAPTER_POINTS))
@@ -123,34 +134,31 @@ def test_adapter_kill9_then_resume_is_bitwise_identical(point, adapter_store, ad
     killed_s = _kill("adapter", cfg, point, tmp_path)
 
     # what the kill left behind
-    state = json.loads((out / "last_state.json").read_text())
+    ckdir = out / "checkpoint"
+    assert _commit(out)["epoch"] == 2
     if point == "after-epoch":
-        assert state["epoch"] == 2 and not list(out.glob(f"*{TORN}"))
+        assert not list(out.rglob(f"*{TORN}"))
     elif point == "torn-weights":  # epoch 3's weights never reached their name: epoch 2 is complete
-        assert state["epoch"] == 2 and (out / f"last.safetensors{TORN}").exists()
-    else:  # epoch 3's tensor files are in place but the commit point still says epoch 2
-        assert state["epoch"] == 2 and (out / f"last_state.json{TORN}").exists()
-        from egpt_core.runfiles import safetensors_metadata
-
-        assert safetensors_metadata((out / "last.safetensors").read_bytes())["epoch"] == "3"
+        assert list(ckdir.glob(f"epoch-0003-*.weights.safetensors{TORN}"))
+    else:  # epoch 3's files are in place, the commit record still names epoch 2's (which are intact)
+        assert (ckdir / f"commit.json{TORN}").exists()
+        assert list(ckdir.glob("epoch-0003-*.weights.safetensors")) and list(ckdir.glob("epoch-0003-*.train.safetensors"))
+        assert all((ckdir / name).exists() for name in _commit(out)["sha256"])
 
     msgs: list[str] = []
-    caplog.set_level(logging.WARNING, logger="egpt_core.adapters.trainer")
     t0 = time.perf_counter()
     res = train_adapter(cfg, progress=lambda f, m: msgs.append(m))
     resume_s = time.perf_counter() - t0
     first = int(msgs[0].split()[1].split("/")[0])
-    assert first == ADAPTER_POINTS[point] + 1, msgs  # continued from the last complete checkpoint (or scratch)
-    if ADAPTER_POINTS[point] == 0:
-        assert "incomplete" in caplog.text  # the torn checkpoint was detected, not used
+    assert first == ADAPTER_POINTS[point] + 1, msgs  # continued after the last committed epoch
 
-    n = 0
-    for name in ("last.safetensors", "best.safetensors", "last_optim.safetensors"):
+    n = _assert_same_checkpoint(full, out)
+    for name in ("last.safetensors", "best.safetensors"):
         n += _assert_same_tensors(full / name, out / name)
     assert _history(full / "history.json") == _history(out / "history.json")
     assert res.epochs_run == 4
     figures.append(f"adapter L4 kill -9 at {point:13s}: killed run {killed_s:5.1f}s, resumed after epoch "
-                   f"{ADAPTER_POINTS[point] or 'none (scratch)'} in {resume_s:4.1f}s (uninterrupted {full_s:4.1f}s); "
+                   f"{ADAPTER_POINTS[point]} in {resume_s:4.1f}s (uninterrupted {full_s:4.1f}s); "
                    f"{n} tensors of last/best/optimizer bitwise equal")
 
 
@@ -185,7 +193,7 @@ def lora_full(lora_store, fixtures_dir, tmp_path_factory):
     return out, time.perf_counter() - t0
 
 
-LORA_POINTS = {"mid-epoch": 1, "torn-weights": 1, "torn-commit": None}
+LORA_POINTS = {"mid-epoch": 1, "torn-weights": 1, "torn-commit": 1}
 
 
 @pytest.mark.parametrize("point", list(LORA_POINTS))
@@ -198,12 +206,12 @@ def test_lora_kill9_then_resume_is_bitwise_identical(point, lora_store, lora_ful
     killed_s = _kill("lora", cfg, point, tmp_path)
 
     ckdir = out / "checkpoint"
-    assert json.loads((ckdir / "state.json").read_text())["epoch"] == 1
+    assert _commit(out)["epoch"] == 1
     assert not (out / "adapter").exists()  # the final adapter is written only at the end
     if point == "torn-weights":
-        assert (ckdir / f"lora.safetensors{TORN}").exists()
+        assert list(ckdir.glob(f"epoch-0002-*.weights.safetensors{TORN}"))
     if point == "torn-commit":
-        assert (ckdir / f"state.json{TORN}").exists()
+        assert (ckdir / f"commit.json{TORN}").exists() and list(ckdir.glob("epoch-0002-*.weights.safetensors"))
 
     t0 = time.perf_counter()
     res = train_lora(cfg)
@@ -212,11 +220,10 @@ def test_lora_kill9_then_resume_is_bitwise_identical(point, lora_store, lora_ful
 
     n = _assert_same_tensors(full / "adapter" / "adapter_model.safetensors", out / "adapter" / "adapter_model.safetensors")
     _assert_same_tensors(full / "best" / "adapter_model.safetensors", out / "best" / "adapter_model.safetensors")
-    for name in ("lora.safetensors", "optim.safetensors"):
-        _assert_same_tensors(full / "checkpoint" / name, out / "checkpoint" / name)
+    _assert_same_checkpoint(full, out)
     assert _history(full / "history.json") == _history(out / "history.json")
     figures.append(f"L6 LoRA kill -9 at {point:13s}: killed run {killed_s:5.1f}s, resumed after epoch "
-                   f"{LORA_POINTS[point] or 'none (scratch)'} in {resume_s:4.1f}s (uninterrupted {full_s:4.1f}s); "
+                   f"{LORA_POINTS[point]} in {resume_s:4.1f}s (uninterrupted {full_s:4.1f}s); "
                    f"{n} LoRA tensors + optimizer state bitwise equal")
 
 

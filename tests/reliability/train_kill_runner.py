@@ -2,16 +2,16 @@
 
 usage: python train_kill_runner.py adapter|lora CONFIG_JSON POINT
 
-adapter points (epoch numbers are 1-based):
+adapter points (epoch numbers are 1-based; checkpoint files: egpt_core/training/checkpoint.py):
   after-epoch   the progress callback reports epoch 2 done (its checkpoint is committed)
-  torn-weights  mid-write of epoch 3's last.safetensors (a torn temp file is left; nothing renamed)
-  torn-commit   epoch 3's last.safetensors + last_optim.safetensors renamed into place, then mid-write
-                of last_state.json (the commit point)
-lora points:
+  torn-weights  mid-write of epoch 3's checkpoint/epoch-0003-*.weights.safetensors (a torn temp file
+                is left; nothing renamed)
+  torn-commit   epoch 3's weights + train-state files in place, then mid-write of
+                checkpoint/commit.json (the commit record)
+lora points (L6 commits the untrained LoRA as epoch 0 first):
   mid-epoch     right after the first optimizer step of epoch 2
-  torn-weights  mid-write of epoch 2's checkpoint/lora.safetensors
-  torn-commit   epoch 2's checkpoint/lora.safetensors + optim.safetensors in place, then mid-write of
-                checkpoint/state.json
+  torn-weights  mid-write of epoch 2's checkpoint/epoch-0002-*.weights.safetensors
+  torn-commit   epoch 2's weights + train-state files in place, then mid-write of checkpoint/commit.json
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ def die() -> None:
 
 
 def torn_write_hook(module, name: str, nth: int):
-    """Patch ``module.write_bytes``: the ``nth`` write of a file named ``name`` leaves half its bytes in
-    a temp file (as a crash mid-write does) and the process dies."""
+    """Patch ``module.write_bytes``: the ``nth`` write of a file whose name ends with ``name`` leaves half
+    its bytes in a temp file (as a crash mid-write does) and the process dies."""
     original = module.write_bytes
 
     def write_bytes(url, data, storage_options=None):
-        if str(url).endswith("/" + name):
+        if str(url).endswith(name):
             calls[name] = calls.get(name, 0) + 1
             if calls[name] == nth:
                 path = str(url).removeprefix("file://")
@@ -66,9 +66,9 @@ def run_adapter(cfg_json: str, point: str) -> None:
             if msg.startswith("epoch 2/"):
                 die()
     elif point == "torn-weights":
-        torn_write_hook(rf, "last.safetensors", 3)
+        torn_write_hook(rf, ".weights.safetensors", 3)
     elif point == "torn-commit":
-        torn_write_hook(rf, "last_state.json", 3)
+        torn_write_hook(rf, "/commit.json", 3)
     else:
         raise SystemExit(f"unknown adapter point {point}")
     train_adapter(cfg, progress=progress, resume=False)
@@ -86,9 +86,9 @@ def run_lora(cfg_json: str, point: str) -> None:
             if msg.startswith("epoch 2/") and " step " in msg:
                 die()
     elif point == "torn-weights":
-        torn_write_hook(rf, "lora.safetensors", 2)
+        torn_write_hook(rf, ".weights.safetensors", 3)
     elif point == "torn-commit":
-        torn_write_hook(rf, "state.json", 2)
+        torn_write_hook(rf, "/commit.json", 3)
     else:
         raise SystemExit(f"unknown lora point {point}")
     train_lora(cfg, progress=progress, resume=False)
