@@ -25,13 +25,10 @@ from tasks.refs import StoreRef, derived_store_url
 
 __all__ = ["adapter_configs", "derived_store_url", "eval_config", "group_configs", "lora_config", "retf_config"]
 
-#: settings that do not change what is trained (and the location we assign ourselves)
-_NOT_IDENTITY = {"out", "storage_options", "device"}
-
-
 def _run_id(settings, fingerprints: dict[str, str]) -> str:
-    return hash_json({"settings": settings.model_dump(mode="json", exclude=_NOT_IDENTITY),
-                      "inputs": fingerprints})[:10]
+    """A run directory's name: what the run computes (its config's ``NON_SEMANTIC`` fields left out:
+    a run extended to more epochs stays in its directory) and the fingerprints of its inputs."""
+    return hash_json({"settings": settings.semantic_settings(), "inputs": fingerprints})[:10]
 
 
 def adapter_configs(cfg: PipelineConfig, stores: list[StoreRef]) -> list[tuple[str, TrainAdapterConfig]]:

@@ -42,8 +42,9 @@ STAGE_VERSIONS = {
     "speculate": f"tasks-1/{SPECULATE_VERSION}",
 }
 
-#: what never goes into key material (credentials, and where the same work runs)
-NOT_KEY_MATERIAL = {"storage_options"}
+#: what a cached result records beyond what its config computes (``semantic_settings()``): where its
+#: files are, and how many epochs a run went (an extended run is the same run, not the same result)
+RESULT_FIELDS = frozenset({"out", "epochs"})
 
 
 @dataclass(kw_only=True)
@@ -104,8 +105,10 @@ def _exists(url: str, storage_options: dict | None) -> bool:
 # fingerprints of inputs
 # --------------------------------------------------------------------------------------------------
 def config_material(cfg) -> dict[str, Any]:
-    """A config's settings as key material: everything but storage options."""
-    return cfg.model_dump(mode="json", exclude=NOT_KEY_MATERIAL)
+    """A config's settings as key material: what it computes (its ``NON_SEMANTIC`` fields, storage options
+    always among them, left out) plus the ``RESULT_FIELDS`` it has."""
+    recorded = (RESULT_FIELDS & set(type(cfg).model_fields)) - {"storage_options"}
+    return {**cfg.semantic_settings(), **cfg.model_dump(mode="json", include=recorded)}
 
 
 def dataset_fingerprint(cfg: ExtractConfig) -> str:

@@ -57,8 +57,6 @@ Progress = Callable[[float, str], None]
 TAUS = DEFAULT_TAUS
 EAGLE_LEVELS = ("L5", "B1", "L5F")
 RUN_KIND = "adapter-run"
-#: fields that do not change what is trained (excluded from the config fingerprint)
-_NON_SEMANTIC = {"storage_options", "device", "out", "data_cache_gb"}
 
 
 class TrainResult(BaseModel):
@@ -483,7 +481,7 @@ def plot_curves(history: list[dict[str, Any]], url: str, storage_options: dict |
 
 
 def config_fingerprint(cfg) -> str:
-    return rf.config_fingerprint(cfg, _NON_SEMANTIC)
+    return rf.config_fingerprint(cfg)  # NON_SEMANTIC: egpt_core.config
 
 
 def _result_from_state(cfg: TrainAdapterConfig, state: dict[str, Any]) -> TrainResult:

@@ -47,14 +47,8 @@ class EvalResult(BaseModel):
 
 
 def prediction_mode(cfg: EvalConfig) -> str:
-    """'identity' | 'adapter' | 'lora'; exactly one source must be set (ConfigError otherwise)."""
-    chosen = [m for m, on in (("adapter", bool(cfg.adapter_run)), ("lora", bool(cfg.lora)),
-                              ("identity", cfg.identity)) if on]
-    if len(chosen) != 1:
-        raise ConfigError(
-            "set exactly one prediction source: adapter_run (--adapter RUN), lora (--lora DIR) or "
-            f"identity (--identity); got {chosen or 'none'}")
-    return chosen[0]
+    """'identity' | 'adapter' | 'lora' (EvalConfig's validator guarantees exactly one is set)."""
+    return "adapter" if cfg.adapter_run else "lora" if cfg.lora else "identity"
 
 
 def default_name(cfg: EvalConfig, mode: str, level: str | None = None) -> str:

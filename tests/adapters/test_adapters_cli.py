@@ -4,6 +4,7 @@ import argparse
 import json
 
 from egpt_core.adapters import commands
+from egpt_core.cli import run_command
 
 
 def _parser():
@@ -14,7 +15,7 @@ def _parser():
 
 def _run(argv):
     args = _parser().parse_args(argv)
-    return args.func(args)
+    return run_command(args)
 
 
 def test_list_levels_prints_exact_counts(capsys):
