@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import get_args
 
 from egpt_core import cliargs
-from egpt_core.config import AdapterConfig, TrainAdapterConfig, read_config_file
+from egpt_core.config import AdapterConfig, AdapterLevel, TrainAdapterConfig, read_config_file
 from egpt_core.errors import ConfigError
+
+LEVELS = get_args(AdapterLevel)  # the registry's levels (egpt_core.adapters.modules.LEVEL_SPECS checks them)
 
 
 def register(subparsers) -> None:
@@ -15,7 +18,7 @@ def register(subparsers) -> None:
         "train-adapter", help="train an alignment adapter (L1..L5, B1, L5F) on hidden-state stores",
         description="Train an alignment adapter on one or more hidden-state stores, or --list-levels.",
     )
-    p.add_argument("--level", choices=["L1", "L2", "L3", "L4", "L5", "B1", "L5F"], help="adapter level")
+    p.add_argument("--level", choices=LEVELS, help="adapter level")
     p.add_argument("--train", action="append", default=None, metavar="URL", help="train store URL (repeatable)")
     p.add_argument("--val", metavar="URL", help="validation store URL (default: seeded split by scene)")
     p.add_argument("--out", metavar="URL", help="run directory URL")
@@ -40,7 +43,7 @@ def register(subparsers) -> None:
     )
     imp.add_argument("checkpoint", help="research best_model.pt / final_model.pt")
     imp.add_argument("out", help="adapter run directory to write")
-    imp.add_argument("--level", required=True, choices=["L1", "L2", "L3", "L4", "L5", "B1", "L5F"],
+    imp.add_argument("--level", required=True, choices=LEVELS,
                      help="the level it was trained as (B1 = L5 trained with --vlm_only)")
     imp.add_argument("--which", choices=["best", "last"], default="best", help="write best.safetensors or last")
     imp.set_defaults(func=_import)
@@ -61,7 +64,7 @@ def _import(args) -> int:
 
 
 def _list_levels(args) -> int:
-    from egpt_core.adapters.modules import LEVEL_DESCRIPTIONS, LEVELS, level_parameter_count
+    from egpt_core.adapters.modules import LEVEL_DESCRIPTIONS, level_parameter_count
 
     d = args.hidden_size or 4096
     base = dict(read_config_file(args.config, TrainAdapterConfig).get("adapter") or {}) if args.config else {}

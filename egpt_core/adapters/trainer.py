@@ -43,7 +43,7 @@ from egpt_core.adapters.losses import (
     loss_sums,
     masked_cos_per_position,
 )
-from egpt_core.adapters.modules import adapter_inputs, count_parameters, create_adapter
+from egpt_core.adapters.modules import LEVEL_SPECS, adapter_inputs, count_parameters, create_adapter
 from egpt_core.config import TrainAdapterConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError, TrainingDivergedError
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
 TAUS = DEFAULT_TAUS
-EAGLE_LEVELS = ("L5", "B1", "L5F")
+EAGLE_LEVELS = tuple(name for name, spec in LEVEL_SPECS.items() if spec.predicts_next)  # the registry's
 RUN_KIND = "adapter-run"
 
 

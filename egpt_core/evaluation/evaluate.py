@@ -188,6 +188,7 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
     module = acfg = None
     if mode == "adapter":
         from egpt_core.adapters import apply_adapter, load_adapter
+        from egpt_core.adapters.modules import level_spec
 
         module, acfg = load_adapter(cfg.adapter_run, cfg.adapter_which, storage_options=so, device=device)
         a_hidden = acfg.hidden_size
@@ -197,7 +198,7 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
                 f"{hidden}; evaluate it on a store extracted from the same models")
         inputs.update(adapter_run=cfg.adapter_run, adapter_which=cfg.adapter_which, adapter_level=str(acfg.level),
                       adapter_config=acfg.model_dump(), adapter_fingerprint=_adapter_fingerprint(cfg))
-        if str(acfg.level) in ("B1", "L5F"):
+        if level_spec(acfg.level).leaks_target:
             notes.append(f"{acfg.level} takes the target's own hidden states as input: its same-position metrics "
                          "leak the target and are not a cross-modal alignment result (reference §12.2 P1.3).")
     elif mode == "lora":

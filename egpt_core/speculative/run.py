@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from egpt_core import outdir
 from egpt_core import runfiles as rf
+from egpt_core.adapters.modules import level_spec
 from egpt_core.config import ModelLoadConfig, SpeculateConfig
 from egpt_core.data import Pair, build_pairs, load_questions, load_scenes, read_video_frames
 from egpt_core.data.dataset import questions_url
@@ -214,7 +215,7 @@ def load_models(cfg: SpeculateConfig, source: str, lm_head: torch.Tensor | None)
                               f"target's is {target.hidden_size}")
         which = cfg.adapter_which if cfg.adapter_which.endswith(".safetensors") else f"{cfg.adapter_which}.safetensors"
         fps["adapter"] = file_fingerprint(join(cfg.adapter_run, which), so)
-    needs_drafter = not (acfg is not None and str(acfg.level) == "B1")
+    needs_drafter = acfg is None or level_spec(acfg.level).inputs != "target"
     drafter = None
     if needs_drafter:
         drafter = load_eventgpt(cfg.drafter, drafter_load(cfg), double_adaptor=cfg.events.double_feature_adaptor,
@@ -382,7 +383,7 @@ def _measure(cfg: SpeculateConfig, source: str, plan: PairPlan, progress: Progre
         if models.head is not None and models.head.kind == "sequence" and models.level == "L4":
             notes.append("L4 is bidirectional: offline it attends to rows after t, which a real loop does not have "
                          "(here it sees rows 0..t); measured and simulated acceptance differ by that context.")
-        if models.level in ("B1", "L5F"):
+        if models.level is not None and level_spec(models.level).leaks_target:
             notes.append(f"{models.level} drafts from the target's verified rows (next-position head, rolled out "
                          "within a round); its offline same-position metrics leak the target and are not comparable.")
     if cfg.mode == "research":
