@@ -20,7 +20,7 @@ from egpt_core.data.dataset import MANIFEST_NAME, questions_url
 from egpt_core.errors import EgptError
 from egpt_core.evaluation.evaluate import EVAL_VERSION
 from egpt_core.extraction.features import FEATURES_VERSION
-from egpt_core.extraction.run import EXTRACTION_VERSION
+from egpt_core.extraction.run import EXTRACTION_VERSION, needs_drafter, needs_target
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
 from egpt_core.fsio import is_local, join, url_to_fs
 from egpt_core.models.loading import checkpoint_fingerprint
@@ -141,14 +141,6 @@ def store_created(url: str, storage_options: dict | None = None) -> str | None:
     fs, path = url_to_fs(url, storage_options)
     manifest = load_manifest(with_retries(fs), path.rstrip("/"), url)
     return None if manifest is None else manifest.get("created")
-
-
-def needs_drafter(cfg: ExtractConfig) -> bool:
-    return cfg.mode != "retf" or cfg.retf_side == "drafter"
-
-
-def needs_target(cfg: ExtractConfig) -> bool:
-    return cfg.mode != "retf" or cfg.retf_side == "target"
 
 
 # --------------------------------------------------------------------------------------------------

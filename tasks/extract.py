@@ -10,25 +10,16 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run, task_run
 
 from egpt_core.config import ExtractConfig
-from egpt_core.data import load_scenes
-from egpt_core.errors import BadInputError
-from egpt_core.extraction import load_models, plan_pairs, run_extraction
-from egpt_core.extraction.features import scene_features
-from egpt_core.extraction.run import store_meta
-from egpt_core.fsio import join, url_to_fs
+from egpt_core.extraction import plan_pairs, run_extraction
+from egpt_core.extraction.run import compute_scene_features, feature_scene_ids, store_exists
 from egpt_core.models.loading import drafter_fingerprint as _drafter_fingerprint
-from egpt_core.models.loading import load_eventgpt
-from egpt_core.store import StoreReader, StoreWriter
-from egpt_core.store.retrying import with_retries
+from egpt_core.store import StoreReader
 from tasks.caching import FingerprintPolicy, extract_material, features_material
 from tasks.refs import FeaturesRef, GroupRef, NightlyPlan, StoreRef, derived_store_url
 from tasks.runtime import RETRY, ProgressArtifact, artifact_key, gpu_slot, url_name, wait_for_live_run
 
-
-def store_exists(url: str, storage_options: dict | None = None) -> bool:
-    """True when a store has committed its manifest at ``url``."""
-    fs, path = url_to_fs(url, storage_options)
-    return with_retries(fs).exists(join(path, "manifest.json"))
+__all__ = ["compute_features", "dispatch_group", "drafter_fingerprint", "extract_group", "feature_scene_ids",
+           "plan_nightly", "store_exists", "summarize_store"]
 
 
 def group_label(cfg: ExtractConfig) -> str:
@@ -50,28 +41,11 @@ def _extract_run_name() -> str:
       **RETRY)
 def compute_features(cfg: ExtractConfig, scene_ids: list[str]) -> FeaturesRef:
     """Stage 1: pooled event features for a shard of scenes, cached under the store's `features/`."""
-    wanted = set(scene_ids)
-    scenes = [s for s in load_scenes(cfg.dataset, cfg.storage_options, cfg.max_scenes) if s.scene_id in wanted]
-    progress = ProgressArtifact(f"event features, {len(scenes)} scenes -> {url_name(cfg.store)}")
-    stats: dict[str, int] = {}
-    failed: dict[str, str] = {}
+    progress = ProgressArtifact(f"event features, {len(scene_ids)} scenes -> {url_name(cfg.store)}")
     with gpu_slot():
-        if store_exists(cfg.store, cfg.storage_options):  # features need the drafter only
-            drafter = load_eventgpt(cfg.drafter, cfg.load, double_adaptor=cfg.events.double_feature_adaptor,
-                                    storage_options=cfg.storage_options)
-            writer = StoreWriter(cfg.store, {}, cfg.storage_options)
-        else:  # a new store is created with the full metadata, which names both models
-            drafter, target = load_models(cfg)
-            writer = StoreWriter(cfg.store, store_meta(cfg, drafter, target), cfg.storage_options)
-            del target
-        for i, scene in enumerate(scenes):
-            try:
-                scene_features(scene, drafter, cfg.events, writer, cfg.storage_options, stats)
-            except BadInputError as exc:  # recorded per pair again by the extraction
-                failed[scene.scene_id] = str(exc)
-            progress((i + 1) / len(scenes), f"{i + 1}/{len(scenes)} scenes")
-    return FeaturesRef(store_url=cfg.store, scenes=len(scenes), computed=stats.get("features_computed", 0),
-                       cached=stats.get("features_cached", 0), failed=failed)
+        done = compute_scene_features(cfg, scene_ids, progress)
+    return FeaturesRef(store_url=cfg.store, scenes=done.scenes, computed=done.computed, cached=done.cached,
+                       failed=done.failed)
 
 
 @task(name="extract", task_run_name=_extract_run_name, tags=["gpu"],
@@ -152,15 +126,3 @@ def plan_nightly(cfg: ExtractConfig) -> NightlyPlan:
     get_run_logger().info("%d new pairs (%d committed); drafter %s", len(new), len(committed),
                           "CHANGED" if plan.drafter_changed else "unchanged")
     return plan
-
-
-def feature_scene_ids(cfg: ExtractConfig, only_pairs: list[str] | None = None) -> list[str]:
-    """Scenes whose event features the extraction of cfg (restricted to ``only_pairs``) will need."""
-    pairs = plan_pairs(cfg)
-    if only_pairs is not None:
-        keep = set(only_pairs)
-        pairs = [p for p in pairs if p.pair_id in keep]
-    if cfg.mode == "retf":
-        ok = set(StoreReader(cfg.source_store, cfg.storage_options).pair_ids(status="ok"))
-        pairs = [p for p in pairs if p.pair_id in ok]
-    return list(dict.fromkeys(p.scene.scene_id for p in pairs))

@@ -32,10 +32,11 @@ from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.extraction import inputs as guards
 from egpt_core.extraction.features import scene_features
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import canonical_url
+from egpt_core.fsio import canonical_url, join, url_to_fs
 from egpt_core.models.positions import POSITION_CONVENTION
 from egpt_core.models.vocab import check_vocab_compat, vocab_tokens
 from egpt_core.store import StoreReader, StoreWriter, committed_inputs
+from egpt_core.store.retrying import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +264,21 @@ def _extract_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, ta
     return recs, d_rows, t_rows
 
 
+def needs_drafter(cfg: ExtractConfig) -> bool:
+    """The extraction runs the drafter (every mode but a retf of the target side)."""
+    return cfg.mode != "retf" or cfg.retf_side == "drafter"
+
+
+def needs_target(cfg: ExtractConfig) -> bool:
+    """The extraction runs the target (every mode but a retf of the drafter side)."""
+    return cfg.mode != "retf" or cfg.retf_side == "target"
+
+
 def load_models(cfg: ExtractConfig):
     """(drafter, target) needed by cfg.mode; None for a side retf does not recompute."""
     from egpt_core.models.loading import load_eventgpt, load_videollava
 
-    need_d = cfg.mode != "retf" or cfg.retf_side == "drafter"
-    need_t = cfg.mode != "retf" or cfg.retf_side == "target"
+    need_d, need_t = needs_drafter(cfg), needs_target(cfg)
     drafter = load_eventgpt(cfg.drafter, cfg.load, double_adaptor=cfg.events.double_feature_adaptor,
                             storage_options=cfg.storage_options) if need_d else None
     target = load_videollava(cfg.target, cfg.load, storage_options=cfg.storage_options) if need_t else None
@@ -277,18 +287,79 @@ def load_models(cfg: ExtractConfig):
     return drafter, target
 
 
-def run_extraction(cfg: ExtractConfig, progress: Progress | None = None, only_pairs: set[str] | None = None,
-                   models=None) -> ExtractSummary:
-    """Extract every pending pair of cfg's dataset into cfg.store; returns counts (resumable, idempotent)."""
-    t0 = time.perf_counter()
+def store_exists(url: str, storage_options: dict | None = None) -> bool:
+    """True when a store has committed its manifest at ``url``."""
+    fs, path = url_to_fs(url, storage_options)
+    return with_retries(fs).exists(join(path, "manifest.json"))
+
+
+def pairs_to_extract(cfg: ExtractConfig, only_pairs: set[str] | list[str] | None = None
+                     ) -> tuple[list[Pair], StoreReader | None]:
+    """The pairs an extraction of ``cfg`` works on: its group's pairs, restricted to ``only_pairs``
+    and, in retf mode, to the source store's ok pairs; plus that source store's reader (retf)."""
     pairs = plan_pairs(cfg)
     if only_pairs is not None:
-        pairs = [p for p in pairs if p.pair_id in only_pairs]
+        keep = set(only_pairs)
+        pairs = [p for p in pairs if p.pair_id in keep]
     source = None
     if cfg.mode == "retf":
         source = StoreReader(cfg.source_store, cfg.storage_options)
         ok = set(source.pair_ids(status="ok"))
         pairs = [p for p in pairs if p.pair_id in ok]
+    return pairs, source
+
+
+def feature_scene_ids(cfg: ExtractConfig, only_pairs: list[str] | None = None) -> list[str]:
+    """Scenes whose event features the extraction of cfg (restricted to ``only_pairs``) will need."""
+    return list(dict.fromkeys(p.scene.scene_id for p in pairs_to_extract(cfg, only_pairs)[0]))
+
+
+@dataclass
+class FeaturesSummary:
+    """What `compute_scene_features` did: scenes asked for, features computed / found cached, and
+    the scenes whose events could not be read (each pair is recorded as failed again by extraction)."""
+
+    scenes: int
+    computed: int
+    cached: int
+    failed: dict[str, str]
+
+
+def compute_scene_features(cfg: ExtractConfig, scene_ids: list[str] | set[str],
+                           progress: Progress | None = None) -> FeaturesSummary:
+    """Stage 1 for some scenes: pooled event features cached under the store's ``features/``. Loads
+    the drafter only when the store exists; a new store is created with the full metadata (both
+    models). A scene whose events are bad is recorded, not fatal."""
+    wanted = set(scene_ids)
+    scenes = [s for s in load_scenes(cfg.dataset, cfg.storage_options, cfg.max_scenes) if s.scene_id in wanted]
+    if store_exists(cfg.store, cfg.storage_options):  # features need the drafter only
+        from egpt_core.models.loading import load_eventgpt
+
+        drafter = load_eventgpt(cfg.drafter, cfg.load, double_adaptor=cfg.events.double_feature_adaptor,
+                                storage_options=cfg.storage_options)
+        writer = StoreWriter(cfg.store, {}, cfg.storage_options)
+    else:
+        drafter, target = load_models(cfg)
+        writer = StoreWriter(cfg.store, store_meta(cfg, drafter, target), cfg.storage_options)
+        del target
+    stats: dict[str, int] = {}
+    failed: dict[str, str] = {}
+    for i, scene in enumerate(scenes):
+        try:
+            scene_features(scene, drafter, cfg.events, writer, cfg.storage_options, stats)
+        except BadInputError as exc:
+            failed[scene.scene_id] = str(exc)
+        if progress is not None:
+            progress((i + 1) / len(scenes), f"{i + 1}/{len(scenes)} scenes")
+    return FeaturesSummary(scenes=len(scenes), computed=stats.get("features_computed", 0),
+                           cached=stats.get("features_cached", 0), failed=failed)
+
+
+def run_extraction(cfg: ExtractConfig, progress: Progress | None = None, only_pairs: set[str] | None = None,
+                   models=None) -> ExtractSummary:
+    """Extract every pending pair of cfg's dataset into cfg.store; returns counts (resumable, idempotent)."""
+    t0 = time.perf_counter()
+    pairs, source = pairs_to_extract(cfg, only_pairs)
 
     # content fingerprints of every planned pair's inputs, checked against what the store (and a retf
     # source) committed, before any model work: another dataset is refused, never mixed in
