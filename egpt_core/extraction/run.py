@@ -173,14 +173,43 @@ def _response_status(ids: list[int], eos: int | None, min_tokens: int) -> tuple[
     return "ok", None
 
 
+@dataclass
+class _Batch:
+    """One batch in flight: a record per pair, its rows (None unless ok) and, for the pairs still
+    ``live`` (inputs built), the drafter's features/prompt and the target's prompt/video."""
+
+    pairs: list[Pair]
+    recs: list[dict]
+    d_rows: list
+    t_rows: list
+    live: list[int] = field(default_factory=list)
+    feats: dict = field(default_factory=dict)
+    d_prompts: dict = field(default_factory=dict)
+    t_prompts: dict = field(default_factory=dict)
+    videos: dict = field(default_factory=dict)
+
+
 def _extract_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, target, inputs: _Inputs,
                    source_rows: dict | None) -> tuple[list[dict], list, list]:
     """Process one batch -> (records, drafter rows, target rows); rows are None for non-ok pairs."""
-    recs = [_record(p, input_fingerprint=inputs.fingerprints.get(p.pair_id)) for p in batch]
-    d_rows: list = [None] * len(batch)
-    t_rows: list = [None] * len(batch)
-    live: list[int] = []
-    feats, d_prompts, t_prompts, videos = {}, {}, {}, {}
+    b = _prepare_batch(batch, mode, cfg, drafter, target, inputs, source_rows)
+    if b.live:
+        if mode == "shared_prefix":
+            _shared_prefix(b, cfg, drafter, target)
+        elif mode == "independent":
+            _independent(b, cfg, drafter, target)
+        else:
+            _retf(b, cfg.retf_side, drafter, target, source_rows)
+    return b.recs, b.d_rows, b.t_rows
+
+
+def _prepare_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, target, inputs: _Inputs,
+                   source_rows: dict | None) -> _Batch:
+    """Records and model inputs of a batch; a pair whose question, inputs or context size is bad is
+    recorded as failed (with the reason) and left out of ``live``."""
+    b = _Batch(batch, [_record(p, input_fingerprint=inputs.fingerprints.get(p.pair_id)) for p in batch],
+               [None] * len(batch), [None] * len(batch))
+    recs = b.recs
     for i, p in enumerate(batch):
         problem = guards.question_problem(p.question, inputs.reserved)
         if problem:
@@ -189,15 +218,16 @@ def _extract_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, ta
         new_tokens = cfg.max_new_tokens if mode != "retf" else int(source_rows[p.pair_id]["length"])
         try:
             if drafter is not None:
-                feats[i] = inputs.features(p)
-                d_prompts[i] = drafter.prompt_ids(p.question)
-                recs[i]["drafter_prompt_ids"] = [int(x) for x in d_prompts[i]]
-                problem = guards.context_problem("drafter", drafter.model.expanded_len(d_prompts[i], feats[i].shape[0]),
+                b.feats[i] = inputs.features(p)
+                b.d_prompts[i] = drafter.prompt_ids(p.question)
+                recs[i]["drafter_prompt_ids"] = [int(x) for x in b.d_prompts[i]]
+                problem = guards.context_problem("drafter", drafter.model.expanded_len(b.d_prompts[i],
+                                                                                      b.feats[i].shape[0]),
                                                  new_tokens, guards.context_size(drafter))
             if target is not None and problem is None:
-                t_prompts[i], videos[i] = target.prepare(p.question, inputs.video(p))
-                recs[i]["target_prompt_ids"] = t_prompts[i]
-                problem = guards.context_problem("target", len(t_prompts[i]), new_tokens, guards.context_size(target))
+                b.t_prompts[i], b.videos[i] = target.prepare(p.question, inputs.video(p))
+                recs[i]["target_prompt_ids"] = b.t_prompts[i]
+                problem = guards.context_problem("target", len(b.t_prompts[i]), new_tokens, guards.context_size(target))
         except BadInputError as exc:
             problem = str(exc)
         except ValueError as exc:  # the processor refusing a prompt: this pair's problem, not the run's
@@ -205,63 +235,71 @@ def _extract_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, ta
         if problem:
             recs[i].update(status="failed", reason=problem)
         else:
-            live.append(i)
-    if not live:
-        return recs, d_rows, t_rows
+            b.live.append(i)
+    return b
 
-    if mode == "shared_prefix":
-        ids, rows = target.generate([t_prompts[i] for i in live], [videos[i] for i in live], cfg.max_new_tokens)
-        eos = target.tokenizer.eos_token_id
-        tf_idx = []
-        for j, i in enumerate(live):
-            status, reason = _response_status(ids[j], eos, cfg.min_tokens)
-            recs[i].update(target_response_ids=ids[j], target_text=target.decode(ids[j]), status=status, reason=reason)
-            if status == "ok" and max(ids[j]) >= drafter.model.get_input_embeddings().num_embeddings:
-                recs[i].update(status="failed", reason="target token outside the drafter vocabulary")
-            if recs[i]["status"] == "ok":
-                t_rows[i] = rows[j]
-                tf_idx.append(i)
-        if tf_idx:
-            fed = [recs[i]["target_response_ids"] for i in tf_idx]
-            drows = drafter.teacher_forced([d_prompts[i] for i in tf_idx], fed, [feats[i] for i in tf_idx])
-            for i, r, f in zip(tf_idx, drows, fed):
-                recs[i].update(drafter_response_ids=list(f), drafter_text=drafter.decode(f), length=len(f))
-                d_rows[i] = r
-    elif mode == "independent":
-        t_ids, t_r = target.generate([t_prompts[i] for i in live], [videos[i] for i in live], cfg.max_new_tokens)
-        d_ids, d_r = drafter.generate([d_prompts[i] for i in live], [feats[i] for i in live], cfg.max_new_tokens)
-        for j, i in enumerate(live):
-            recs[i].update(target_response_ids=t_ids[j], target_text=target.decode(t_ids[j]),
-                           drafter_response_ids=d_ids[j], drafter_text=drafter.decode(d_ids[j]))
-            n = min(len(t_ids[j]), len(d_ids[j]))
-            if n < cfg.min_tokens:
-                recs[i].update(status="skipped",
-                               reason=f"aligned length shorter than min_tokens ({n} < {cfg.min_tokens})")
-                continue
-            recs[i]["length"] = n
-            d_rows[i], t_rows[i] = d_r[j][:n], t_r[j][:n]
-    else:  # retf
-        side = cfg.retf_side
-        for i in live:
-            src = source_rows[batch[i].pair_id]
-            for k in ("target_response_ids", "drafter_response_ids", "target_text", "drafter_text",
-                      "target_prompt_ids", "drafter_prompt_ids"):
-                if src.get(k) is not None and (k not in ("drafter_prompt_ids", "target_prompt_ids") or not recs[i][k]):
-                    recs[i][k] = list(src[k]) if isinstance(src[k], list) else src[k]
-            recs[i]["length"] = src["length"]
+
+def _shared_prefix(b: _Batch, cfg: ExtractConfig, drafter, target) -> None:
+    """The target generates; the drafter is teacher-forced on the target's response (ok pairs only)."""
+    recs, live = b.recs, b.live
+    ids, rows = target.generate([b.t_prompts[i] for i in live], [b.videos[i] for i in live], cfg.max_new_tokens)
+    eos = target.tokenizer.eos_token_id
+    tf_idx = []
+    for j, i in enumerate(live):
+        status, reason = _response_status(ids[j], eos, cfg.min_tokens)
+        recs[i].update(target_response_ids=ids[j], target_text=target.decode(ids[j]), status=status, reason=reason)
+        if status == "ok" and max(ids[j]) >= drafter.model.get_input_embeddings().num_embeddings:
+            recs[i].update(status="failed", reason="target token outside the drafter vocabulary")
+        if recs[i]["status"] == "ok":
+            b.t_rows[i] = rows[j]
+            tf_idx.append(i)
+    if tf_idx:
+        fed = [recs[i]["target_response_ids"] for i in tf_idx]
+        drows = drafter.teacher_forced([b.d_prompts[i] for i in tf_idx], fed, [b.feats[i] for i in tf_idx])
+        for i, r, f in zip(tf_idx, drows, fed):
+            recs[i].update(drafter_response_ids=list(f), drafter_text=drafter.decode(f), length=len(f))
+            b.d_rows[i] = r
+
+
+def _independent(b: _Batch, cfg: ExtractConfig, drafter, target) -> None:
+    """Both models generate freely; rows are paired up to the shorter response."""
+    recs, live = b.recs, b.live
+    t_ids, t_r = target.generate([b.t_prompts[i] for i in live], [b.videos[i] for i in live], cfg.max_new_tokens)
+    d_ids, d_r = drafter.generate([b.d_prompts[i] for i in live], [b.feats[i] for i in live], cfg.max_new_tokens)
+    for j, i in enumerate(live):
+        recs[i].update(target_response_ids=t_ids[j], target_text=target.decode(t_ids[j]),
+                       drafter_response_ids=d_ids[j], drafter_text=drafter.decode(d_ids[j]))
+        n = min(len(t_ids[j]), len(d_ids[j]))
+        if n < cfg.min_tokens:
+            recs[i].update(status="skipped",
+                           reason=f"aligned length shorter than min_tokens ({n} < {cfg.min_tokens})")
+            continue
+        recs[i]["length"] = n
+        b.d_rows[i], b.t_rows[i] = d_r[j][:n], t_r[j][:n]
+
+
+def _retf(b: _Batch, side: str, drafter, target, source_rows: dict) -> None:
+    """Re-extract ``side`` teacher-forced on the source store's token ids; the other side's rows are copied."""
+    recs, live, batch = b.recs, b.live, b.pairs
+    for i in live:
+        src = source_rows[batch[i].pair_id]
+        for k in ("target_response_ids", "drafter_response_ids", "target_text", "drafter_text",
+                  "target_prompt_ids", "drafter_prompt_ids"):
+            if src.get(k) is not None and (k not in ("drafter_prompt_ids", "target_prompt_ids") or not recs[i][k]):
+                recs[i][k] = list(src[k]) if isinstance(src[k], list) else src[k]
+        recs[i]["length"] = src["length"]
+    if side == "drafter":
+        fed = [source_rows[batch[i].pair_id]["drafter_response_ids"][: recs[i]["length"]] for i in live]
+        new = drafter.teacher_forced([b.d_prompts[i] for i in live], fed, [b.feats[i] for i in live])
+    else:
+        fed = [source_rows[batch[i].pair_id]["target_response_ids"][: recs[i]["length"]] for i in live]
+        new = target.teacher_forced([b.t_prompts[i] for i in live], fed, [b.videos[i] for i in live])
+    for j, i in enumerate(live):
+        src = source_rows[batch[i].pair_id]
         if side == "drafter":
-            fed = [source_rows[batch[i].pair_id]["drafter_response_ids"][: recs[i]["length"]] for i in live]
-            new = drafter.teacher_forced([d_prompts[i] for i in live], fed, [feats[i] for i in live])
+            b.d_rows[i], b.t_rows[i] = new[j], src["target"]
         else:
-            fed = [source_rows[batch[i].pair_id]["target_response_ids"][: recs[i]["length"]] for i in live]
-            new = target.teacher_forced([t_prompts[i] for i in live], fed, [videos[i] for i in live])
-        for j, i in enumerate(live):
-            src = source_rows[batch[i].pair_id]
-            if side == "drafter":
-                d_rows[i], t_rows[i] = new[j], src["target"]
-            else:
-                d_rows[i], t_rows[i] = src["drafter"], new[j]
-    return recs, d_rows, t_rows
+            b.d_rows[i], b.t_rows[i] = src["drafter"], new[j]
 
 
 def needs_drafter(cfg: ExtractConfig) -> bool:

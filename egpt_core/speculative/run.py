@@ -330,6 +330,31 @@ def _measure(cfg: SpeculateConfig, source: str, plan: PairPlan, progress: Progre
     if reader is not None and source != "target_only" and models.head is not None:
         cross, note = _cross_check_setup(cfg, reader, store_mode, models, lm_head, gammas)
         notes.append(note)
+    records, timeline, failed = _measure_pairs(cfg, source, plan, models, gammas, name, progress)
+    ok = [r for r in records if r["status"] == "ok"]
+    if not ok:
+        raise ConfigError(f"no pair could be measured ({len(failed)} failed: {next(iter(failed.values()), '')})")
+    aggregates = measure.aggregate(ok, gammas if source != "target_only" else [0])
+    cross_result = None
+    if cross is not None:
+        cross_result = _cross_check_run(cross, reader, models, ok, gammas).result(aggregates)
+    model_check = measure.speedup_model_check(aggregates, ok) if source != "target_only" else {}
+    notes += _result_notes(cfg, source, models)
+    doc = _metrics_doc(cfg, name, source, models, plan, store_mode, gammas, aggregates, cross_result, model_check,
+                       failed, notes, time.perf_counter() - t_start)
+    files = build_outputs(doc, records, timeline)
+    files["sd_run.json"] = _run_marker(cfg, "complete")
+    write_sd_outputs(cfg.out, files, so)
+    if progress is not None:
+        progress(1.0, f"wrote {cfg.out}")
+    return SpeculateResult(out_url=cfg.out, name=name, source=source, mode=cfg.mode, n_pairs=len({r["pair_id"] for r in ok}),
+                           n_failed=len(failed), summary=doc["summary"])
+
+
+def _measure_pairs(cfg: SpeculateConfig, source: str, plan: PairPlan, models: Models, gammas: list[int], name: str,
+                   progress: Progress | None) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, str]]:
+    """Run the loop over the plan's pairs (the first ``warmup_pairs`` once untimed): (per-pair and
+    per-γ records, one pair's prefill-hiding timeline, {pair_id: why it failed})."""
     tsess, dsess = _sessions(models)
     eos = models.target.tokenizer.eos_token_id
     inputs = _InputCache(cfg, models)
@@ -371,14 +396,12 @@ def _measure(cfg: SpeculateConfig, source: str, plan: PairPlan, progress: Progre
             progress((i + 1) / len(pairs), f"{i + 1}/{len(pairs)} pairs measured")
     bar.close()
 
-    ok = [r for r in records if r["status"] == "ok"]
-    if not ok:
-        raise ConfigError(f"no pair could be measured ({len(failed)} failed: {next(iter(failed.values()), '')})")
-    aggregates = measure.aggregate(ok, gammas if source != "target_only" else [0])
-    cross_result = None
-    if cross is not None:
-        cross_result = _cross_check_run(cross, reader, models, ok, gammas).result(aggregates)
-    model_check = measure.speedup_model_check(aggregates, ok) if source != "target_only" else {}
+    return records, timeline, failed
+
+
+def _result_notes(cfg: SpeculateConfig, source: str, models: Models) -> list[str]:
+    """Caveats on reading this run's numbers (L4 context, target-fed levels, research mode)."""
+    notes: list[str] = []
     if source == "identity" or source == "adapter":
         if models.head is not None and models.head.kind == "sequence" and models.level == "L4":
             notes.append("L4 is bidirectional: offline it attends to rows after t, which a real loop does not have "
@@ -390,15 +413,7 @@ def _measure(cfg: SpeculateConfig, source: str, plan: PairPlan, progress: Progre
         notes.append("research mode: drafts are windows of the drafter's own once-decoded answer (never "
                      "re-synchronised to the accepted prefix); the window starts at the first unverified position "
                      "(research bug B5 fixed).")
-    doc = _metrics_doc(cfg, name, source, models, plan, store_mode, gammas, aggregates, cross_result, model_check,
-                       failed, notes, time.perf_counter() - t_start)
-    files = build_outputs(doc, records, timeline)
-    files["sd_run.json"] = _run_marker(cfg, "complete")
-    write_sd_outputs(cfg.out, files, so)
-    if progress is not None:
-        progress(1.0, f"wrote {cfg.out}")
-    return SpeculateResult(out_url=cfg.out, name=name, source=source, mode=cfg.mode, n_pairs=len({r["pair_id"] for r in ok}),
-                           n_failed=len(failed), summary=doc["summary"])
+    return notes
 
 
 def _check_checkpoints(cfg: SpeculateConfig, source: str) -> None:
