@@ -19,9 +19,10 @@ from egpt_core.config import (
     SpeculateConfig,
     TrainAdapterConfig,
 )
+from egpt_core.extraction.nightly import derived_store_url
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import canonical_url, is_relative_path, join
-from tasks.refs import StoreRef, derived_store_url
+from tasks.refs import StoreRef
 
 __all__ = ["adapter_configs", "derived_store_url", "eval_config", "group_configs", "lora_config", "retf_config"]
 

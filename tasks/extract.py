@@ -4,18 +4,20 @@ fan-out dispatch of groups as flow runs, and the store summary."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run, task_run
 
 from egpt_core.config import ExtractConfig
-from egpt_core.extraction import plan_pairs, run_extraction
+from egpt_core.extraction import run_extraction
+from egpt_core.extraction.nightly import drafter_fingerprint, plan_new_pairs
 from egpt_core.extraction.run import compute_scene_features, feature_scene_ids, store_exists
-from egpt_core.models.loading import drafter_fingerprint as _drafter_fingerprint
 from egpt_core.store import StoreReader
 from tasks.caching import FingerprintPolicy, extract_material, features_material
-from tasks.refs import FeaturesRef, GroupRef, NightlyPlan, StoreRef, derived_store_url
+from tasks.refs import FeaturesRef, GroupRef, NightlyPlan, StoreRef
 from tasks.runtime import RETRY, ProgressArtifact, artifact_key, gpu_slot, url_name, wait_for_live_run
 
 __all__ = ["compute_features", "dispatch_group", "drafter_fingerprint", "extract_group", "feature_scene_ids",
@@ -95,34 +97,13 @@ def summarize_store(url: str, storage_options: dict | None = None) -> StoreRef:
                     drafter_fingerprint=drafter.get("fingerprint"), dataset=meta.get("dataset"))
 
 
-def drafter_fingerprint(cfg: ExtractConfig) -> str:
-    """The drafter fingerprint a store manifest records (= `load_eventgpt(...).fingerprint`),
-    computed from the checkpoint files without loading the model."""
-    return _drafter_fingerprint(cfg.drafter, cfg.load.clip_path, cfg.events.double_feature_adaptor,
-                                cfg.storage_options)
-
-
 @task(name="plan-nightly", task_run_name="plan-nightly")
 def plan_nightly(cfg: ExtractConfig) -> NightlyPlan:
-    """Pairs of the dataset not committed yet, and the drafter's fingerprint now vs the store's.
-    After a drafter change new pairs go to ``<store>-drafter-<fingerprint>``: what that store has
-    committed counts as committed too."""
-    committed: set[str] = set()
-    store_drafter = drafter_store = None
-    fingerprint = drafter_fingerprint(cfg)
-    if store_exists(cfg.store, cfg.storage_options):
-        reader = StoreReader(cfg.store, cfg.storage_options)
-        committed = set(reader.pair_ids(status=None))
-        store_drafter = ((reader.meta.get("models") or {}).get("drafter") or {}).get("fingerprint")
-    if store_drafter is not None and store_drafter != fingerprint:
-        drafter_store = derived_store_url(cfg.store, "drafter", fingerprint)
-    drafter_store_exists = drafter_store is not None and store_exists(drafter_store, cfg.storage_options)
-    if drafter_store_exists:
-        committed |= set(StoreReader(drafter_store, cfg.storage_options).pair_ids(status=None))
-    new = [p.pair_id for p in plan_pairs(cfg) if p.pair_id not in committed]
-    plan = NightlyPlan(new_pairs=new, committed=len(committed), drafter_fingerprint=fingerprint,
-                       store_drafter_fingerprint=store_drafter, drafter_store=drafter_store,
-                       drafter_store_exists=drafter_store_exists)
-    get_run_logger().info("%d new pairs (%d committed); drafter %s", len(new), len(committed),
+    """Pairs of the dataset not committed yet, and the drafter's fingerprint now vs the store's
+    (:func:`egpt_core.extraction.nightly.plan_new_pairs`)."""
+    plan = NightlyPlan(**asdict(plan_new_pairs(cfg)))
+    committed = plan.committed
+    new = plan.new_pairs
+    get_run_logger().info("%d new pairs (%d committed); drafter %s", len(new), committed,
                           "CHANGED" if plan.drafter_changed else "unchanged")
     return plan
