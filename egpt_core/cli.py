@@ -41,9 +41,13 @@ def error_line(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         problems = []
         for err in exc.errors(include_url=False):
-            loc = ".".join(str(p) for p in err.get("loc", ())) or "(config)"
+            loc = ".".join(str(p) for p in err.get("loc", ()))
+            msg = str(err.get("msg")).removeprefix("Value error, ")
+            if err.get("type") == "value_error" and not err.get("loc"):  # a config rule: its message names the fields
+                problems.append(msg)
+                continue
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict | list) else ""
-            problems.append(f"{loc}: {err.get('msg')}{got}")
+            problems.append(f"{loc or '(config)'}: {msg}{got}")
         return f"invalid {exc.title} settings: " + "; ".join(problems)
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -59,15 +63,19 @@ def storage_error(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one `egpt` sub-command. The project's own errors (bad input, settings, stores, output
-    directories), invalid settings and storage errors (unreachable endpoint, missing file) end with
-    one line on stderr and exit status 2, no traceback; anything else is a bug and keeps its traceback."""
+    """Run one `egpt` sub-command (see :func:`run_command`)."""
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed sub-command (``args.func``). The project's own errors (bad input, settings, stores,
+    output directories), invalid settings (pydantic) and storage errors (unreachable endpoint, missing
+    file) end with one line on stderr and exit status 2, no traceback; anything else is a bug and keeps
+    its traceback. Command modules do not catch these themselves."""
     from pydantic import ValidationError
 
     from egpt_core.errors import EgptError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         rc = args.func(args)
     except KeyboardInterrupt:

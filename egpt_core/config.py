@@ -75,11 +75,23 @@ class _Model(BaseModel):
                               json_schema_extra=_form_order)
     #: fields shown first in the Prefect form (then the others in class order, "Advanced: ..." last)
     form_first: ClassVar[tuple[str, ...]] = ()
+    #: fields that do not change what a run computes: left out of run fingerprints (resume checks), the
+    #: pipeline's content-addressed run directories and task cache keys (docs/CONTRACTS.md "Config rules")
+    NON_SEMANTIC: ClassVar[frozenset[str]] = frozenset({"storage_options"})
+
+    def semantic_settings(self) -> dict[str, Any]:
+        """The settings that decide what a run computes (JSON-able; ``NON_SEMANTIC`` fields left out)."""
+        return self.model_dump(mode="json", exclude=set(self.NON_SEMANTIC))
 
     @model_validator(mode="before")
     @classmethod
     def _ui_markers(cls, data: Any) -> Any:
         return _resolve_ui_markers(data) if isinstance(data, dict) else data
+
+
+def same_url(a: str, b: str) -> bool:
+    """Two settings naming one location (a trailing slash aside)."""
+    return str(a).rstrip("/") == str(b).rstrip("/")
 
 
 def _no_credentials(options: dict[str, Any]) -> dict[str, Any]:
@@ -186,6 +198,16 @@ class ExtractConfig(_Model):
     group_index: int | None = Field(None, ge=0, title="Advanced: only this shard group",
                                     description="set by the fan-out for each group's flow run; empty = all groups")
 
+    @model_validator(mode="after")
+    def _group_and_retf_rules(self) -> ExtractConfig:
+        """A group inside the fan-out; retf writes a new store from another one (stores never change after commit)."""
+        if self.group_index is not None and self.group_index >= self.shard_groups:
+            raise ValueError(f"group_index: {self.group_index} must be < shard_groups ({self.shard_groups})")
+        if self.mode == "retf" and (not self.source_store or same_url(self.source_store, self.store)):
+            raise ValueError("source_store: retf mode writes a NEW store: set source_store to the store whose token "
+                             "ids are re-used and store to a different URL (stores are never modified after commit)")
+        return self
+
 
 # --------------------------------------------------------------------------------------------------
 # adapters (stage 3a)
@@ -215,6 +237,9 @@ class AdapterConfig(_Model):
 class _AdapterTraining(_Model):
     """The optimisation settings of adapter training (shared by the stage and the pipeline entry)."""
 
+    #: a run extended to more epochs is the same run (its checkpoint continues), so epochs is not identity
+    NON_SEMANTIC = frozenset({"storage_options", "device", "out", "data_cache_gb", "epochs"})
+
     adapter: AdapterConfig = Field(AdapterConfig(), title="Adapter", description="level and architecture")
     epochs: int = Field(50, ge=1, title="Epochs", description="maximum epochs (early stopping may end sooner)")
     batch_size: int = Field(64, ge=1, title="Batch size", description="pairs per step")
@@ -240,7 +265,7 @@ class TrainAdapterConfig(_AdapterTraining):
     model_config = ConfigDict(title="Adapter training (stage 3a)")
     form_first = ("adapter", "train", "val", "val_fraction", "out")
 
-    train: list[str] = Field(default_factory=list, title="Train stores", description="train store URLs")
+    train: list[str] = Field(..., min_length=1, title="Train stores", description="train store URLs (at least one)")
     val: str | None = Field(None, title="Validation store",
                             description="empty = a seeded split by scene of the train stores")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, title="Validation fraction",
@@ -276,6 +301,9 @@ class PipelineAdapterConfig(_AdapterTraining, _PipelineEntry):
 # --------------------------------------------------------------------------------------------------
 class _LoraTraining(_Model):
     """The settings of L6 training shared by the stage and the pipeline entry."""
+
+    #: as for adapters: more epochs continue the same run
+    NON_SEMANTIC = frozenset({"storage_options", "out", "epochs"})
 
     val_store: str | None = Field(None, title="Validation store",
                                   description="empty = a seeded split by scene of the train store")
@@ -353,6 +381,7 @@ class EvalConfig(_Model):
     """Stage 4 settings: `egpt evaluate`."""
 
     model_config = ConfigDict(title="Evaluation (stage 4)")
+    NON_SEMANTIC = frozenset({"storage_options", "device"})
 
     store: str = Field(..., title="Store", description="store URL to evaluate on")
     extra_stores: list[str] = Field(default_factory=list, title="Advanced: extra stores",
@@ -382,6 +411,16 @@ class EvalConfig(_Model):
     max_positions: int = Field(50, ge=1, title="Advanced: max positions",
                                description="per-position statistics up to this position")
     batch_size: int = Field(64, ge=1, title="Advanced: batch size", description="pairs per forward pass")
+
+    @model_validator(mode="after")
+    def _one_prediction_source(self) -> EvalConfig:
+        """Exactly one of adapter_run, lora and identity says what is evaluated."""
+        chosen = [name for name, on in (("adapter_run", bool(self.adapter_run)), ("lora", bool(self.lora)),
+                                        ("identity", self.identity)) if on]
+        if len(chosen) != 1:
+            raise ValueError("adapter_run, lora, identity: set exactly one prediction source (adapter_run = --adapter "
+                             f"RUN, lora = --lora DIR, identity = --identity); got {', '.join(chosen) or 'none'}")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------

@@ -217,10 +217,10 @@ def rng_from_flat(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Non
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
 
 
-def config_fingerprint(cfg, exclude: set[str]) -> str:
-    """What a resumed run must share with the checkpoint it continues (a pydantic config minus
-    the fields in ``exclude`` that do not change the result)."""
-    return hash_json(cfg.model_dump(mode="json", exclude=exclude))
+def config_fingerprint(cfg) -> str:
+    """What a resumed run must share with the checkpoint it continues: a stage config's
+    ``semantic_settings()`` (its ``NON_SEMANTIC`` fields, e.g. out, storage options, epochs, left out)."""
+    return hash_json(cfg.semantic_settings())
 
 
 def config_record(cfg) -> dict[str, Any]:

@@ -47,14 +47,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _run_config_flow(args: argparse.Namespace, flow_name: str) -> int:
     where = _prefect_env()
-    from egpt_core.config import PipelineConfig, load_config
-    from egpt_core.errors import ConfigError
+    from egpt_core.cliargs import config_from_args
+    from egpt_core.config import PipelineConfig
 
-    try:
-        cfg = load_config(args.config, PipelineConfig)
-    except (OSError, ValueError, ConfigError) as exc:
-        print(f"egpt {flow_name}: cannot read {args.config}: {exc}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args, PipelineConfig, {})  # a bad file or setting: one line, exit 2 (cli.main)
     from flows.server import server_problem
 
     if problem := server_problem():
@@ -77,6 +73,8 @@ def _run_config_flow(args: argparse.Namespace, flow_name: str) -> int:
 
 
 def register(sub) -> None:
+    from egpt_core.cliargs import add_config_arguments
+    from egpt_core.config import PipelineConfig
     from flows import server
 
     server.register(sub)
@@ -89,6 +87,6 @@ def register(sub) -> None:
     for name, what in (("pipeline", "extract, train adapters/L6, evaluate, compare"),
                        ("nightly", "extract new pairs, re-extract for a changed drafter, retrain, re-evaluate")):
         p = sub.add_parser(name, help=f"run the `{name}` Prefect flow: {what}")
-        p.add_argument("--config", required=True, help="JSON/YAML file with PipelineConfig fields")
+        add_config_arguments(p, PipelineConfig, storage_options=False, required=True)
         p.add_argument("--extract-deployment", help="fan shard groups out to this deployment (e.g. extract/gpu)")
         p.set_defaults(func=lambda a, n=name: _run_config_flow(a, n))

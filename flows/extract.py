@@ -7,9 +7,9 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
 
 from egpt_core.config import ExtractConfig
+from egpt_core.extraction.run import needs_drafter
 from flows.plan import group_configs
 from flows.preflight import extract_inputs, require_inputs
-from tasks.caching import needs_drafter
 from tasks.extract import (
     compute_features,
     dispatch_group,

@@ -19,21 +19,17 @@ from egpt_core.config import (
     SpeculateConfig,
     TrainAdapterConfig,
 )
+from egpt_core.extraction.nightly import derived_store_url
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import canonical_url, is_relative_path, join
-from tasks.refs import StoreRef, derived_store_url
+from tasks.refs import StoreRef
 
 __all__ = ["adapter_configs", "derived_store_url", "eval_config", "group_configs", "lora_config", "retf_config"]
 
-#: settings that do not change what is trained (and the location we assign ourselves); ``epochs`` is
-#: how long a run trains, not which run it is: more epochs continue the same run directory
-#: (egpt_core.training.state)
-_NOT_IDENTITY = {"out", "storage_options", "device", "epochs"}
-
-
 def _run_id(settings, fingerprints: dict[str, str]) -> str:
-    return hash_json({"settings": settings.model_dump(mode="json", exclude=_NOT_IDENTITY),
-                      "inputs": fingerprints})[:10]
+    """A run directory's name: what the run computes (its config's ``NON_SEMANTIC`` fields left out:
+    a run extended to more epochs stays in its directory) and the fingerprints of its inputs."""
+    return hash_json({"settings": settings.semantic_settings(), "inputs": fingerprints})[:10]
 
 
 def adapter_configs(cfg: PipelineConfig, stores: list[StoreRef]) -> list[tuple[str, TrainAdapterConfig]]:

@@ -20,7 +20,7 @@ from egpt_core.data.dataset import MANIFEST_NAME, questions_url
 from egpt_core.errors import EgptError
 from egpt_core.evaluation.evaluate import EVAL_VERSION
 from egpt_core.extraction.features import FEATURES_VERSION
-from egpt_core.extraction.run import EXTRACTION_VERSION
+from egpt_core.extraction.run import EXTRACTION_VERSION, needs_drafter, needs_target
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
 from egpt_core.fsio import is_local, join, url_to_fs
 from egpt_core.models.loading import checkpoint_fingerprint
@@ -42,8 +42,9 @@ STAGE_VERSIONS = {
     "speculate": f"tasks-1/{SPECULATE_VERSION}",
 }
 
-#: what never goes into key material (credentials, and where the same work runs)
-NOT_KEY_MATERIAL = {"storage_options"}
+#: what a cached result records beyond what its config computes (``semantic_settings()``): where its
+#: files are, and how many epochs a run went (an extended run is the same run, not the same result)
+RESULT_FIELDS = frozenset({"out", "epochs"})
 
 
 @dataclass(kw_only=True)
@@ -104,8 +105,10 @@ def _exists(url: str, storage_options: dict | None) -> bool:
 # fingerprints of inputs
 # --------------------------------------------------------------------------------------------------
 def config_material(cfg) -> dict[str, Any]:
-    """A config's settings as key material: everything but storage options."""
-    return cfg.model_dump(mode="json", exclude=NOT_KEY_MATERIAL)
+    """A config's settings as key material: what it computes (its ``NON_SEMANTIC`` fields, storage options
+    always among them, left out) plus the ``RESULT_FIELDS`` it has."""
+    recorded = (RESULT_FIELDS & set(type(cfg).model_fields)) - {"storage_options"}
+    return {**cfg.semantic_settings(), **cfg.model_dump(mode="json", include=recorded)}
 
 
 def dataset_fingerprint(cfg: ExtractConfig) -> str:
@@ -138,14 +141,6 @@ def store_created(url: str, storage_options: dict | None = None) -> str | None:
     fs, path = url_to_fs(url, storage_options)
     manifest = load_manifest(with_retries(fs), path.rstrip("/"), url)
     return None if manifest is None else manifest.get("created")
-
-
-def needs_drafter(cfg: ExtractConfig) -> bool:
-    return cfg.mode != "retf" or cfg.retf_side == "drafter"
-
-
-def needs_target(cfg: ExtractConfig) -> bool:
-    return cfg.mode != "retf" or cfg.retf_side == "target"
 
 
 # --------------------------------------------------------------------------------------------------

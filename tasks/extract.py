@@ -4,31 +4,24 @@ fan-out dispatch of groups as flow runs, and the store summary."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run, task_run
 
 from egpt_core.config import ExtractConfig
-from egpt_core.data import load_scenes
-from egpt_core.errors import BadInputError, ConfigError
-from egpt_core.extraction import plan_pairs, run_extraction
-from egpt_core.extraction.features import scene_features
-from egpt_core.extraction.run import store_meta
-from egpt_core.fsio import join, url_to_fs
-from egpt_core.models.loading import drafter_fingerprint as _drafter_fingerprint
-from egpt_core.models.loading import load_eventgpt, videollava_identity
-from egpt_core.store import StoreReader, StoreWriter
-from egpt_core.store.retrying import with_retries
+from egpt_core.extraction import run_extraction
+from egpt_core.extraction.nightly import drafter_fingerprint, plan_new_pairs
+from egpt_core.extraction.run import compute_scene_features, feature_scene_ids, store_exists
+from egpt_core.store import StoreReader
 from tasks.caching import FingerprintPolicy, extract_material, features_material
-from tasks.refs import FeaturesRef, GroupRef, NightlyPlan, StoreRef, derived_store_url
+from tasks.refs import FeaturesRef, GroupRef, NightlyPlan, StoreRef
 from tasks.runtime import RETRY, ProgressArtifact, artifact_key, gpu_slot, url_name, wait_for_live_run
 
-
-def store_exists(url: str, storage_options: dict | None = None) -> bool:
-    """True when a store has committed its manifest at ``url``."""
-    fs, path = url_to_fs(url, storage_options)
-    return with_retries(fs).exists(join(path, "manifest.json"))
+__all__ = ["compute_features", "dispatch_group", "drafter_fingerprint", "extract_group", "feature_scene_ids",
+           "plan_nightly", "store_exists", "summarize_store"]
 
 
 def group_label(cfg: ExtractConfig) -> str:
@@ -50,35 +43,11 @@ def _extract_run_name() -> str:
       **RETRY)
 def compute_features(cfg: ExtractConfig, scene_ids: list[str]) -> FeaturesRef:
     """Stage 1: pooled event features for a shard of scenes, cached under the store's `features/`."""
-    wanted = set(scene_ids)
-    scenes = [s for s in load_scenes(cfg.dataset, cfg.storage_options, cfg.max_scenes) if s.scene_id in wanted]
-    progress = ProgressArtifact(f"event features, {len(scenes)} scenes -> {url_name(cfg.store)}")
-    stats: dict[str, int] = {}
-    failed: dict[str, str] = {}
+    progress = ProgressArtifact(f"event features, {len(scene_ids)} scenes -> {url_name(cfg.store)}")
     with gpu_slot():
-        # features need the drafter only; a new store is created with the full metadata, which names
-        # both models: the target's fingerprint and hidden size come from its files (the extract task
-        # loads the target, once)
-        drafter = load_eventgpt(cfg.drafter, cfg.load, double_adaptor=cfg.events.double_feature_adaptor,
-                                storage_options=cfg.storage_options)
-        if store_exists(cfg.store, cfg.storage_options):
-            writer = StoreWriter(cfg.store, {}, cfg.storage_options)
-        else:  # the models the extraction records: retf names only the side it recomputes
-            need_d = cfg.mode != "retf" or cfg.retf_side == "drafter"
-            target = videollava_identity(cfg.target, cfg.storage_options) \
-                if cfg.mode != "retf" or cfg.retf_side == "target" else None
-            if target is not None and target.hidden_size != drafter.hidden_size:
-                raise ConfigError(f"drafter hidden size {drafter.hidden_size} != target hidden size "
-                                  f"{target.hidden_size} ({cfg.drafter}, {cfg.target})")
-            writer = StoreWriter(cfg.store, store_meta(cfg, drafter if need_d else None, target), cfg.storage_options)
-        for i, scene in enumerate(scenes):
-            try:
-                scene_features(scene, drafter, cfg.events, writer, cfg.storage_options, stats)
-            except BadInputError as exc:  # recorded per pair again by the extraction
-                failed[scene.scene_id] = str(exc)
-            progress((i + 1) / len(scenes), f"{i + 1}/{len(scenes)} scenes")
-    return FeaturesRef(store_url=cfg.store, scenes=len(scenes), computed=stats.get("features_computed", 0),
-                       cached=stats.get("features_cached", 0), failed=failed)
+        done = compute_scene_features(cfg, scene_ids, progress)
+    return FeaturesRef(store_url=cfg.store, scenes=done.scenes, computed=done.computed, cached=done.cached,
+                       failed=done.failed)
 
 
 @task(name="extract", task_run_name=_extract_run_name, tags=["gpu"],
@@ -128,46 +97,13 @@ def summarize_store(url: str, storage_options: dict | None = None) -> StoreRef:
                     drafter_fingerprint=drafter.get("fingerprint"), dataset=meta.get("dataset"))
 
 
-def drafter_fingerprint(cfg: ExtractConfig) -> str:
-    """The drafter fingerprint a store manifest records (= `load_eventgpt(...).fingerprint`),
-    computed from the checkpoint files without loading the model."""
-    return _drafter_fingerprint(cfg.drafter, cfg.load.clip_path, cfg.events.double_feature_adaptor,
-                                cfg.storage_options)
-
-
 @task(name="plan-nightly", task_run_name="plan-nightly")
 def plan_nightly(cfg: ExtractConfig) -> NightlyPlan:
-    """Pairs of the dataset not committed yet, and the drafter's fingerprint now vs the store's.
-    After a drafter change new pairs go to ``<store>-drafter-<fingerprint>``: what that store has
-    committed counts as committed too."""
-    committed: set[str] = set()
-    store_drafter = drafter_store = None
-    fingerprint = drafter_fingerprint(cfg)
-    if store_exists(cfg.store, cfg.storage_options):
-        reader = StoreReader(cfg.store, cfg.storage_options)
-        committed = set(reader.pair_ids(status=None))
-        store_drafter = ((reader.meta.get("models") or {}).get("drafter") or {}).get("fingerprint")
-    if store_drafter is not None and store_drafter != fingerprint:
-        drafter_store = derived_store_url(cfg.store, "drafter", fingerprint)
-    drafter_store_exists = drafter_store is not None and store_exists(drafter_store, cfg.storage_options)
-    if drafter_store_exists:
-        committed |= set(StoreReader(drafter_store, cfg.storage_options).pair_ids(status=None))
-    new = [p.pair_id for p in plan_pairs(cfg) if p.pair_id not in committed]
-    plan = NightlyPlan(new_pairs=new, committed=len(committed), drafter_fingerprint=fingerprint,
-                       store_drafter_fingerprint=store_drafter, drafter_store=drafter_store,
-                       drafter_store_exists=drafter_store_exists)
-    get_run_logger().info("%d new pairs (%d committed); drafter %s", len(new), len(committed),
+    """Pairs of the dataset not committed yet, and the drafter's fingerprint now vs the store's
+    (:func:`egpt_core.extraction.nightly.plan_new_pairs`)."""
+    plan = NightlyPlan(**asdict(plan_new_pairs(cfg)))
+    committed = plan.committed
+    new = plan.new_pairs
+    get_run_logger().info("%d new pairs (%d committed); drafter %s", len(new), committed,
                           "CHANGED" if plan.drafter_changed else "unchanged")
     return plan
-
-
-def feature_scene_ids(cfg: ExtractConfig, only_pairs: list[str] | None = None) -> list[str]:
-    """Scenes whose event features the extraction of cfg (restricted to ``only_pairs``) will need."""
-    pairs = plan_pairs(cfg)
-    if only_pairs is not None:
-        keep = set(only_pairs)
-        pairs = [p for p in pairs if p.pair_id in keep]
-    if cfg.mode == "retf":
-        ok = set(StoreReader(cfg.source_store, cfg.storage_options).pair_ids(status="ok"))
-        pairs = [p for p in pairs if p.pair_id in ok]
-    return list(dict.fromkeys(p.scene.scene_id for p in pairs))

@@ -95,11 +95,6 @@ class ComparisonRef(BaseModel):
     rows: list[dict[str, Any]] = Field(default_factory=list)
 
 
-def derived_store_url(base: str, tag: str, fingerprint: str) -> str:
-    """A new store beside ``base`` named by what made it different (e.g. a drafter fingerprint)."""
-    return f"{str(base).rstrip('/')}-{tag}-{fingerprint[:12]}"
-
-
 class SpeculateRef(BaseModel):
     """A speculative-decoding run directory (sd_pairs.parquet, sd_metrics.json, report, plots) and its
     headline numbers per γ (measured acceptance, speedups, lossless mismatches, cross-checks)."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import get_args
 
-from pydantic import ValidationError
-
-from egpt_core.config import AdapterConfig, TrainAdapterConfig, load_config
+from egpt_core import cliargs
+from egpt_core.config import AdapterConfig, AdapterLevel, TrainAdapterConfig, read_config_file
 from egpt_core.errors import ConfigError
+
+LEVELS = get_args(AdapterLevel)  # the registry's levels (egpt_core.adapters.modules.LEVEL_SPECS checks them)
 
 
 def register(subparsers) -> None:
@@ -16,7 +18,7 @@ def register(subparsers) -> None:
         "train-adapter", help="train an alignment adapter (L1..L5, B1, L5F) on hidden-state stores",
         description="Train an alignment adapter on one or more hidden-state stores, or --list-levels.",
     )
-    p.add_argument("--level", choices=["L1", "L2", "L3", "L4", "L5", "B1", "L5F"], help="adapter level")
+    p.add_argument("--level", choices=LEVELS, help="adapter level")
     p.add_argument("--train", action="append", default=None, metavar="URL", help="train store URL (repeatable)")
     p.add_argument("--val", metavar="URL", help="validation store URL (default: seeded split by scene)")
     p.add_argument("--out", metavar="URL", help="run directory URL")
@@ -26,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--hidden-size", type=int, help="adapter hidden size (default: the store's)")
     p.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1'")
-    p.add_argument("--config", metavar="FILE", help="TrainAdapterConfig as JSON/YAML; flags override it")
+    cliargs.add_config_arguments(p, TrainAdapterConfig)
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     p.add_argument("--allow-mixed-models", action="store_true",
                    help="accept train/val stores extracted with different drafter/target models")
@@ -41,7 +43,7 @@ def register(subparsers) -> None:
     )
     imp.add_argument("checkpoint", help="research best_model.pt / final_model.pt")
     imp.add_argument("out", help="adapter run directory to write")
-    imp.add_argument("--level", required=True, choices=["L1", "L2", "L3", "L4", "L5", "B1", "L5F"],
+    imp.add_argument("--level", required=True, choices=LEVELS,
                      help="the level it was trained as (B1 = L5 trained with --vlm_only)")
     imp.add_argument("--which", choices=["best", "last"], default="best", help="write best.safetensors or last")
     imp.set_defaults(func=_import)
@@ -52,26 +54,21 @@ def _import(args) -> int:
     from egpt_core.adapters.research_import import import_research_adapter
     from egpt_core.fsio import join
 
-    try:
-        prev = rf.read_json(join(args.out, "config.json")) if rf.exists(join(args.out, "config.json")) else None
-        if prev is not None and prev.get("task") != "import_adapter":
-            raise ConfigError(f"{args.out} already holds a run that was not imported (config.json task "
-                              f"{prev.get('task')!r}); choose a new directory")
-        record = import_research_adapter(args.checkpoint, args.out, args.level, which=args.which)
-    except ConfigError as exc:
-        print(f"egpt import-adapter: error: {exc}", file=sys.stderr)
-        return 2
+    prev = rf.read_json(join(args.out, "config.json")) if rf.exists(join(args.out, "config.json")) else None
+    if prev is not None and prev.get("task") != "import_adapter":
+        raise ConfigError(f"{args.out} already holds a run that was not imported (config.json task "
+                          f"{prev.get('task')!r}); choose a new directory")
+    record = import_research_adapter(args.checkpoint, args.out, args.level, which=args.which)
     print(json.dumps({k: record[k] for k in ("level", "hidden_size", "param_count", "weights", "source")}, indent=2))
     return 0
 
 
 def _list_levels(args) -> int:
-    from egpt_core.adapters.modules import LEVEL_DESCRIPTIONS, LEVELS, level_parameter_count
+    from egpt_core.adapters.modules import LEVEL_DESCRIPTIONS, level_parameter_count
 
     d = args.hidden_size or 4096
-    base = {}
-    if args.config:
-        base = load_config(args.config, TrainAdapterConfig).adapter.model_dump()
+    base = dict(read_config_file(args.config, TrainAdapterConfig).get("adapter") or {}) if args.config else {}
+    base = AdapterConfig.model_validate(base).model_dump()
     base.pop("level", None)
     base["hidden_size"] = d
     print(f"hidden size D = {d}")
@@ -84,41 +81,22 @@ def _list_levels(args) -> int:
 
 
 def build_config(args) -> TrainAdapterConfig:
-    data = load_config(args.config, TrainAdapterConfig).model_dump() if args.config else {}
-    adapter = dict(data.get("adapter") or {})
-    if args.level:
-        adapter["level"] = args.level
-    if args.hidden_size:
-        adapter["hidden_size"] = args.hidden_size
-    data["adapter"] = adapter
-    if args.train:
-        data["train"] = args.train
-    if getattr(args, "allow_mixed_models", False):
-        data["allow_mixed_models"] = True
-    for flag, key in (("val", "val"), ("out", "out"), ("epochs", "epochs"), ("batch_size", "batch_size"),
-                      ("lr", "lr"), ("seed", "seed"), ("device", "device")):
-        v = getattr(args, flag)
-        if v is not None:
-            data[key] = v
-    return TrainAdapterConfig.model_validate(data)
+    """TrainAdapterConfig from --config (may be partial: flags fill in) and the flags given."""
+    flags = {"train": args.train, "allow_mixed_models": True if getattr(args, "allow_mixed_models", False) else None,
+             "val": args.val, "out": args.out, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+             "seed": args.seed, "device": args.device}
+    return cliargs.config_from_args(args, TrainAdapterConfig, flags,
+                                    {"adapter": {"level": args.level, "hidden_size": args.hidden_size or None}})
 
 
 def _run(args) -> int:
     if args.list_levels:
         return _list_levels(args)
-    try:
-        cfg = build_config(args)
-        if not cfg.train:
-            raise ConfigError("--train URL is required (or 'train' in --config)")
-        from egpt_core.adapters.trainer import train_adapter
+    cfg = build_config(args)
+    from egpt_core.adapters.trainer import train_adapter
 
-        result = train_adapter(cfg, progress=lambda f, m: print(f"[{f:5.1%}] {m}", file=sys.stderr),
-                               resume=not args.no_resume)
-    except (ConfigError, ValidationError) as exc:
-        from egpt_core.cli import error_line
-
-        print(f"egpt train-adapter: error: {error_line(exc)}", file=sys.stderr)
-        return 2
+    result = train_adapter(cfg, progress=lambda f, m: print(f"[{f:5.1%}] {m}", file=sys.stderr),
+                           resume=not args.no_resume)
     print(json.dumps(result.model_dump(), indent=2))
     return 0
 

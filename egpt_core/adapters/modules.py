@@ -29,28 +29,20 @@ the research anchors exactly. The separate head adds ``D**2 + 3*D + 1`` paramete
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egpt_core.config import AdapterConfig
+from egpt_core.config import AdapterConfig, AdapterLevel
 from egpt_core.errors import ConfigError
 
 LN_EPS = 1e-5
 ALPHA_INIT = 0.1
 TOKEN_VOCAB = 32000
-
-LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5", "B1", "L5F")
-LEVEL_DESCRIPTIONS: dict[str, str] = {
-    "L1": "bottleneck (r=256, 1 block + final LN)",
-    "L2": "stacked bottleneck (N blocks + final LN)",
-    "L3": "wide bottleneck (b=1024, N blocks, input/final LN)",
-    "L4": "attention adapter (1 pre-norm bidirectional layer, key-padding mask)",
-    "L5": "EAGLE-style (causal layer + positional table), drafter input",
-    "B1": "EAGLE-style fed the TARGET rows (VLM-only baseline; leaks the target)",
-    "L5F": "fused EAGLE (gated drafter/target fusion + causal layer; leaks the target)",
-}
-
 
 def _kaiming_fan_in(weight: torch.Tensor) -> None:
     nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="linear")
@@ -377,31 +369,98 @@ def resolve_hidden_size(cfg: AdapterConfig, hidden_size: int | None) -> int:
     return int(d)
 
 
+# --------------------------------------------------------------------------------------------------
+# the level registry: the one place a level is described
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LevelSpec:
+    """One adapter level: what builds it, what it reads, whether it attends across positions
+    (L4 and the L5 family) or maps each row alone (L1-L3), whether it also predicts the next target
+    row (the L5 family, trained with the EAGLE objective) and its closed-form research parameter
+    count (reference §6; ``separate_prediction_head=False``)."""
+
+    name: str
+    description: str
+    builder: Callable[[AdapterConfig, int], AdapterBase]  # (cfg, hidden size D) -> module
+    inputs: Literal["drafter", "target", "both"]
+    attends: bool
+    predicts_next: bool
+    research_params: Callable[[int, AdapterConfig], int]  # (D, cfg) -> parameter count
+
+    @property
+    def leaks_target(self) -> bool:
+        """Reads the target's own rows: its same-position metrics are no cross-modal result (§12.2 P1.3)."""
+        return self.inputs != "drafter"
+
+
+def _attention(cfg: AdapterConfig) -> dict:
+    return dict(num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, dropout=cfg.dropout)
+
+
+def _eagle(level: str) -> Callable[[AdapterConfig, int], AdapterBase]:
+    def build(cfg: AdapterConfig, d: int) -> AdapterBase:
+        return EagleAdapter(d, **_attention(cfg), max_seq_len=cfg.max_seq_len,
+                            separate_prediction_head=cfg.separate_prediction_head, level=level)
+    return build
+
+
+def _bottleneck_params(d: int, r: int, n: int) -> int:
+    return n * (2 * d * r + 2 * d + 1) + 2 * d
+
+
+def _wide_params(d: int, b: int, n: int) -> int:
+    return n * (2 * d * b + 2 * b + 1) + 4 * d
+
+
+def _eagle_params(d: int, c: AdapterConfig) -> int:
+    return 5 * d * d + 2 * d * c.ffn_dim + 14 * d + c.ffn_dim + c.max_seq_len * d + 1
+
+
+LEVEL_SPECS: dict[str, LevelSpec] = {spec.name: spec for spec in (
+    LevelSpec("L1", "bottleneck (r=256, 1 block + final LN)",
+              lambda c, d: BottleneckStackAdapter(d, c.bottleneck_dim or 256, 1, c.dropout, level="L1"),
+              "drafter", False, False, lambda d, c: _bottleneck_params(d, c.bottleneck_dim or 256, 1)),
+    LevelSpec("L2", "stacked bottleneck (N blocks + final LN)",
+              lambda c, d: BottleneckStackAdapter(d, c.bottleneck_dim or 256, c.num_blocks, c.dropout, level="L2"),
+              "drafter", False, False, lambda d, c: _bottleneck_params(d, c.bottleneck_dim or 256, c.num_blocks)),
+    LevelSpec("L3", "wide bottleneck (b=1024, N blocks, input/final LN)",
+              lambda c, d: WideBottleneckAdapter(d, c.bottleneck_dim or 1024, c.num_blocks, c.dropout),
+              "drafter", False, False,
+              lambda d, c: _wide_params(d, c.bottleneck_dim or 1024, c.num_blocks)),
+    LevelSpec("L4", "attention adapter (1 pre-norm bidirectional layer, key-padding mask)",
+              lambda c, d: AttentionAdapter(d, **_attention(c)),
+              "drafter", True, False, lambda d, c: 5 * d * d + 2 * d * c.ffn_dim + 12 * d + c.ffn_dim + 1),
+    LevelSpec("L5", "EAGLE-style (causal layer + positional table), drafter input",
+              _eagle("L5"), "drafter", True, True, _eagle_params),
+    LevelSpec("B1", "EAGLE-style fed the TARGET rows (VLM-only baseline; leaks the target)",
+              _eagle("B1"), "target", True, True, _eagle_params),
+    LevelSpec("L5F", "fused EAGLE (gated drafter/target fusion + causal layer; leaks the target)",
+              lambda c, d: FusedEagleAdapter(d, **_attention(c), max_seq_len=c.max_seq_len,
+                                             separate_prediction_head=c.separate_prediction_head),
+              "both", True, True, lambda d, c: _eagle_params(d, c) + 4 * d * d + 2 * d),
+)}
+LEVELS: tuple[str, ...] = tuple(LEVEL_SPECS)
+LEVEL_DESCRIPTIONS: dict[str, str] = {name: spec.description for name, spec in LEVEL_SPECS.items()}
+if set(LEVELS) != set(get_args(AdapterLevel)):  # the config's choices are the registry's levels
+    raise ImportError(f"AdapterLevel {get_args(AdapterLevel)} and LEVEL_SPECS {LEVELS} disagree")
+
+
+def level_spec(level: str) -> LevelSpec:
+    """The registry entry of ``level`` (unknown level -> ConfigError)."""
+    spec = LEVEL_SPECS.get(str(level))
+    if spec is None:
+        raise ConfigError(f"unknown adapter level {level!r}; expected one of {', '.join(LEVELS)}")
+    return spec
+
+
 def create_adapter(cfg: AdapterConfig, hidden_size: int | None = None) -> AdapterBase:
     """Build the adapter named by ``cfg.level`` (unknown level -> ConfigError)."""
-    level = str(cfg.level)
-    if level not in LEVELS:
-        raise ConfigError(f"unknown adapter level {level!r}; expected one of {', '.join(LEVELS)}")
-    d = resolve_hidden_size(cfg, hidden_size)
-    if level in ("L1", "L2"):
-        r = cfg.bottleneck_dim or 256
-        n = 1 if level == "L1" else cfg.num_blocks
-        return BottleneckStackAdapter(d, r, n, cfg.dropout, level=level)
-    if level == "L3":
-        return WideBottleneckAdapter(d, cfg.bottleneck_dim or 1024, cfg.num_blocks, cfg.dropout)
-    attn = dict(num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, dropout=cfg.dropout)
-    if level == "L4":
-        return AttentionAdapter(d, **attn)
-    if level in ("L5", "B1"):
-        return EagleAdapter(d, **attn, max_seq_len=cfg.max_seq_len,
-                            separate_prediction_head=cfg.separate_prediction_head, level=level)
-    return FusedEagleAdapter(d, **attn, max_seq_len=cfg.max_seq_len,
-                             separate_prediction_head=cfg.separate_prediction_head)
+    return level_spec(cfg.level).builder(cfg, resolve_hidden_size(cfg, hidden_size))
 
 
 def input_side(level: str) -> str:
     """'drafter' (L1-L5), 'target' (B1) or 'both' (L5F)."""
-    return {"B1": "target", "L5F": "both"}.get(str(level), "drafter")
+    return level_spec(level).inputs
 
 
 def adapter_inputs(level: str, drafter: torch.Tensor | None, target: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -444,23 +503,9 @@ def level_parameter_count(cfg: AdapterConfig, hidden_size: int | None = None) ->
 def research_formula(level: str, d: int, r: int | None = None, n: int = 3, heads_ffn: int = 2048,
                      max_seq_len: int = 512) -> int:
     """Closed-form research counts (reference §6) for cross-checking ``level_parameter_count``."""
-    f = heads_ffn
-    if level == "L1":
-        r = r or 256
-        return 1 * (2 * d * r + 2 * d + 1) + 2 * d
-    if level == "L2":
-        r = r or 256
-        return n * (2 * d * r + 2 * d + 1) + 2 * d
-    if level == "L3":
-        b = r or 1024
-        return n * (2 * d * b + 2 * b + 1) + 4 * d
-    if level == "L4":
-        return 5 * d * d + 2 * d * f + 12 * d + f + 1
-    if level in ("L5", "B1"):
-        return 5 * d * d + 2 * d * f + 14 * d + f + max_seq_len * d + 1
-    if level == "L5F":
-        return 9 * d * d + 2 * d * f + 16 * d + f + max_seq_len * d + 1
-    raise ConfigError(f"unknown adapter level {level!r}")
+    spec = level_spec(level)
+    cfg = AdapterConfig(level=level, bottleneck_dim=r, num_blocks=n, ffn_dim=heads_ffn, max_seq_len=max_seq_len)
+    return spec.research_params(d, cfg)
 
 
 def separate_head_extra(d: int) -> int:
@@ -469,7 +514,7 @@ def separate_head_extra(d: int) -> int:
 
 
 __all__ = [
-    "LEVELS", "LEVEL_DESCRIPTIONS", "AdapterBase", "BottleneckStackAdapter", "WideBottleneckAdapter",
+    "LEVELS", "LEVEL_DESCRIPTIONS", "LEVEL_SPECS", "LevelSpec", "level_spec", "AdapterBase", "BottleneckStackAdapter", "WideBottleneckAdapter",
     "AttentionAdapter", "EagleAdapter", "FusedEagleAdapter", "create_adapter", "count_parameters",
     "level_parameter_count", "research_formula", "apply_adapter", "input_side",
     "adapter_inputs", "separate_head_extra",

@@ -35,7 +35,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from egpt_core import runfiles as rf
 from egpt_core.adapters.checkpoint import adapter_weights_metadata
 from egpt_core.adapters.losses import combine_sums, loss_sums
-from egpt_core.adapters.modules import adapter_inputs, count_parameters, create_adapter
+from egpt_core.adapters.modules import LEVEL_SPECS, adapter_inputs, count_parameters, create_adapter
 from egpt_core.config import TrainAdapterConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError, TrainingDivergedError
@@ -53,11 +53,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
 TAUS = DEFAULT_TAUS
-EAGLE_LEVELS = ("L5", "B1", "L5F")
+EAGLE_LEVELS = tuple(name for name, spec in LEVEL_SPECS.items() if spec.predicts_next)  # the registry's
 RUN_KIND = "adapter-run"
-#: fields that do not change what is trained (excluded from the config fingerprint); ``epochs`` is
-#: how long to train, not what: a run asked for more epochs continues (egpt_core.training.state)
-_NON_SEMANTIC = {"storage_options", "device", "out", "data_cache_gb", "epochs"}
 
 
 class TrainResult(BaseModel):
@@ -398,7 +395,7 @@ CURVES = (
 def config_fingerprint(cfg) -> str:
     """What a resumed run must share with its checkpoint (``epochs`` is not part of it: see
     `egpt_core.training.state`)."""
-    return rf.config_fingerprint(cfg, _NON_SEMANTIC)
+    return rf.config_fingerprint(cfg)
 
 
 # --------------------------------------------------------------------------------------------------

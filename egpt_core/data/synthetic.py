@@ -143,7 +143,8 @@ def write_synthetic_dataset(
     n_events: int = 4000,
     video_frames: int = 10,
 ) -> Path:
-    """Write a research-layout dataset under ``out_dir`` (local) and return its root."""
+    """Write a research-layout dataset under ``out_dir`` (local) and return its root (one pass over
+    the scenes, ~60 lines with the signature)."""
     height, width = size
     if scenes < 1 or not 1 <= questions <= len(RESEARCH_QUESTIONS):
         raise ValueError(f"need scenes >= 1 and 1 <= questions <= {len(RESEARCH_QUESTIONS)}")

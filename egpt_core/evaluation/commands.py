@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import argparse
 
+from egpt_core import cliargs
+from egpt_core.config import EvalConfig
 from egpt_core.evaluation.report import fmt
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="stage 4: alignment/acceptance metrics of one prediction source on a store")
-    p.add_argument("--store", required=True, help="store URL (test split)")
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--store", help="store URL (test split)")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--adapter", dest="adapter_run", help="adapter run directory")
     src.add_argument("--lora", help="L6 peft adapter directory (the store must be re-extracted with it: mode retf)")
     src.add_argument("--identity", action="store_true", help="raw drafter rows")
-    p.add_argument("--out", required=True, help="output URL (metrics.json, report.md, plots)")
+    p.add_argument("--out", help="output URL (metrics.json, report.md, plots)")
     p.add_argument("--timing", dest="timing_file", help="JSON file with measured TimingConfig fields (ms)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--name", default=None, help="run name in reports and comparisons")
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier evaluation of another store/source in --out (never files egpt did not write)")
+    cliargs.add_config_arguments(p, EvalConfig)
     p.set_defaults(func=_evaluate)
 
     c = subparsers.add_parser("compare", help="one comparison table from several metrics.json files")
@@ -47,15 +50,12 @@ def summary_table(name: str, summary: dict) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from egpt_core.config import EvalConfig
     from egpt_core.evaluation.evaluate import evaluate
 
-    fields = {k: v for k, v in {
-        "store": args.store, "out": args.out, "adapter_run": args.adapter_run, "lora": args.lora,
-        "identity": args.identity, "timing_file": args.timing_file, "batch_size": args.batch_size,
-        "name": args.name, "device": args.device,
-    }.items() if v is not None}
-    res = evaluate(EvalConfig(**fields), overwrite=args.overwrite)
+    flags = {"store": args.store, "out": args.out, "adapter_run": args.adapter_run, "lora": args.lora,
+             "identity": args.identity or None, "timing_file": args.timing_file, "batch_size": args.batch_size,
+             "name": args.name, "device": args.device}
+    res = evaluate(cliargs.config_from_args(args, EvalConfig, flags), overwrite=args.overwrite)
     print(summary_table(res.name, res.metrics))
     print(f"\nwrote {res.out_url} (metrics.json, report.md, metrics_summary.png, per_position.png)")
     return 0

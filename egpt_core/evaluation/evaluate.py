@@ -47,14 +47,8 @@ class EvalResult(BaseModel):
 
 
 def prediction_mode(cfg: EvalConfig) -> str:
-    """'identity' | 'adapter' | 'lora'; exactly one source must be set (ConfigError otherwise)."""
-    chosen = [m for m, on in (("adapter", bool(cfg.adapter_run)), ("lora", bool(cfg.lora)),
-                              ("identity", cfg.identity)) if on]
-    if len(chosen) != 1:
-        raise ConfigError(
-            "set exactly one prediction source: adapter_run (--adapter RUN), lora (--lora DIR) or "
-            f"identity (--identity); got {chosen or 'none'}")
-    return chosen[0]
+    """'identity' | 'adapter' | 'lora' (EvalConfig's validator guarantees exactly one is set)."""
+    return "adapter" if cfg.adapter_run else "lora" if cfg.lora else "identity"
 
 
 def default_name(cfg: EvalConfig, mode: str, level: str | None = None) -> str:
@@ -171,29 +165,66 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
 
 def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: TimingConfig | None,
               timing_note: str, progress: Callable[[float, str], None] | None) -> EvalResult:
-    so = cfg.storage_options
+    """The evaluation itself, top-down: inputs, prediction source, LM head, split, metrics, outputs."""
     device = resolve_device(cfg.device)
     reader = readers[0]
-    manifest = reader.manifest
-    hidden = int(reader.hidden_size)
-    store_mode = (reader.meta or {}).get("mode")
     _check_same_models(readers)
     notes: list[str] = []
+    inputs = _describe_inputs(cfg, readers, mode)
+    module, acfg = _prediction_source(cfg, readers, mode, device, inputs, notes)
+    lm_head = _store_lm_head(reader, inputs, notes)
+    name = default_name(cfg, mode, str(acfg.level) if acfg is not None else None)
+    scenes = _eval_scenes(cfg, readers, inputs, notes)
+    acc = MetricAccumulator(cfg.taus, cfg.gammas, cfg.max_positions, lm_head, device=device,
+                            lm_head_dtype=(reader.manifest.get("lm_head") or {}).get("dtype"))
+    _accumulate(acc, cfg, readers, module, acfg, scenes, device, progress)
+    inputs["n_pairs_not_ok"] = sum(v for r in readers for k, v in r.counts.items() if k != "ok")
 
+    metrics = acc.result()
+    if metrics["counts"]["n_pairs"] == 0:
+        raise ConfigError(f"store {cfg.store!r} has no pairs with status 'ok' to evaluate")
+    _finish_metrics(metrics, timing, timing_note, notes)
+    inputs["config"] = config_record(cfg)
+    inputs["eval_version"] = EVAL_VERSION
+    inputs["eval_fingerprint"] = _eval_fingerprint(cfg, mode, readers, inputs, metrics["speedup"])
+    doc = {"schema": METRICS_SCHEMA, "name": name,
+           "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+           "inputs": inputs, "notes": notes, **metrics}
+    _write_outputs(doc, cfg)
+    if progress is not None:
+        progress(1.0, f"wrote {cfg.out}")
+    return EvalResult(out_url=cfg.out, name=name, metrics=doc["summary"],
+                      n_pairs=doc["counts"]["n_pairs"], n_positions=doc["counts"]["n_positions"])
+
+
+def _describe_inputs(cfg: EvalConfig, readers: list[StoreReader], mode: str) -> dict[str, Any]:
+    """metrics.json's ``inputs``: the stores (fingerprints, counts, modes) and the prediction source."""
+    reader = readers[0]
     inputs: dict[str, Any] = {
         "store": cfg.store,
         "store_fingerprint": reader.fingerprint,
         "store_counts": reader.counts,
-        "store_mode": store_mode,
-        "hidden_size": hidden,
+        "store_mode": (reader.meta or {}).get("mode"),
+        "hidden_size": int(reader.hidden_size),
         "prediction": mode,
     }
     if cfg.extra_stores:
         inputs["extra_stores"] = [{"store": r.url, "store_fingerprint": r.fingerprint, "store_counts": r.counts,
                                    "store_mode": (r.meta or {}).get("mode")} for r in readers[1:]]
+    return inputs
+
+
+def _prediction_source(cfg: EvalConfig, readers: list[StoreReader], mode: str, device: torch.device,
+                       inputs: dict[str, Any], notes: list[str]) -> tuple[Any, Any]:
+    """(adapter module, its AdapterConfig) for mode 'adapter', else (None, None); checks the source
+    fits the stores and records it in ``inputs`` / ``notes``."""
+    so = cfg.storage_options
+    hidden = inputs["hidden_size"]
+    store_mode = inputs["store_mode"]
     module = acfg = None
     if mode == "adapter":
-        from egpt_core.adapters import apply_adapter, load_adapter
+        from egpt_core.adapters import load_adapter
+        from egpt_core.adapters.modules import level_spec
 
         module, acfg = load_adapter(cfg.adapter_run, cfg.adapter_which, storage_options=so, device=device)
         a_hidden = acfg.hidden_size
@@ -203,7 +234,7 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
                 f"{hidden}; evaluate it on a store extracted from the same models")
         inputs.update(adapter_run=cfg.adapter_run, adapter_which=cfg.adapter_which, adapter_level=str(acfg.level),
                       adapter_config=acfg.model_dump(), adapter_fingerprint=_adapter_fingerprint(cfg))
-        if str(acfg.level) in ("B1", "L5F"):
+        if level_spec(acfg.level).leaks_target:
             notes.append(f"{acfg.level} takes the target's own hidden states as input: its same-position metrics "
                          "leak the target and are not a cross-modal alignment result (reference §12.2 P1.3).")
     elif mode == "lora":
@@ -224,31 +255,47 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
         notes.append("store mode 'independent': drafter and target rows come from two free-running generations; "
                      "after the first divergent token they condition on different prefixes, so acceptance "
                      "(especially the rounds simulation) is not SD acceptance (reference §12.2 P1.1).")
+    return module, acfg
 
-    lm_head = reader.lm_head().float() if manifest.get("lm_head") else None
-    if lm_head is None:
+
+def _store_lm_head(reader: StoreReader, inputs: dict[str, Any], notes: list[str]) -> torch.Tensor | None:
+    """The store's target LM head [V, D] in float32, or None (token metrics omitted)."""
+    manifest = reader.manifest
+    if not manifest.get("lm_head"):
         inputs["lm_head"] = "absent (token metrics omitted)"
         notes.append("the store has no target LM head: token metrics omitted; acceptance lengths use the "
                      "hidden-state proxy cos > τ.")
-    else:
-        if lm_head.shape[1] != hidden:
-            raise ConfigError(f"store LM head is {tuple(lm_head.shape)} but the store's hidden size is {hidden}")
-        inputs["lm_head"] = f"present {list(lm_head.shape)} {(manifest.get('lm_head') or {}).get('dtype')}"
-    name = default_name(cfg, mode, str(acfg.level) if acfg is not None else None)
+        return None
+    lm_head = reader.lm_head().float()
+    hidden = inputs["hidden_size"]
+    if lm_head.shape[1] != hidden:
+        raise ConfigError(f"store LM head is {tuple(lm_head.shape)} but the store's hidden size is {hidden}")
+    inputs["lm_head"] = f"present {list(lm_head.shape)} {(manifest.get('lm_head') or {}).get('dtype')}"
+    return lm_head
 
-    scenes = None
-    if cfg.split == "val":
-        all_scenes = [s for r in readers for s in r.pairs(status="ok", columns=["scene_id"]).column("scene_id").to_pylist()]
-        _, scenes = split_scenes(all_scenes, cfg.val_fraction, cfg.split_seed)
-        inputs["split"] = {"val_fraction": cfg.val_fraction, "seed": cfg.split_seed, "val_scenes": len(scenes)}
-        notes.append(f"evaluated on the {len(scenes)} validation scenes of the seeded split by scene "
-                     f"(fraction {cfg.val_fraction}, seed {cfg.split_seed}); training never saw them.")
-    acc = MetricAccumulator(cfg.taus, cfg.gammas, cfg.max_positions, lm_head, device=device,
-                            lm_head_dtype=(manifest.get("lm_head") or {}).get("dtype"))
+
+def _eval_scenes(cfg: EvalConfig, readers: list[StoreReader], inputs: dict[str, Any],
+                 notes: list[str]) -> set[str] | None:
+    """Split 'val': the held-out scenes of the seeded split over every store's scenes; else None (all)."""
+    if cfg.split != "val":
+        return None
+    all_scenes = [s for r in readers for s in r.pairs(status="ok", columns=["scene_id"]).column("scene_id").to_pylist()]
+    _, scenes = split_scenes(all_scenes, cfg.val_fraction, cfg.split_seed)
+    inputs["split"] = {"val_fraction": cfg.val_fraction, "seed": cfg.split_seed, "val_scenes": len(scenes)}
+    notes.append(f"evaluated on the {len(scenes)} validation scenes of the seeded split by scene "
+                 f"(fraction {cfg.val_fraction}, seed {cfg.split_seed}); training never saw them.")
+    return scenes
+
+
+def _accumulate(acc: MetricAccumulator, cfg: EvalConfig, readers: list[StoreReader], module, acfg,
+                scenes: set[str] | None, device: torch.device, progress: Callable[[float, str], None] | None) -> None:
+    """Stream every store shard by shard, predict (adapter, or the drafter rows) and accumulate."""
     n_shards = sum(len(r.shards) for r in readers) or None
     for k, shard in enumerate(shard for r in readers for shard in r.iter_shards()):
         for drafter, target, mask, tokens in _batches(shard, cfg.batch_size, scenes):
-            if mode == "adapter":
+            if module is not None:
+                from egpt_core.adapters import apply_adapter
+
                 with torch.no_grad():
                     pred = apply_adapter(module, acfg, drafter.to(device), target.to(device), mask.to(device))
             else:
@@ -256,11 +303,10 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
             acc.update(pred, target, mask, tokens)
         if progress is not None:
             progress((k + 1) / n_shards if n_shards else 0.0, f"evaluated shard {shard.name}")
-    inputs["n_pairs_not_ok"] = sum(v for r in readers for k, v in r.counts.items() if k != "ok")
 
-    metrics = acc.result()
-    if metrics["counts"]["n_pairs"] == 0:
-        raise ConfigError(f"store {cfg.store!r} has no pairs with status 'ok' to evaluate")
+
+def _finish_metrics(metrics: dict[str, Any], timing: TimingConfig | None, timing_note: str, notes: list[str]) -> None:
+    """Add the acceptance basis, the self-match warning and the speedup section to ``metrics``."""
     metrics["acc_len_basis"] = primary_basis(metrics)
     tok = metrics.get("token")
     if tok and tok.get("target_lm_head_self_match") is not None and tok["target_lm_head_self_match"] < SELF_MATCH_WARN:
@@ -274,30 +320,29 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
             metrics["summary"][f"speedup_e2e_gamma{g}"] = None if d is None else d["e2e_speedup"]
             metrics["summary"][f"speedup_decode_gamma{g}"] = None if d is None else d["decode_speedup"]
 
-    inputs["config"] = config_record(cfg)
-    inputs["eval_version"] = EVAL_VERSION
-    inputs["eval_fingerprint"] = hash_json({
+
+def _eval_fingerprint(cfg: EvalConfig, mode: str, readers: list[StoreReader], inputs: dict[str, Any],
+                      speedup: dict[str, Any]) -> str:
+    """What the metrics were computed from: version, stores, prediction source, metric settings."""
+    return hash_json({
         "version": EVAL_VERSION, "store": inputs["store_fingerprint"], "mode": mode,
         **({"extra_stores": [r.fingerprint for r in readers[1:]]} if cfg.extra_stores else {}),
         "adapter": inputs.get("adapter_fingerprint"), "lora": inputs.get("lora_fingerprint"),
         "taus": cfg.taus, "gammas": cfg.gammas, "max_positions": cfg.max_positions,
         "split": [cfg.split, cfg.val_fraction, cfg.split_seed],
-        "timing": sp.get("timing"),
+        "timing": speedup.get("timing"),
     })
-    doc = {"schema": METRICS_SCHEMA, "name": name,
-           "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-           "inputs": inputs, "notes": notes, **metrics}
 
+
+def _write_outputs(doc: dict[str, Any], cfg: EvalConfig) -> None:
+    """metrics.json, report.md and the plots under ``cfg.out``."""
+    so = cfg.storage_options
     fs, out_path = url_to_fs(cfg.out, so)
     fs.makedirs(out_path, exist_ok=True)
     with fs.open(join(out_path, "metrics.json"), "wt") as f:
         f.write(dumps_json(doc, indent=2))
     write_report(doc, cfg.out, so)
     write_plots(doc, cfg.out, so)
-    if progress is not None:
-        progress(1.0, f"wrote {cfg.out}")
-    return EvalResult(out_url=cfg.out, name=name, metrics=doc["summary"],
-                      n_pairs=doc["counts"]["n_pairs"], n_positions=doc["counts"]["n_positions"])
 
 
 def _adapter_fingerprint(cfg: EvalConfig) -> str | None:

@@ -30,7 +30,8 @@ def _xy(values: list) -> tuple[list[int], list[float]]:
 
 def plot_summary(metrics: dict[str, Any], url: str, storage_options: dict | None = None) -> str:
     """2x2: cos histogram with τ lines; accept@τ per position; consecutive-accept distribution;
-    acceptance length vs γ (+ expected e2e speedup vs γ on a twin axis when timing was given)."""
+    acceptance length vs γ (+ expected e2e speedup vs γ on a twin axis when timing was given).
+    One figure drawn panel by panel (~65 lines, each panel a short block on its own axes)."""
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     taus = [f"{t:.2f}" for t in metrics["taus"]]
 

@@ -45,11 +45,20 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def render_report(m: dict[str, Any]) -> str:
-    """The markdown of one evaluation (``m`` = metrics.json content)."""
+    """The markdown of one evaluation (``m`` = metrics.json content), section by section."""
+    out: list[str] = [f"# Evaluation: {m.get('name', '')}", ""]
+    for section in (_inputs_md, _cosine_md, _hidden_acceptance_md, _token_md, _acceptance_length_md, _speedup_md,
+                    _per_position_md):
+        out += section(m)
+    out += ["![summary](metrics_summary.png)", "", "![per position](per_position.png)", ""]
+    return "\n".join(out)
+
+
+def _inputs_md(m: dict[str, Any]) -> list[str]:
+    """The stores, prediction source, fingerprints and counts, then the notes."""
     inp = m.get("inputs", {})
     cnt = m["counts"]
-    out: list[str] = [f"# Evaluation: {m.get('name', '')}", ""]
-
+    out: list[str] = []
     out += ["## Inputs", ""]
     rows = [
         ["store", f"`{inp.get('store')}`"],
@@ -78,7 +87,12 @@ def render_report(m: dict[str, Any]) -> str:
         out.append(f"> **Note:** {note}")
     if m.get("notes"):
         out.append("")
+    return out
 
+
+def _cosine_md(m: dict[str, Any]) -> list[str]:
+    """Pooled and per-pair cosine."""
+    out: list[str] = []
     out += ["## Summary", ""]
     pooled, pair = m["cos"]["pooled"], m["cos"]["pair_mean"]
     out += [_table(
@@ -88,7 +102,12 @@ def render_report(m: dict[str, Any]) -> str:
          ["cos_pair_mean (mean of per-pair means)", fmt(pair["mean"]), fmt(pair["std"]), fmt(pair["min"]),
           fmt(pair["max"])]],
     ), "", f"Pooled cosine median (from the 200-bin histogram): {fmt(pooled.get('median_hist'))}.", ""]
+    return out
 
+
+def _hidden_acceptance_md(m: dict[str, Any]) -> list[str]:
+    """Accept@τ and consecutive runs from position 0."""
+    out: list[str] = []
     out += ["## Hidden-state acceptance (cos > τ)", ""]
     rows = []
     for t, rate in m["accept"].items():
@@ -96,7 +115,12 @@ def render_report(m: dict[str, Any]) -> str:
         rows.append([t, fmt(rate, pct=True), fmt(c["mean"], digits=2), fmt(c["std"], digits=2),
                      fmt(c["median"], digits=1), fmt(c["max"], digits=0)])
     out += [_table(["τ", "accept@τ", "consecutive from 0: mean", "std", "median", "max"], rows), ""]
+    return out
 
+
+def _token_md(m: dict[str, Any]) -> list[str]:
+    """Top-k, argmax agreement and self-match through the target LM head."""
+    out: list[str] = []
     tok = m.get("token")
     out += ["## Token metrics (target LM head)", ""]
     if tok:
@@ -118,7 +142,12 @@ def render_report(m: dict[str, Any]) -> str:
     else:
         out += ["No target LM head in the store: token metrics omitted; acceptance lengths below use the "
                 "hidden-state proxy.", ""]
+    return out
 
+
+def _acceptance_length_md(m: dict[str, Any]) -> list[str]:
+    """Acceptance length per draft window γ (sim / empirical / rounds)."""
+    out: list[str] = []
     basis = m.get("acc_len_basis")
     out += ["## Acceptance length per draft window γ", ""]
     if basis:
@@ -130,7 +159,12 @@ def render_report(m: dict[str, Any]) -> str:
         rows = [[g, fmt(al["sim"][g], digits=3), fmt(al["empirical"][g], digits=3), fmt(al["rounds"][g], digits=3),
                  fmt(al["tokens_per_round"][g], digits=3), al["rounds_counted"][g]] for g in al["sim"]]
         out += [_table(["γ", "sim", "empirical", "rounds", "tokens/round (all rounds)", "full rounds"], rows), ""]
+    return out
 
+
+def _speedup_md(m: dict[str, Any]) -> list[str]:
+    """Expected speedup per γ from the timing model."""
+    out: list[str] = []
     out += ["## Expected speedup", ""]
     sp = m.get("speedup") or {}
     if sp.get("by_gamma"):
@@ -152,7 +186,12 @@ def render_report(m: dict[str, Any]) -> str:
                         "e2e speedup (sim acc len)"], rows), ""]
     else:
         out += [sp.get("note", "speedup omitted: no timing given"), ""]
+    return out
 
+
+def _per_position_md(m: dict[str, Any]) -> list[str]:
+    """The first 20 positions."""
+    out: list[str] = []
     out += ["## Per position (first 20)", ""]
     pp = m["per_position"]
     taus = list(pp["accept"])
@@ -166,8 +205,7 @@ def render_report(m: dict[str, Any]) -> str:
             r.append(fmt(pp["token_top1"][i], pct=True))
         rows.append(r)
     out += [_table(header, rows), ""]
-    out += ["![summary](metrics_summary.png)", "", "![per position](per_position.png)", ""]
-    return "\n".join(out)
+    return out
 
 
 def write_report(m: dict[str, Any], out_url: str, storage_options: dict | None = None) -> str:

@@ -41,7 +41,8 @@ def expected_speedup(
 
     ``acceptance`` is either the acceptance length (expected accepted draft tokens per round, in
     [0, γ]) or per-position acceptance probabilities p_0, p_1, ... from which the acceptance length is
-    Σ_{k=1..γ} Π_{j<k} p_j. Returns every term of the model (see the module doc).
+    Σ_{k=1..γ} Π_{j<k} p_j. Returns every term of the model (see the module doc). The terms are
+    written out in one place, in the module doc's order (~65 lines), so they can be checked against it.
     """
     gamma = int(gamma)
     if gamma < 1:

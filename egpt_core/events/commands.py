@@ -6,7 +6,7 @@ import argparse
 import posixpath
 import sys
 
-from egpt_core.errors import BadInputError
+from egpt_core.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,25 +34,17 @@ def _render_events(args: argparse.Namespace) -> int:
     from egpt_core.events.render import render_event_frames, save_frames_png
 
     if args.frames < 1:
-        print("egpt render-events: --frames must be >= 1", file=sys.stderr)
-        return 2
+        raise ConfigError("--frames must be >= 1")
     if args.sensor_size and min(args.sensor_size) < 1:
-        print("egpt render-events: --sensor-size H W must be positive", file=sys.stderr)
-        return 2
+        raise ConfigError("--sensor-size H W must be positive")
     stem = posixpath.splitext(posixpath.basename(str(args.file).rstrip("/")))[0]
-    try:
-        events = load_events(args.file)
-        n_frames = args.frames
-        if len(events.x) and n_frames > len(events.x):  # one frame per event at most: no empty canvases
-            n_frames = len(events.x)
-            print(f"egpt render-events: --frames {args.frames} capped to {n_frames} (the file holds "
-                  f"{len(events.x)} event{'s' if n_frames > 1 else ''})", file=sys.stderr)
-        frames = render_event_frames(
-            events, n_frames, tuple(args.sensor_size) if args.sensor_size else None
-        )
-    except BadInputError as exc:
-        print(f"egpt render-events: {exc}", file=sys.stderr)
-        return 1
+    events = load_events(args.file)  # BadInputError names the file and the problem
+    n_frames = args.frames
+    if len(events.x) and n_frames > len(events.x):  # one frame per event at most: no empty canvases
+        n_frames = len(events.x)
+        print(f"egpt render-events: --frames {args.frames} capped to {n_frames} (the file holds "
+              f"{len(events.x)} event{'s' if n_frames > 1 else ''})", file=sys.stderr)
+    frames = render_event_frames(events, n_frames, tuple(args.sensor_size) if args.sensor_size else None)
     for url in save_frames_png(frames, args.out, stem):
         print(url)
     return 0

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 
-from egpt_core.config import ExtractConfig, read_config_file
-from egpt_core.errors import BadInputError, ConfigError
-from egpt_core.store.commands import parse_storage_options
+from egpt_core import cliargs
+from egpt_core.cliargs import parse_storage_options
+from egpt_core.config import ExtractConfig
+
+__all__ = ["add_extract_arguments", "config_from_args", "parse_storage_options", "register"]
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
-    base = read_config_file(args.config, ExtractConfig) if args.config else {}  # may be partial: flags fill in
+    """ExtractConfig from --config (may be partial: flags fill in) and the flags given."""
     flags = {
         "dataset": args.dataset, "questions": args.questions, "drafter": args.drafter, "target": args.target,
         "store": args.store, "mode": args.mode, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
@@ -22,38 +23,15 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         "lm_head_dtype": args.lm_head_dtype,
         "store_dtype": getattr(args, "store_dtype", None),
     }
-    base.update({k: v for k, v in flags.items() if v is not None})
-    load = dict(base.get("load") or {})
-    if args.dtype:
-        load["dtype"] = args.dtype
-    if args.quant:
-        load["quant"] = args.quant
-    if args.device:
-        load["device"] = args.device
-    if args.clip_dir:
-        load["clip_path"] = args.clip_dir
-    base["load"] = load
-    events = dict(base.get("events") or {})
-    if args.event_frames:
-        events["n_frames"] = args.event_frames
-    base["events"] = events
-    so = parse_storage_options(args.storage_option)
-    if so:
-        base["storage_options"] = {**base.get("storage_options", {}), **so}
-    return ExtractConfig.model_validate(base)
+    load = {"dtype": args.dtype, "quant": args.quant, "device": args.device, "clip_path": args.clip_dir}
+    return cliargs.config_from_args(args, ExtractConfig, flags,
+                                    {"load": load, "events": {"n_frames": args.event_frames or None}})
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     from egpt_core.extraction import run_extraction
 
-    try:
-        cfg = config_from_args(args)
-        summary = run_extraction(cfg)
-    except (ConfigError, BadInputError) as exc:
-        from egpt_core.cli import error_line
-
-        print(f"egpt extract: error: {error_line(exc)}", file=sys.stderr)
-        return 2
+    summary = run_extraction(config_from_args(args))
     if args.json:
         print(json.dumps(asdict(summary), indent=2))
         return 0
@@ -69,7 +47,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def add_extract_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="JSON/YAML file with ExtractConfig fields (flags override)")
+    cliargs.add_config_arguments(p, ExtractConfig)
     p.add_argument("--dataset")
     p.add_argument("--questions", help="questions file (default: the dataset's questions.json)")
     p.add_argument("--drafter", help="EventGPT checkpoint dir")
@@ -95,7 +73,6 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device")
     p.add_argument("--clip-dir", help="EventGPT's CLIP vision tower directory (config + preprocessing), "
                                       "overriding config.json's mm_visual_tower")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
 
 
 def register(sub) -> None:

@@ -33,10 +33,11 @@ from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.extraction import inputs as guards
 from egpt_core.extraction.features import scene_features
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import canonical_url
+from egpt_core.fsio import canonical_url, join, url_to_fs
 from egpt_core.models.positions import POSITION_CONVENTION
 from egpt_core.models.vocab import check_vocab_compat, vocab_tokens
 from egpt_core.store import StoreReader, StoreWriter, committed_inputs
+from egpt_core.store.retrying import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,7 @@ def plan_pairs(cfg: ExtractConfig) -> list[Pair]:
     questions = load_questions(questions_url(cfg.dataset, cfg.questions), cfg.storage_options,
                                cfg.max_questions)
     pairs = build_pairs(scenes, questions)
-    if cfg.group_index is not None:
-        if cfg.group_index >= cfg.shard_groups:
-            raise ConfigError(f"group_index {cfg.group_index} must be < shard_groups {cfg.shard_groups}")
+    if cfg.group_index is not None:  # < shard_groups (ExtractConfig's validator)
         pairs = [p for p in pairs if pair_group(p.pair_id, cfg.shard_groups) == cfg.group_index]
     return pairs
 
@@ -217,14 +216,43 @@ def _response_status(ids: list[int], eos: int | None, min_tokens: int) -> tuple[
     return "ok", None
 
 
+@dataclass
+class _Batch:
+    """One batch in flight: a record per pair, its rows (None unless ok) and, for the pairs still
+    ``live`` (inputs built), the drafter's features/prompt and the target's prompt/video."""
+
+    pairs: list[Pair]
+    recs: list[dict]
+    d_rows: list
+    t_rows: list
+    live: list[int] = field(default_factory=list)
+    feats: dict = field(default_factory=dict)
+    d_prompts: dict = field(default_factory=dict)
+    t_prompts: dict = field(default_factory=dict)
+    videos: dict = field(default_factory=dict)
+
+
 def _extract_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, target, inputs: _Inputs,
                    source_rows: dict | None) -> tuple[list[dict], list, list]:
     """Process one batch -> (records, drafter rows, target rows); rows are None for non-ok pairs."""
-    recs = [_record(p, input_fingerprint=inputs.fingerprints.get(p.pair_id)) for p in batch]
-    d_rows: list = [None] * len(batch)
-    t_rows: list = [None] * len(batch)
-    live: list[int] = []
-    feats, d_prompts, t_prompts, videos = {}, {}, {}, {}
+    b = _prepare_batch(batch, mode, cfg, drafter, target, inputs, source_rows)
+    if b.live:
+        if mode == "shared_prefix":
+            _shared_prefix(b, cfg, drafter, target)
+        elif mode == "independent":
+            _independent(b, cfg, drafter, target)
+        else:
+            _retf(b, cfg.retf_side, drafter, target, source_rows)
+    return b.recs, b.d_rows, b.t_rows
+
+
+def _prepare_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, target, inputs: _Inputs,
+                   source_rows: dict | None) -> _Batch:
+    """Records and model inputs of a batch; a pair whose question, inputs or context size is bad is
+    recorded as failed (with the reason) and left out of ``live``."""
+    b = _Batch(batch, [_record(p, input_fingerprint=inputs.fingerprints.get(p.pair_id)) for p in batch],
+               [None] * len(batch), [None] * len(batch))
+    recs = b.recs
     for i, p in enumerate(batch):
         problem = guards.question_problem(p.question, inputs.reserved)
         if problem:
@@ -233,15 +261,16 @@ def _extract_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, ta
         new_tokens = cfg.max_new_tokens if mode != "retf" else int(source_rows[p.pair_id]["length"])
         try:
             if drafter is not None:
-                feats[i] = inputs.features(p)
-                d_prompts[i] = drafter.prompt_ids(p.question)
-                recs[i]["drafter_prompt_ids"] = [int(x) for x in d_prompts[i]]
-                problem = guards.context_problem("drafter", drafter.model.expanded_len(d_prompts[i], feats[i].shape[0]),
+                b.feats[i] = inputs.features(p)
+                b.d_prompts[i] = drafter.prompt_ids(p.question)
+                recs[i]["drafter_prompt_ids"] = [int(x) for x in b.d_prompts[i]]
+                problem = guards.context_problem("drafter", drafter.model.expanded_len(b.d_prompts[i],
+                                                                                      b.feats[i].shape[0]),
                                                  new_tokens, guards.context_size(drafter))
             if target is not None and problem is None:
-                t_prompts[i], videos[i] = target.prepare_question(p.question, inputs.video(p))
-                recs[i]["target_prompt_ids"] = t_prompts[i]
-                problem = guards.context_problem("target", len(t_prompts[i]), new_tokens, guards.context_size(target))
+                b.t_prompts[i], b.videos[i] = target.prepare_question(p.question, inputs.video(p))
+                recs[i]["target_prompt_ids"] = b.t_prompts[i]
+                problem = guards.context_problem("target", len(b.t_prompts[i]), new_tokens, guards.context_size(target))
         except BadInputError as exc:
             problem = str(exc)
         except ValueError as exc:  # the processor refusing a prompt: this pair's problem, not the run's
@@ -249,71 +278,88 @@ def _extract_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, ta
         if problem:
             recs[i].update(status="failed", reason=problem)
         else:
-            live.append(i)
-    if not live:
-        return recs, d_rows, t_rows
+            b.live.append(i)
+    return b
 
-    if mode == "shared_prefix":
-        ids, rows = target.generate([t_prompts[i] for i in live], [videos[i] for i in live], cfg.max_new_tokens)
-        eos = target.tokenizer.eos_token_id
-        tf_idx = []
-        for j, i in enumerate(live):
-            status, reason = _response_status(ids[j], eos, cfg.min_tokens)
-            recs[i].update(target_response_ids=ids[j], target_text=target.decode(ids[j]), status=status, reason=reason)
-            if status == "ok" and max(ids[j]) >= drafter.model.get_input_embeddings().num_embeddings:
-                recs[i].update(status="failed", reason="target token outside the drafter vocabulary")
-            if recs[i]["status"] == "ok":
-                t_rows[i] = rows[j]
-                tf_idx.append(i)
-        if tf_idx:
-            fed = [recs[i]["target_response_ids"] for i in tf_idx]
-            drows = drafter.teacher_forced([d_prompts[i] for i in tf_idx], fed, [feats[i] for i in tf_idx])
-            for i, r, f in zip(tf_idx, drows, fed):
-                recs[i].update(drafter_response_ids=list(f), drafter_text=drafter.decode(f), length=len(f))
-                d_rows[i] = r
-    elif mode == "independent":
-        t_ids, t_r = target.generate([t_prompts[i] for i in live], [videos[i] for i in live], cfg.max_new_tokens)
-        d_ids, d_r = drafter.generate([d_prompts[i] for i in live], [feats[i] for i in live], cfg.max_new_tokens)
-        for j, i in enumerate(live):
-            recs[i].update(target_response_ids=t_ids[j], target_text=target.decode(t_ids[j]),
-                           drafter_response_ids=d_ids[j], drafter_text=drafter.decode(d_ids[j]))
-            n = min(len(t_ids[j]), len(d_ids[j]))
-            if n < cfg.min_tokens:
-                recs[i].update(status="skipped",
-                               reason=f"aligned length shorter than min_tokens ({n} < {cfg.min_tokens})")
-                continue
-            recs[i]["length"] = n
-            d_rows[i], t_rows[i] = d_r[j][:n], t_r[j][:n]
-    else:  # retf
-        side = cfg.retf_side
-        for i in live:
-            src = source_rows[batch[i].pair_id]
-            for k in ("target_response_ids", "drafter_response_ids", "target_text", "drafter_text",
-                      "target_prompt_ids", "drafter_prompt_ids"):
-                if src.get(k) is not None and (k not in ("drafter_prompt_ids", "target_prompt_ids") or not recs[i][k]):
-                    recs[i][k] = list(src[k]) if isinstance(src[k], list) else src[k]
-            recs[i]["length"] = src["length"]
+
+def _shared_prefix(b: _Batch, cfg: ExtractConfig, drafter, target) -> None:
+    """The target generates; the drafter is teacher-forced on the target's response (ok pairs only)."""
+    recs, live = b.recs, b.live
+    ids, rows = target.generate([b.t_prompts[i] for i in live], [b.videos[i] for i in live], cfg.max_new_tokens)
+    eos = target.tokenizer.eos_token_id
+    tf_idx = []
+    for j, i in enumerate(live):
+        status, reason = _response_status(ids[j], eos, cfg.min_tokens)
+        recs[i].update(target_response_ids=ids[j], target_text=target.decode(ids[j]), status=status, reason=reason)
+        if status == "ok" and max(ids[j]) >= drafter.model.get_input_embeddings().num_embeddings:
+            recs[i].update(status="failed", reason="target token outside the drafter vocabulary")
+        if recs[i]["status"] == "ok":
+            b.t_rows[i] = rows[j]
+            tf_idx.append(i)
+    if tf_idx:
+        fed = [recs[i]["target_response_ids"] for i in tf_idx]
+        drows = drafter.teacher_forced([b.d_prompts[i] for i in tf_idx], fed, [b.feats[i] for i in tf_idx])
+        for i, r, f in zip(tf_idx, drows, fed):
+            recs[i].update(drafter_response_ids=list(f), drafter_text=drafter.decode(f), length=len(f))
+            b.d_rows[i] = r
+
+
+def _independent(b: _Batch, cfg: ExtractConfig, drafter, target) -> None:
+    """Both models generate freely; rows are paired up to the shorter response."""
+    recs, live = b.recs, b.live
+    t_ids, t_r = target.generate([b.t_prompts[i] for i in live], [b.videos[i] for i in live], cfg.max_new_tokens)
+    d_ids, d_r = drafter.generate([b.d_prompts[i] for i in live], [b.feats[i] for i in live], cfg.max_new_tokens)
+    for j, i in enumerate(live):
+        recs[i].update(target_response_ids=t_ids[j], target_text=target.decode(t_ids[j]),
+                       drafter_response_ids=d_ids[j], drafter_text=drafter.decode(d_ids[j]))
+        n = min(len(t_ids[j]), len(d_ids[j]))
+        if n < cfg.min_tokens:
+            recs[i].update(status="skipped",
+                           reason=f"aligned length shorter than min_tokens ({n} < {cfg.min_tokens})")
+            continue
+        recs[i]["length"] = n
+        b.d_rows[i], b.t_rows[i] = d_r[j][:n], t_r[j][:n]
+
+
+def _retf(b: _Batch, side: str, drafter, target, source_rows: dict) -> None:
+    """Re-extract ``side`` teacher-forced on the source store's token ids; the other side's rows are copied."""
+    recs, live, batch = b.recs, b.live, b.pairs
+    for i in live:
+        src = source_rows[batch[i].pair_id]
+        for k in ("target_response_ids", "drafter_response_ids", "target_text", "drafter_text",
+                  "target_prompt_ids", "drafter_prompt_ids"):
+            if src.get(k) is not None and (k not in ("drafter_prompt_ids", "target_prompt_ids") or not recs[i][k]):
+                recs[i][k] = list(src[k]) if isinstance(src[k], list) else src[k]
+        recs[i]["length"] = src["length"]
+    if side == "drafter":
+        fed = [source_rows[batch[i].pair_id]["drafter_response_ids"][: recs[i]["length"]] for i in live]
+        new = drafter.teacher_forced([b.d_prompts[i] for i in live], fed, [b.feats[i] for i in live])
+    else:
+        fed = [source_rows[batch[i].pair_id]["target_response_ids"][: recs[i]["length"]] for i in live]
+        new = target.teacher_forced([b.t_prompts[i] for i in live], fed, [b.videos[i] for i in live])
+    for j, i in enumerate(live):
+        src = source_rows[batch[i].pair_id]
         if side == "drafter":
-            fed = [source_rows[batch[i].pair_id]["drafter_response_ids"][: recs[i]["length"]] for i in live]
-            new = drafter.teacher_forced([d_prompts[i] for i in live], fed, [feats[i] for i in live])
+            b.d_rows[i], b.t_rows[i] = new[j], src["target"]
         else:
-            fed = [source_rows[batch[i].pair_id]["target_response_ids"][: recs[i]["length"]] for i in live]
-            new = target.teacher_forced([t_prompts[i] for i in live], fed, [videos[i] for i in live])
-        for j, i in enumerate(live):
-            src = source_rows[batch[i].pair_id]
-            if side == "drafter":
-                d_rows[i], t_rows[i] = new[j], src["target"]
-            else:
-                d_rows[i], t_rows[i] = src["drafter"], new[j]
-    return recs, d_rows, t_rows
+            b.d_rows[i], b.t_rows[i] = src["drafter"], new[j]
+
+
+def needs_drafter(cfg: ExtractConfig) -> bool:
+    """The extraction runs the drafter (every mode but a retf of the target side)."""
+    return cfg.mode != "retf" or cfg.retf_side == "drafter"
+
+
+def needs_target(cfg: ExtractConfig) -> bool:
+    """The extraction runs the target (every mode but a retf of the drafter side)."""
+    return cfg.mode != "retf" or cfg.retf_side == "target"
 
 
 def load_models(cfg: ExtractConfig):
     """(drafter, target) needed by cfg.mode; None for a side retf does not recompute."""
     from egpt_core.models.loading import load_eventgpt, load_videollava
 
-    need_d = cfg.mode != "retf" or cfg.retf_side == "drafter"
-    need_t = cfg.mode != "retf" or cfg.retf_side == "target"
+    need_d, need_t = needs_drafter(cfg), needs_target(cfg)
     drafter = load_eventgpt(cfg.drafter, cfg.load, double_adaptor=cfg.events.double_feature_adaptor,
                             storage_options=cfg.storage_options) if need_d else None
     target = load_videollava(cfg.target, cfg.load, storage_options=cfg.storage_options) if need_t else None
@@ -322,23 +368,85 @@ def load_models(cfg: ExtractConfig):
     return drafter, target
 
 
-def run_extraction(cfg: ExtractConfig, progress: Progress | None = None, only_pairs: set[str] | None = None,
-                   models=None) -> ExtractSummary:
-    """Extract every pending pair of cfg's dataset into cfg.store; returns counts (resumable, idempotent)."""
-    t0 = time.perf_counter()
-    if cfg.mode == "retf":
-        source_url = cfg.source_store or ""
-        if not source_url or source_url.rstrip("/") == cfg.store.rstrip("/"):
-            raise ConfigError("retf mode writes a NEW store: set source_store to the store whose token ids are "
-                              "re-used and store to a different URL (stores are never modified after commit)")
+def store_exists(url: str, storage_options: dict | None = None) -> bool:
+    """True when a store has committed its manifest at ``url``."""
+    fs, path = url_to_fs(url, storage_options)
+    return with_retries(fs).exists(join(path, "manifest.json"))
+
+
+def pairs_to_extract(cfg: ExtractConfig, only_pairs: set[str] | list[str] | None = None
+                     ) -> tuple[list[Pair], StoreReader | None]:
+    """The pairs an extraction of ``cfg`` works on: its group's pairs, restricted to ``only_pairs``
+    and, in retf mode, to the source store's ok pairs; plus that source store's reader (retf)."""
     pairs = plan_pairs(cfg)
     if only_pairs is not None:
-        pairs = [p for p in pairs if p.pair_id in only_pairs]
+        keep = set(only_pairs)
+        pairs = [p for p in pairs if p.pair_id in keep]
     source = None
     if cfg.mode == "retf":
         source = StoreReader(cfg.source_store, cfg.storage_options)
         ok = set(source.pair_ids(status="ok"))
         pairs = [p for p in pairs if p.pair_id in ok]
+    return pairs, source
+
+
+def feature_scene_ids(cfg: ExtractConfig, only_pairs: list[str] | None = None) -> list[str]:
+    """Scenes whose event features the extraction of cfg (restricted to ``only_pairs``) will need."""
+    return list(dict.fromkeys(p.scene.scene_id for p in pairs_to_extract(cfg, only_pairs)[0]))
+
+
+@dataclass
+class FeaturesSummary:
+    """What `compute_scene_features` did: scenes asked for, features computed / found cached, and
+    the scenes whose events could not be read (each pair is recorded as failed again by extraction)."""
+
+    scenes: int
+    computed: int
+    cached: int
+    failed: dict[str, str]
+
+
+def compute_scene_features(cfg: ExtractConfig, scene_ids: list[str] | set[str],
+                           progress: Progress | None = None) -> FeaturesSummary:
+    """Stage 1 for some scenes: pooled event features cached under the store's ``features/``. Loads
+    the drafter only: a new store is created with the full metadata, which names the models the
+    extraction records (retf: only the side it recomputes); the target's fingerprint and hidden size
+    come from its files (the extract task loads the target, once). A scene whose events are bad is
+    recorded, not fatal."""
+    from egpt_core.models.loading import load_eventgpt, videollava_identity
+
+    wanted = set(scene_ids)
+    scenes = [s for s in load_scenes(cfg.dataset, cfg.storage_options, cfg.max_scenes) if s.scene_id in wanted]
+    drafter = load_eventgpt(cfg.drafter, cfg.load, double_adaptor=cfg.events.double_feature_adaptor,
+                            storage_options=cfg.storage_options)
+    if store_exists(cfg.store, cfg.storage_options):
+        writer = StoreWriter(cfg.store, {}, cfg.storage_options)
+    else:
+        need_d = cfg.mode != "retf" or cfg.retf_side == "drafter"
+        target = videollava_identity(cfg.target, cfg.storage_options) \
+            if cfg.mode != "retf" or cfg.retf_side == "target" else None
+        if target is not None and target.hidden_size != drafter.hidden_size:
+            raise ConfigError(f"drafter hidden size {drafter.hidden_size} != target hidden size "
+                              f"{target.hidden_size} ({cfg.drafter}, {cfg.target})")
+        writer = StoreWriter(cfg.store, store_meta(cfg, drafter if need_d else None, target), cfg.storage_options)
+    stats: dict[str, int] = {}
+    failed: dict[str, str] = {}
+    for i, scene in enumerate(scenes):
+        try:
+            scene_features(scene, drafter, cfg.events, writer, cfg.storage_options, stats)
+        except BadInputError as exc:
+            failed[scene.scene_id] = str(exc)
+        if progress is not None:
+            progress((i + 1) / len(scenes), f"{i + 1}/{len(scenes)} scenes")
+    return FeaturesSummary(scenes=len(scenes), computed=stats.get("features_computed", 0),
+                           cached=stats.get("features_cached", 0), failed=failed)
+
+
+def run_extraction(cfg: ExtractConfig, progress: Progress | None = None, only_pairs: set[str] | None = None,
+                   models=None) -> ExtractSummary:
+    """Extract every pending pair of cfg's dataset into cfg.store; returns counts (resumable, idempotent)."""
+    t0 = time.perf_counter()
+    pairs, source = pairs_to_extract(cfg, only_pairs)
 
     # content fingerprints of every planned pair's inputs, checked against what the store (and a retf
     # source) committed, before any model work: another dataset is refused, never mixed in

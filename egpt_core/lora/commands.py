@@ -5,28 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from egpt_core.errors import ConfigError
+from egpt_core import cliargs
+from egpt_core.config import LoraTrainConfig
 
 
 def build_config(args: argparse.Namespace):
     """LoraTrainConfig from --config FILE (optional) overridden by the flags given."""
-    from egpt_core.config import LoraTrainConfig, read_config_file
+    from egpt_core.config import LoraTrainConfig
 
-    data: dict = read_config_file(args.config, LoraTrainConfig) if args.config else {}
     flags = {"store": args.store, "drafter": args.drafter, "out": args.out, "val_store": args.val_store,
              "dataset": args.dataset, "epochs": args.epochs, "rank": args.rank, "alpha": args.alpha, "lr": args.lr,
              "grad_accum": args.grad_accum, "micro_batch": args.micro_batch, "seed": args.seed}
-    data.update({k: v for k, v in flags.items() if v is not None})
-    load = dict(data.get("load") or {"quant": "nf4"})
-    for key, val in (("quant", args.quant), ("dtype", args.dtype), ("device", args.device),
-                     ("clip_path", args.clip_dir)):
-        if val is not None:
-            load[key] = val
-    data["load"] = load
-    missing = [k for k in ("store", "drafter") if not data.get(k)]
-    if missing:
-        raise ConfigError(f"train-lora needs {', '.join('--' + m for m in missing)} (or a --config file setting them)")
-    return LoraTrainConfig.model_validate(data)
+    load = {"quant": args.quant, "dtype": args.dtype, "device": args.device, "clip_path": args.clip_dir}
+    return cliargs.config_from_args(args, LoraTrainConfig, flags, {"load": load})
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -77,7 +68,7 @@ def register(sub) -> None:
     p.add_argument("--grad-accum", dest="grad_accum", type=int)
     p.add_argument("--micro-batch", dest="micro_batch", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--config", help="JSON/YAML file with LoraTrainConfig fields (flags override it)")
+    cliargs.add_config_arguments(p, LoraTrainConfig)
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="ignore an existing checkpoint in --out")
     p.set_defaults(func=_cmd_train)
 

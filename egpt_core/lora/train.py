@@ -406,14 +406,11 @@ def save_adapter(peft_model, url: str, provenance: dict[str, Any], storage_optio
     rf.put_dir(tmp, url, storage_options, kind="lora-adapter")
 
 
-#: fields that do not change what is trained; ``epochs`` is how long, not what (a run asked for more
-#: epochs continues: egpt_core.training.state)
-_NON_SEMANTIC = {"out", "storage_options", "epochs"}
 RUN_KIND = "lora-run"
 
 
 def config_fingerprint(cfg) -> str:
-    return rf.config_fingerprint(cfg, _NON_SEMANTIC)
+    return rf.config_fingerprint(cfg)  # NON_SEMANTIC: egpt_core.config
 
 
 # --------------------------------------------------------------------------------------------------

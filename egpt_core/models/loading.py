@@ -264,7 +264,8 @@ def load_eventgpt(path: str, load: ModelLoadConfig | None = None, clip_dir: str 
     under ``model.visual_tower.visual_tower.vision_model.*``), safetensors (single or sharded) or
     ``.bin``. Every weight must arrive: a missing, unexpected or mis-shaped tensor is a ConfigError
     raised before any weight is read (and re-checked after loading). ``clip_dir`` (default
-    ``load.clip_path``) overrides ``mm_visual_tower``.
+    ``load.clip_path``) overrides ``mm_visual_tower``. The loading steps and their checks read in
+    order (~63 lines with this docstring).
     """
     from egpt_core.models.eventgpt import EventChatConfig, EventChatLlamaForCausalLM, EventGPTDrafter
     from egpt_core.models.vocab import load_tokenizer

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from egpt_core.config import SpeculateConfig, load_config
+from egpt_core import cliargs
+from egpt_core.config import SpeculateConfig
 
 
 def parse_gammas(text: str) -> list[int]:
@@ -20,9 +21,7 @@ def parse_gammas(text: str) -> list[int]:
 
 
 def config_from_args(args: argparse.Namespace) -> SpeculateConfig:
-    from egpt_core.extraction.commands import parse_storage_options
-
-    base = load_config(args.config, SpeculateConfig).model_dump() if args.config else {}
+    """SpeculateConfig from --config (may be partial: flags fill in) and the flags given."""
     flags = {
         "dataset": args.dataset, "questions": args.questions, "store": args.store, "drafter": args.drafter,
         "target": args.target, "adapter_run": args.adapter_run, "adapter_which": args.adapter_which,
@@ -30,25 +29,12 @@ def config_from_args(args: argparse.Namespace) -> SpeculateConfig:
         "max_pairs": args.max_pairs, "max_scenes": args.max_scenes, "max_questions": args.max_questions,
         "out": args.out, "name": args.name, "drafter_device": args.drafter_device, "warmup_pairs": args.warmup,
         "split": args.split, "val_fraction": args.val_fraction,
+        "identity": args.identity or None, "target_only": args.target_only or None,
+        "prefill_hiding": False if args.no_prefill_hiding else None,
     }
-    base.update({k: v for k, v in flags.items() if v is not None})
-    if args.identity:
-        base["identity"] = True
-    if args.target_only:
-        base["target_only"] = True
-    if args.no_prefill_hiding:
-        base["prefill_hiding"] = False
-    load = dict(base.get("load") or {})
-    for key in ("dtype", "quant", "device"):
-        if getattr(args, key):
-            load[key] = getattr(args, key)
-    base["load"] = load
-    if args.event_frames:
-        base["events"] = dict(base.get("events") or {}, n_frames=args.event_frames)
-    so = parse_storage_options(args.storage_option)
-    if so:
-        base["storage_options"] = {**base.get("storage_options", {}), **so}
-    return SpeculateConfig.model_validate(base)
+    load = {"dtype": args.dtype, "quant": args.quant, "device": args.device}
+    return cliargs.config_from_args(args, SpeculateConfig, flags,
+                                    {"load": load, "events": {"n_frames": args.event_frames or None}})
 
 
 def summary_lines(res) -> list[str]:
@@ -85,7 +71,7 @@ def register(subparsers) -> None:
         "speculate", help="stage 5: real speculative decoding (drafter drafts, target verifies), measured",
         description="Run the greedy draft -> verify loop for one drafter configuration and the target-only "
                     "baseline on the same pairs; measure acceptance, wall-clock speedup and losslessness.")
-    p.add_argument("--config", help="JSON/YAML file with SpeculateConfig fields (flags override)")
+    cliargs.add_config_arguments(p, SpeculateConfig)
     p.add_argument("--dataset", help="dataset root (default with --store: the dataset it was extracted from)")
     p.add_argument("--questions", help="questions file (default: the dataset's questions.json)")
     p.add_argument("--store", help="take the pairs and the target LM head from this store (and cross-check "
@@ -114,7 +100,6 @@ def register(subparsers) -> None:
     p.add_argument("--drafter-device", help="put the drafter on another device (e.g. cuda:1)")
     p.add_argument("--event-frames", type=int)
     p.add_argument("--name", help="configuration name in reports")
-    p.add_argument("--storage-option", action="append", help="fsspec option key=value (repeatable)")
     p.add_argument("--out", help="output directory URL")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier speculative run with other settings in --out (never files egpt did not write)")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from egpt_core.adapters.modules import apply_adapter
+from egpt_core.adapters.modules import apply_adapter, level_spec
 
 
 @dataclass
@@ -55,8 +55,9 @@ class DraftHead:
         """'identity' | 'position' (L1-L3) | 'sequence' (L4, L5) | 'target_next' (B1) | 'fused_next' (L5F)."""
         if self.level is None:
             return "identity"
-        return {"L1": "position", "L2": "position", "L3": "position", "L4": "sequence", "L5": "sequence",
-                "B1": "target_next", "L5F": "fused_next"}[self.level]
+        spec = level_spec(self.level)
+        return {"target": "target_next", "both": "fused_next"}.get(spec.inputs,
+                                                                  "sequence" if spec.attends else "position")
 
     @property
     def uses_drafter(self) -> bool:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from egpt_core import outdir
 from egpt_core import runfiles as rf
+from egpt_core.adapters.modules import level_spec
 from egpt_core.config import ModelLoadConfig, SpeculateConfig
 from egpt_core.data import Pair, build_pairs, load_questions, load_scenes, read_video_frames
 from egpt_core.data.dataset import questions_url
@@ -214,7 +215,7 @@ def load_models(cfg: SpeculateConfig, source: str, lm_head: torch.Tensor | None)
                               f"target's is {target.hidden_size}")
         which = cfg.adapter_which if cfg.adapter_which.endswith(".safetensors") else f"{cfg.adapter_which}.safetensors"
         fps["adapter"] = file_fingerprint(join(cfg.adapter_run, which), so)
-    needs_drafter = not (acfg is not None and str(acfg.level) == "B1")
+    needs_drafter = acfg is None or level_spec(acfg.level).inputs != "target"
     drafter = None
     if needs_drafter:
         drafter = load_eventgpt(cfg.drafter, drafter_load(cfg), double_adaptor=cfg.events.double_feature_adaptor,
@@ -329,6 +330,31 @@ def _measure(cfg: SpeculateConfig, source: str, plan: PairPlan, progress: Progre
     if reader is not None and source != "target_only" and models.head is not None:
         cross, note = _cross_check_setup(cfg, reader, store_mode, models, lm_head, gammas)
         notes.append(note)
+    records, timeline, failed = _measure_pairs(cfg, source, plan, models, gammas, name, progress)
+    ok = [r for r in records if r["status"] == "ok"]
+    if not ok:
+        raise ConfigError(f"no pair could be measured ({len(failed)} failed: {next(iter(failed.values()), '')})")
+    aggregates = measure.aggregate(ok, gammas if source != "target_only" else [0])
+    cross_result = None
+    if cross is not None:
+        cross_result = _cross_check_run(cross, reader, models, ok, gammas).result(aggregates)
+    model_check = measure.speedup_model_check(aggregates, ok) if source != "target_only" else {}
+    notes += _result_notes(cfg, source, models)
+    doc = _metrics_doc(cfg, name, source, models, plan, store_mode, gammas, aggregates, cross_result, model_check,
+                       failed, notes, time.perf_counter() - t_start)
+    files = build_outputs(doc, records, timeline)
+    files["sd_run.json"] = _run_marker(cfg, "complete")
+    write_sd_outputs(cfg.out, files, so)
+    if progress is not None:
+        progress(1.0, f"wrote {cfg.out}")
+    return SpeculateResult(out_url=cfg.out, name=name, source=source, mode=cfg.mode, n_pairs=len({r["pair_id"] for r in ok}),
+                           n_failed=len(failed), summary=doc["summary"])
+
+
+def _measure_pairs(cfg: SpeculateConfig, source: str, plan: PairPlan, models: Models, gammas: list[int], name: str,
+                   progress: Progress | None) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, str]]:
+    """Run the loop over the plan's pairs (the first ``warmup_pairs`` once untimed): (per-pair and
+    per-γ records, one pair's prefill-hiding timeline, {pair_id: why it failed})."""
     tsess, dsess = _sessions(models)
     eos = models.target.tokenizer.eos_token_id
     inputs = _InputCache(cfg, models)
@@ -370,34 +396,24 @@ def _measure(cfg: SpeculateConfig, source: str, plan: PairPlan, progress: Progre
             progress((i + 1) / len(pairs), f"{i + 1}/{len(pairs)} pairs measured")
     bar.close()
 
-    ok = [r for r in records if r["status"] == "ok"]
-    if not ok:
-        raise ConfigError(f"no pair could be measured ({len(failed)} failed: {next(iter(failed.values()), '')})")
-    aggregates = measure.aggregate(ok, gammas if source != "target_only" else [0])
-    cross_result = None
-    if cross is not None:
-        cross_result = _cross_check_run(cross, reader, models, ok, gammas).result(aggregates)
-    model_check = measure.speedup_model_check(aggregates, ok) if source != "target_only" else {}
+    return records, timeline, failed
+
+
+def _result_notes(cfg: SpeculateConfig, source: str, models: Models) -> list[str]:
+    """Caveats on reading this run's numbers (L4 context, target-fed levels, research mode)."""
+    notes: list[str] = []
     if source == "identity" or source == "adapter":
         if models.head is not None and models.head.kind == "sequence" and models.level == "L4":
             notes.append("L4 is bidirectional: offline it attends to rows after t, which a real loop does not have "
                          "(here it sees rows 0..t); measured and simulated acceptance differ by that context.")
-        if models.level in ("B1", "L5F"):
+        if models.level is not None and level_spec(models.level).leaks_target:
             notes.append(f"{models.level} drafts from the target's verified rows (next-position head, rolled out "
                          "within a round); its offline same-position metrics leak the target and are not comparable.")
     if cfg.mode == "research":
         notes.append("research mode: drafts are windows of the drafter's own once-decoded answer (never "
                      "re-synchronised to the accepted prefix); the window starts at the first unverified position "
                      "(research bug B5 fixed).")
-    doc = _metrics_doc(cfg, name, source, models, plan, store_mode, gammas, aggregates, cross_result, model_check,
-                       failed, notes, time.perf_counter() - t_start)
-    files = build_outputs(doc, records, timeline)
-    files["sd_run.json"] = _run_marker(cfg, "complete")
-    write_sd_outputs(cfg.out, files, so)
-    if progress is not None:
-        progress(1.0, f"wrote {cfg.out}")
-    return SpeculateResult(out_url=cfg.out, name=name, source=source, mode=cfg.mode, n_pairs=len({r["pair_id"] for r in ok}),
-                           n_failed=len(failed), summary=doc["summary"])
+    return notes
 
 
 def _check_checkpoints(cfg: SpeculateConfig, source: str) -> None:

@@ -4,34 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from typing import Any
 
-from egpt_core.credentials import credential_paths, refusal_message
-from egpt_core.errors import BadInputError, ConfigError, StoreError
+from egpt_core.cliargs import add_storage_option_argument, parse_storage_options
 
-
-def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
-    """``k=v`` pairs -> dict; values are JSON when they parse (true, 3, {...}), else strings;
-    dotted keys nest (``client_kwargs.region_name=eu-west-1``). Credentials are refused: a command
-    line lands in shell history and `ps` (they come from the environment's AWS chain)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--storage-option {item!r}: expected KEY=VALUE")
-        key, raw = item.split("=", 1)
-        try:
-            val: Any = json.loads(raw)
-        except ValueError:
-            val = raw
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = val
-    if paths := credential_paths(out):
-        raise ConfigError(refusal_message(paths, "--storage-option"))
-    return out
+__all__ = ["parse_storage_options", "register", "store_summary"]
 
 
 def store_summary(url: str, storage_options: dict | None = None, verify: bool = False) -> dict:
@@ -80,11 +56,7 @@ def _human(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    try:
-        s = store_summary(args.url, parse_storage_options(args.storage_option), verify=args.verify)
-    except (StoreError, ConfigError) as exc:
-        print(f"egpt inspect: {exc}", file=sys.stderr)
-        return 2
+    s = store_summary(args.url, parse_storage_options(args.storage_option), verify=args.verify)
     if args.json:
         print(json.dumps(s, indent=2, sort_keys=True))
     else:
@@ -140,11 +112,8 @@ def cmd_import_research(args: argparse.Namespace) -> int:
             args.dir, args.url, parse_storage_options(args.storage_option), shard_size=args.shard_size,
             dtype=args.dtype, lm_head_url=args.lm_head, progress=progress,
         )
-    except (StoreError, ConfigError, BadInputError) as exc:
+    finally:
         bar.close()
-        print(f"egpt import-research: {exc}", file=sys.stderr)
-        return 2
-    bar.close()
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -154,8 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("url", help="store URL (path, file://, memory://, s3://)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--verify", action="store_true", help="also check every file's sha256 (reads all data)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="K=V",
-                   help="fsspec option, repeatable (e.g. endpoint_url=http://minio:9000, anon=true)")
+    add_storage_option_argument(p)
     p.set_defaults(func=cmd_inspect)
 
     q = subparsers.add_parser("import-research", help="import research chunk_*.pt hidden states into a store")
@@ -164,6 +132,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--shard-size", type=int, default=256, help="pairs per store shard (default 256)")
     q.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="store dtype")
     q.add_argument("--lm-head", default=None, help="research vl_lm_head.pt to store as the target LM head")
-    q.add_argument("--storage-option", action="append", default=[], metavar="K=V", help="fsspec option, repeatable")
+    add_storage_option_argument(q)
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_import_research)

@@ -117,6 +117,33 @@ def _pair(md: dict, L: int, S: int, url: str, i: int) -> dict:
     return rec
 
 
+class _ShardQueue:
+    """Imported pairs waiting for their shard: committed every ``shard_size`` pairs, counted in ``summary``."""
+
+    def __init__(self, writer: StoreWriter, shard_size: int, summary: dict[str, Any]):
+        self.writer, self.shard_size, self.summary = writer, shard_size, summary
+        self.pending: list[tuple[dict, torch.Tensor | None, torch.Tensor | None]] = []
+
+    def add(self, rec: dict, drafter: torch.Tensor | None, target: torch.Tensor | None) -> bool:
+        """Queue one pair (rows [L, D], None unless ok); True when that filled and committed a shard."""
+        self.pending.append((rec, drafter, target))
+        if len(self.pending) < self.shard_size:
+            return False
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        info = self.writer.commit_shard(*(list(col) for col in zip(*self.pending)))
+        if info is not None:
+            self.summary["shards"] += 1
+            self.summary["imported"] += info.pairs
+            for s, n in info.counts.items():
+                self.summary["counts"][s] += n
+        self.pending.clear()
+
+
 def import_research(dir_url: str, store_url: str, storage_options: dict | None = None,
                     shard_size: int = DEFAULT_SHARD_SIZE, *, dtype: str = "bfloat16",
                     lm_head_url: str | None = None,
@@ -140,18 +167,7 @@ def import_research(dir_url: str, store_url: str, storage_options: dict | None =
     writer: StoreWriter | None = None
     committed: set[str] = set()
     seen: set[str] = set()
-    pending: list[tuple[dict, torch.Tensor | None, torch.Tensor | None]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        info = writer.commit_shard([p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending])
-        if info is not None:
-            summary["shards"] += 1
-            summary["imported"] += info.pairs
-            for s, n in info.counts.items():
-                summary["counts"][s] += n
-        pending.clear()
+    queue: _ShardQueue | None = None
 
     for ci, rel in enumerate(paths):
         url = f"{dir_url.rstrip('/')}/{rel}"
@@ -162,17 +178,8 @@ def import_research(dir_url: str, store_url: str, storage_options: dict | None =
             hd = cfg.get("hidden_dim")
             if hd is not None and int(hd) != D:
                 raise BadInputError(url, f"hidden size {D} != index.json config hidden_dim {hd}")
-            meta = {
-                "hidden_size": int(D),
-                "dtype": dtype,
-                "mode": "independent",
-                "position_convention": mf.POSITION_CONVENTION,
-                "compat_key": "research-import:" + hash_json(cfg),
-                "dataset_fingerprint": hash_json({"config": cfg, "chunks": index.get("chunks")}),
-                "notes": "imported from research format",
-                "source": {"format": "research-chunks", "config": cfg},
-            }
-            writer = StoreWriter(store_url, meta, storage_options)
+            writer = StoreWriter(store_url, _research_meta(index, int(D), dtype), storage_options)
+            queue = _ShardQueue(writer, shard_size, summary)
             committed = writer.committed_pair_ids()
             summary["hidden_size"] = int(D)
         elif D != writer.hidden_size:
@@ -189,28 +196,45 @@ def import_research(dir_url: str, store_url: str, storage_options: dict | None =
                 summary["duplicates"] += 1
                 continue
             seen.add(pid)
-            L = rec["length"]
-            if rec["status"] == "ok":
-                pending.append((rec, eg[i, :L], vl[i, :L]))
-            else:
-                pending.append((rec, None, None))
-            if len(pending) >= shard_size:
-                flush()
+            ok = rec["status"] == "ok"
+            if queue.add(rec, eg[i, :rec["length"]] if ok else None, vl[i, :rec["length"]] if ok else None):
                 if progress:
                     progress((ci + (i + 1) / n) / len(paths), f"{summary['imported']} pairs imported")
         del chunk, eg, vl
         if progress:
             progress((ci + 1) / len(paths), f"chunk {ci + 1}/{len(paths)}")
-    flush()
+    if queue is not None:
+        queue.flush()
     if lm_head_url:
-        lfs, lpath = url_to_fs(lm_head_url, storage_options)
-        try:
-            obj = torch.load(io.BytesIO(lfs.cat_file(lpath)), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise StoreError(f"{lm_head_url}: refused to load: not a plain tensor pickle") from exc
-        w = obj.get("lm_head_weight") if isinstance(obj, dict) else obj
-        if not isinstance(w, torch.Tensor):
-            raise BadInputError(lm_head_url, "expected {'lm_head_weight': Tensor[V, D]}")
+        w = _load_research_lm_head(lm_head_url, storage_options)
         writer.write_lm_head(w, file_fingerprint(lm_head_url, storage_options))
         summary["lm_head"] = list(w.shape)
     return summary
+
+
+def _research_meta(index: dict, hidden_size: int, dtype: str) -> dict[str, Any]:
+    """Store metadata of an imported research directory (its config pins the compat key)."""
+    cfg = index.get("config") or {}
+    return {
+        "hidden_size": hidden_size,
+        "dtype": dtype,
+        "mode": "independent",
+        "position_convention": mf.POSITION_CONVENTION,
+        "compat_key": "research-import:" + hash_json(cfg),
+        "dataset_fingerprint": hash_json({"config": cfg, "chunks": index.get("chunks")}),
+        "notes": "imported from research format",
+        "source": {"format": "research-chunks", "config": cfg},
+    }
+
+
+def _load_research_lm_head(url: str, storage_options: dict | None) -> torch.Tensor:
+    """The research ``vl_lm_head.pt`` weight [V, D] (``torch.load(weights_only=True)``; anything else refused)."""
+    lfs, lpath = url_to_fs(url, storage_options)
+    try:
+        obj = torch.load(io.BytesIO(lfs.cat_file(lpath)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise StoreError(f"{url}: refused to load: not a plain tensor pickle") from exc
+    w = obj.get("lm_head_weight") if isinstance(obj, dict) else obj
+    if not isinstance(w, torch.Tensor):
+        raise BadInputError(url, "expected {'lm_head_weight': Tensor[V, D]}")
+    return w

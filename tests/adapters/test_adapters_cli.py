@@ -4,6 +4,7 @@ import argparse
 import json
 
 from egpt_core.adapters import commands
+from egpt_core.cli import run_command
 
 
 def _parser():
@@ -14,7 +15,7 @@ def _parser():
 
 def _run(argv):
     args = _parser().parse_args(argv)
-    return args.func(args)
+    return run_command(args)
 
 
 def test_list_levels_prints_exact_counts(capsys):
@@ -50,4 +51,4 @@ def test_train_adapter_command_config_errors(synth_store, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "4096" in err and "32" in err
     assert _run(["train-adapter", "--level", "L1", "--out", str(tmp_path / "r")]) == 2
-    assert "--train" in capsys.readouterr().err
+    assert "train: Field required" in capsys.readouterr().err  # TrainAdapterConfig.train (--train URL)

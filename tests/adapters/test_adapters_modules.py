@@ -159,3 +159,23 @@ def test_inits():
     assert ln and all(m.eps == 1e-5 for m in ln)
     drop = [m for m in l5f.modules() if isinstance(m, torch.nn.Dropout)]
     assert drop and all(m.p == 0.1 for m in drop)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_level_spec_describes_the_module_it_builds(level):
+    """The registry is the one description of a level: what it builds reads what the spec says it
+    reads, predicts the next row and attends across positions iff the spec says so, and the spec's
+    research formula counts its parameters at other sizes too."""
+    from egpt_core.adapters.modules import LEVEL_SPECS, level_spec
+
+    spec = level_spec(level)
+    assert spec is LEVEL_SPECS[level] and spec.name == level
+    cfg = AdapterConfig(level=level, num_heads=2, ffn_dim=24, num_blocks=2, max_seq_len=16, dropout=0.0,
+                        separate_prediction_head=False)
+    module = spec.builder(cfg, 32).eval()
+    assert (module.level or level, module.input_side, module.has_next_prediction) == (level, spec.inputs,
+                                                                                    spec.predicts_next)
+    assert spec.leaks_target == (level in ("B1", "L5F"))
+    assert spec.research_params(32, cfg) == count_parameters(module)
+    # attends: the module mixes positions (attention) exactly when the spec says so
+    assert any(isinstance(m, torch.nn.MultiheadAttention) for m in module.modules()) == spec.attends

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from eval_helpers import D, assert_close, build_store
+from pydantic import ValidationError
 
 from egpt_core.config import AdapterConfig, EvalConfig, TimingConfig
 from egpt_core.errors import ConfigError
@@ -84,10 +85,10 @@ def test_no_timing_and_no_lm_head(tmp_path):
 
 def test_config_errors(store, tmp_path):
     url, _, _ = store
-    with pytest.raises(ConfigError, match="exactly one"):
-        evaluate(EvalConfig(store=url, out=str(tmp_path / "a")))
-    with pytest.raises(ConfigError, match="exactly one"):
-        evaluate(EvalConfig(store=url, out=str(tmp_path / "a"), identity=True, lora=str(tmp_path)))
+    with pytest.raises(ValidationError, match="exactly one"):  # refused by EvalConfig itself
+        EvalConfig(store=url, out=str(tmp_path / "a"))
+    with pytest.raises(ValidationError, match="exactly one"):
+        EvalConfig(store=url, out=str(tmp_path / "a"), identity=True, lora=str(tmp_path))
     with pytest.raises(ConfigError, match="retf"):  # L6 needs a store re-extracted with the merged drafter
         evaluate(EvalConfig(store=url, out=str(tmp_path / "a"), lora=str(tmp_path)))
     with pytest.raises(ConfigError, match="not a committed store"):

@@ -63,11 +63,16 @@ def test_cli_evaluate_and_compare(store, tmp_path, capsys):
     assert (tmp_path / "cmp" / "comparison.md").exists()
 
 
-def test_cli_requires_one_source(tmp_path):
+def test_cli_requires_one_source(tmp_path, capsys):
+    """No source (it may come from --config) is EvalConfig's rule: one line, exit 2; two flags are a usage error."""
     import pytest
 
+    from egpt_core.cli import run_command
+
     p = _parser()
-    with pytest.raises(SystemExit):
-        p.parse_args(["evaluate", "--store", "s", "--out", "o"])
+    assert run_command(p.parse_args(["evaluate", "--store", "s", "--out", str(tmp_path / "o")])) == 2
+    err = capsys.readouterr().err
+    assert "adapter_run, lora, identity: set exactly one prediction source" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         p.parse_args(["evaluate", "--store", "s", "--out", "o", "--identity", "--lora", "x"])

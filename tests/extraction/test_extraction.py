@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from egpt_core.errors import ConfigError
 from egpt_core.extraction import plan_pairs, run_extraction
@@ -160,8 +161,8 @@ def test_retf_recomputes_one_side_and_copies_the_other(tmp_path, full_store, ext
     for k in b["rows"]:
         assert torch.equal(a["rows"][k][1], b["rows"][k][1])  # target rows copied bitwise
         torch.testing.assert_close(a["rows"][k][0].float(), b["rows"][k][0].float(), atol=0.02, rtol=0.02)
-    with pytest.raises(ConfigError, match="source_store"):
-        run_extraction(extract_cfg(src, mode="retf", source_store=src), models=models)
+    with pytest.raises(ValidationError, match="source_store"):  # refused by ExtractConfig, before any work
+        extract_cfg(src, mode="retf", source_store=src)
 
 
 def test_retf_keeps_the_decoded_texts(tmp_path, full_store, extract_cfg, models):

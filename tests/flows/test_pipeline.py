@@ -124,8 +124,11 @@ def test_rerun_with_unchanged_inputs_is_served_from_cache(cfg, first_run, states
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, **k: (calls.append(name), real(*a, **k))[1])
 
-    for module, name in ((tasks.extract, "run_extraction"), (tasks.extract, "videollava_identity"),
-                         (tasks.extract, "load_eventgpt"), (tasks.train, "train_adapter"), (tasks.train, "train_lora"),
+    import egpt_core.models.loading as loading
+
+    for module, name in ((tasks.extract, "run_extraction"), (tasks.extract, "compute_scene_features"),
+                         (loading, "load_eventgpt"), (loading, "load_videollava"), (loading, "videollava_identity"),
+                         (tasks.train, "train_adapter"), (tasks.train, "train_lora"),
                          (tasks.train, "export_drafter"), (tasks.evaluate, "evaluate"),
                          (tasks.speculate, "run_speculative")):
         spy(module, name)

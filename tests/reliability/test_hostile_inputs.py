@@ -468,7 +468,7 @@ def test_render_events_with_coordinates_of_2_pow_40_fails_cleanly(tmp_path, caps
     rc = egpt_main(["render-events", str(f), "--out", str(out)])
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     err = capsys.readouterr().err
-    assert rc == 1 and str(f) in err and "canvas" in err and "Traceback" not in err, err
+    assert rc == 2 and str(f) in err and "canvas" in err and "Traceback" not in err, err
     assert grown_mib < 256 and not out.exists()
     table.append(("`egpt render-events` on 2 events at (2**40, 2**40)",
                   f"exit 1: {err.strip().replace(str(tmp_path) + '/', '')}"))

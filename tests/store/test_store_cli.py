@@ -9,6 +9,7 @@ import torch
 from store_helpers import META, make_pairs
 from test_store_research import make_research_dir
 
+from egpt_core.cli import run_command
 from egpt_core.store import StoreWriter
 from egpt_core.store.commands import parse_storage_options, register
 
@@ -17,7 +18,7 @@ def run(argv):
     p = argparse.ArgumentParser(prog="egpt")
     register(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(argv)
-    return args.func(args)
+    return run_command(args)
 
 
 def _store(url):
