@@ -24,7 +24,7 @@ from egpt_core.evaluation.plots import write_plots
 from egpt_core.evaluation.report import write_report
 from egpt_core.evaluation.speedup import resolve_timing, speedup_table
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
-from egpt_core.fsio import join, url_to_fs
+from egpt_core.fsio import Location, join, url_to_fs
 from egpt_core.runfiles import config_record, dumps_json
 from egpt_core.store import StoreReader
 
@@ -131,13 +131,13 @@ def _open_store(url: str, storage_options: dict | None) -> StoreReader:
 def _check_same_models(readers: list[StoreReader]) -> None:
     """Stores evaluated together must hold rows of one hidden size, from one target model."""
     first = readers[0]
-    target = ((first.meta or {}).get("models") or {}).get("target")
+    target = first.info.meta.model_fingerprint("target")
     for r in readers[1:]:
         if int(r.hidden_size) != int(first.hidden_size):
             raise ConfigError(f"stores {first.url!r} and {r.url!r} have hidden sizes {first.hidden_size} and "
                               f"{r.hidden_size}; evaluate stores of one model pair together")
-        other = ((r.meta or {}).get("models") or {}).get("target")
-        if target and other and target.get("fingerprint") != other.get("fingerprint"):
+        other = r.info.meta.model_fingerprint("target")
+        if target and other and target != other:
             raise ConfigError(f"stores {first.url!r} and {r.url!r} were extracted with different targets; "
                               "evaluate stores of one model pair together")
 
@@ -174,7 +174,7 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
     so = cfg.storage_options
     device = resolve_device(cfg.device)
     reader = readers[0]
-    manifest = reader.manifest
+    lm_info = reader.info.lm_head
     hidden = int(reader.hidden_size)
     store_mode = (reader.meta or {}).get("mode")
     _check_same_models(readers)
@@ -225,7 +225,7 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
                      "after the first divergent token they condition on different prefixes, so acceptance "
                      "(especially the rounds simulation) is not SD acceptance (reference §12.2 P1.1).")
 
-    lm_head = reader.lm_head().float() if manifest.get("lm_head") else None
+    lm_head = reader.lm_head().float() if lm_info is not None else None
     if lm_head is None:
         inputs["lm_head"] = "absent (token metrics omitted)"
         notes.append("the store has no target LM head: token metrics omitted; acceptance lengths use the "
@@ -233,7 +233,7 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
     else:
         if lm_head.shape[1] != hidden:
             raise ConfigError(f"store LM head is {tuple(lm_head.shape)} but the store's hidden size is {hidden}")
-        inputs["lm_head"] = f"present {list(lm_head.shape)} {(manifest.get('lm_head') or {}).get('dtype')}"
+        inputs["lm_head"] = f"present {list(lm_head.shape)} {lm_info.dtype}"
     name = default_name(cfg, mode, str(acfg.level) if acfg is not None else None)
 
     scenes = None
@@ -244,7 +244,7 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
         notes.append(f"evaluated on the {len(scenes)} validation scenes of the seeded split by scene "
                      f"(fraction {cfg.val_fraction}, seed {cfg.split_seed}); training never saw them.")
     acc = MetricAccumulator(cfg.taus, cfg.gammas, cfg.max_positions, lm_head, device=device,
-                            lm_head_dtype=(manifest.get("lm_head") or {}).get("dtype"))
+                            lm_head_dtype=lm_info.dtype if lm_info is not None else None)
     n_shards = sum(len(r.shards) for r in readers) or None
     for k, shard in enumerate(shard for r in readers for shard in r.iter_shards()):
         for drafter, target, mask, tokens in _batches(shard, cfg.batch_size, scenes):
@@ -288,12 +288,11 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
            "inputs": inputs, "notes": notes, **metrics}
 
-    fs, out_path = url_to_fs(cfg.out, so)
-    fs.makedirs(out_path, exist_ok=True)
-    with fs.open(join(out_path, "metrics.json"), "wt") as f:
-        f.write(dumps_json(doc, indent=2))
-    write_report(doc, cfg.out, so)
-    write_plots(doc, cfg.out, so)
+    out = Location(cfg.out, so)
+    out.makedirs()
+    out.child("metrics.json").write_atomic(dumps_json(doc, indent=2))
+    write_report(doc, out)
+    write_plots(doc, out)
     if progress is not None:
         progress(1.0, f"wrote {cfg.out}")
     return EvalResult(out_url=cfg.out, name=name, metrics=doc["summary"],
