@@ -176,7 +176,7 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
     reader = readers[0]
     lm_info = reader.info.lm_head
     hidden = int(reader.hidden_size)
-    store_mode = (reader.meta or {}).get("mode")
+    store_mode = reader.info.meta.mode
     _check_same_models(readers)
     notes: list[str] = []
 
@@ -190,7 +190,7 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
     }
     if cfg.extra_stores:
         inputs["extra_stores"] = [{"store": r.url, "store_fingerprint": r.fingerprint, "store_counts": r.counts,
-                                   "store_mode": (r.meta or {}).get("mode")} for r in readers[1:]]
+                                   "store_mode": r.info.meta.mode} for r in readers[1:]]
     module = acfg = None
     if mode == "adapter":
         from egpt_core.adapters import apply_adapter, load_adapter
@@ -210,7 +210,7 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
         fs, path = url_to_fs(cfg.lora, so)
         if not fs.exists(path):
             raise ConfigError(f"lora={cfg.lora!r} does not exist: pass the L6 peft adapter directory")
-        if any((r.meta or {}).get("mode") not in (None, "retf") for r in readers):
+        if any(r.info.meta.mode not in (None, "retf") for r in readers):
             raise ConfigError(
                 f"--lora needs a store whose drafter rows were re-extracted teacher-forced with the merged L6 "
                 f"drafter (mode 'retf'); {cfg.store!r} has mode {store_mode!r}. Run `egpt extract --mode retf` "

@@ -17,13 +17,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-#: element types a store's hidden states may have (``meta.dtype``). ``float8_e4m3fn`` rows carry a
-#: per-row scale tensor (see :data:`SHARD_TENSORS`).
+#: element types a store's hidden states may have (``meta.dtype``, ``lm_head.dtype``); the writer
+#: decides which it can write (``manifest.canonical_dtype``), the schema which a reader may meet.
 STORE_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 StoreDtype = Literal["bfloat16", "float16", "float32", "float8_e4m3fn"]
-#: the tensors of a shard's safetensors file: required ones, and optional ones a writer may add
-SHARD_TENSORS = ("drafter", "target", "offsets")
-OPTIONAL_SHARD_TENSORS = ("drafter_scale", "target_scale")  # per-row float32 scales [R] of fp8 rows
 
 Count = Annotated[int, Field(ge=0, strict=True)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -61,6 +58,12 @@ class StoreMeta(_Open):
     #: side -> what the writer recorded of that model; extraction writes :class:`ModelRef` objects
     #: (path + fingerprint), other writers (imports, tests) may record any JSON value
     models: dict[str, ModelRef | Any] | None = None
+    #: extraction settings (ExtractConfig): generation, event rendering, video frames
+    generation: dict[str, Any] | None = None
+    events: dict[str, Any] | None = None
+    n_video_frames: int | None = None
+    frame_sampling: str | None = None
+    #: the dataset the pairs came from (canonical URL) and, for retf stores, the source store
     dataset: str | None = None
     #: research imports: a fingerprint of the imported chunks (extraction's is manifest.dataset_fingerprint)
     dataset_fingerprint: str | None = None

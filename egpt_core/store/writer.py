@@ -34,7 +34,7 @@ from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import Location
 from egpt_core.store import manifest as mf
 from egpt_core.store.retrying import with_retries
-from egpt_core.store.schema import PairRecord, describe_error
+from egpt_core.store.schema import PairRecord, StoreMeta, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ class StoreWriter:
                 if m is None:
                     self._require_meta(("hidden_size", "dtype"))
                     self.meta.setdefault("position_convention", mf.POSITION_CONVENTION)
+                    self._check_meta()
                     self._save(mf.new_manifest(dict(self.meta)))
                     self.created_store = True
                     m = self._load()
@@ -176,6 +177,7 @@ class StoreWriter:
         for f in mf.DEFINING_FIELDS:  # inherit what this writer did not say
             if f not in self.meta and f in m["meta"]:
                 self.meta[f] = m["meta"][f]
+        self._check_meta()
         self.hidden_size = int(self.meta["hidden_size"])
         self.dtype = mf.torch_dtype(self.meta["dtype"])
 
@@ -195,6 +197,13 @@ class StoreWriter:
         except TypeError as exc:
             raise ConfigError(f"store {self.url}: meta must be JSON-serialisable ({exc})") from exc
         return out
+
+    def _check_meta(self) -> None:
+        """The complete meta (given + inherited) must be what readers accept (:class:`StoreMeta`)."""
+        try:
+            StoreMeta.model_validate(self.meta)
+        except ValidationError as exc:
+            raise ConfigError(f"store {self.url}: meta {describe_error(exc)}") from None
 
     def _require_meta(self, fields: Sequence[str]) -> None:
         missing = [f for f in fields if f not in self.meta]
@@ -230,6 +239,7 @@ class StoreWriter:
     def _save(self, m: dict) -> None:
         m["updated"] = mf.now_iso()
         mf.refresh_manifest(m)
+        mf.manifest_model(m, self.url)  # never commit a manifest readers would refuse
         mf.atomic_put(self.fs, f"{self.root}/{mf.MANIFEST}", mf.dump_manifest(m))
 
     def _abs(self, rel: str) -> str:
