@@ -119,12 +119,12 @@ def _speedup_section(metrics: dict[str, Any], timing: TimingConfig | None, note:
     }
 
 
-def _open_store(url: str, storage_options: dict | None) -> StoreReader:
+def _open_store(store: Location) -> StoreReader:
     try:
-        return StoreReader(url, storage_options=storage_options)
+        return StoreReader(store)
     except StoreError as exc:
         if "no manifest" in str(exc):
-            raise ConfigError(f"store={url!r} is not a committed store ({exc}); check the URL") from exc
+            raise ConfigError(f"store={store.url!r} is not a committed store ({exc}); check the URL") from exc
         raise
 
 
@@ -163,7 +163,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
     mode = prediction_mode(cfg)
     timing, timing_note = resolve_timing(cfg)  # fail fast on a bad timing file, before any work
     so = cfg.storage_options
-    readers = [_open_store(u, so) for u in [cfg.store, *cfg.extra_stores]]
+    readers = [_open_store(Location(u, so)) for u in [cfg.store, *cfg.extra_stores]]
     identity = output_identity(cfg, readers[0].fingerprint, [r.fingerprint for r in readers[1:]])
     with outdir.claim_output(cfg.out, OUTPUT_KIND, identity, so or None, replace=overwrite):
         return _evaluate(cfg, readers, mode, timing, timing_note, progress)
