@@ -453,6 +453,11 @@ def parse_manifest(data: bytes, store: str) -> dict:
     """Parse and validate a manifest (through :class:`StoreManifest`); every path it names must stay
     inside the store. Returns the manifest as written (a dict, paths defaulted): the store fingerprint
     hashes it exactly; read fields through :func:`manifest_model` / ``StoreReader.info``."""
+    return parse_manifest_typed(data, store)[0]
+
+
+def parse_manifest_typed(data: bytes, store: str) -> tuple[dict, StoreManifest]:
+    """:func:`parse_manifest`, and the typed view it validated (one validation)."""
     try:
         m = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -488,16 +493,22 @@ def parse_manifest(data: bytes, store: str) -> dict:
         lm["path"] = safe_relpath(lm.get("path", LM_HEAD), "lm_head", store)
         if isinstance(lm.get("vocab"), dict):
             lm["vocab"]["path"] = safe_relpath(lm["vocab"].get("path", TARGET_VOCAB), "lm_head vocab", store)
-    manifest_model(m, store)
-    return m
+    return m, manifest_model(m, store)
 
 
 def load_manifest(fs: fsspec.AbstractFileSystem, root: str, store: str) -> dict | None:
+    """The store's manifest as written (validated), or None when there is none."""
+    loaded = load_manifest_typed(fs, root, store)
+    return None if loaded is None else loaded[0]
+
+
+def load_manifest_typed(fs: fsspec.AbstractFileSystem, root: str, store: str) -> tuple[dict, StoreManifest] | None:
+    """(manifest as written, typed view), or None when the store has no manifest."""
     path = f"{root}/{MANIFEST}"
     if not is_local_fs(fs):
         fs.invalidate_cache(root)
     data = read_bytes(fs, path)
-    return None if data is None else parse_manifest(data, store)
+    return None if data is None else parse_manifest_typed(data, store)
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:

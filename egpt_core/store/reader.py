@@ -119,11 +119,12 @@ class StoreReader:
 
     def refresh(self) -> None:
         """Re-read the manifest (to see shards committed since this reader opened)."""
-        m = mf.load_manifest(self.fs, self.root, self.url)
-        if m is None:
+        loaded = mf.load_manifest_typed(self.fs, self.root, self.url)
+        if loaded is None:
             raise StoreError(f"no manifest.json at {self.url}: not a store (or nothing committed yet)")
-        self.manifest = m  # the manifest as written (a dict; the writer's format)
-        self.info: StoreManifest = mf.manifest_model(m, self.url)  # the same, typed: read fields from here
+        m, info = loaded
+        self.manifest = m  # the manifest as written (a dict: the writer's format)
+        self.info: StoreManifest = info  # the same, typed: readers read fields from here
         self.meta: dict = m["meta"]
         self.hidden_size = self.info.meta.hidden_size
         self.dtype = mf.torch_dtype(self.info.meta.dtype)
