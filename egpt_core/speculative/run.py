@@ -31,7 +31,7 @@ from egpt_core.data.dataset import questions_url
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
-from egpt_core.fsio import join
+from egpt_core.fsio import Location, join
 from egpt_core.speculative import measure
 from egpt_core.speculative.drafting import DraftHead
 from egpt_core.speculative.loop import PairInputs, speculative_generate, target_greedy
@@ -308,7 +308,7 @@ def run_speculative(cfg: SpeculateConfig, progress: Progress | None = None, over
     _check_checkpoints(cfg, source)
     with outdir.claim_output(cfg.out, OUTPUT_KIND, output_identity(cfg), cfg.storage_options or None,
                              replace=overwrite):
-        write_sd_outputs(cfg.out, {"sd_run.json": _run_marker(cfg, "running")}, cfg.storage_options)
+        write_sd_outputs(Location(cfg.out, cfg.storage_options), {"sd_run.json": _run_marker(cfg, "running")})
         return _measure(cfg, source, plan, progress, t_start)
 
 
@@ -393,7 +393,7 @@ def _measure(cfg: SpeculateConfig, source: str, plan: PairPlan, progress: Progre
                        failed, notes, time.perf_counter() - t_start)
     files = build_outputs(doc, records, timeline)
     files["sd_run.json"] = _run_marker(cfg, "complete")
-    write_sd_outputs(cfg.out, files, so)
+    write_sd_outputs(Location(cfg.out, so), files)
     if progress is not None:
         progress(1.0, f"wrote {cfg.out}")
     return SpeculateResult(out_url=cfg.out, name=name, source=source, mode=cfg.mode, n_pairs=len({r["pair_id"] for r in ok}),
