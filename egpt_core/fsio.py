@@ -332,6 +332,9 @@ class Location:
     def __str__(self) -> str:
         return self.url
 
+    def __repr__(self) -> str:  # credentials never show, should a caller have put some in the options
+        return f"Location({self.url!r}, {redact(self.storage_options) if self.storage_options else None!r})"
+
     def exists(self) -> bool:
         return self.fs.exists(self.path)
 

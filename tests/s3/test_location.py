@@ -69,3 +69,9 @@ def test_stage_functions_take_a_location(root, tmp_path):
     w.commit_shard([{"pair_id": "p", "length": 2}], [x], [x])
     r = StoreReader(store)
     assert r.url == store.url and r.location == store and torch.equal(r.get("p").target, x)
+
+
+def test_a_location_never_shows_credentials():
+    loc = Location("s3://bucket/x", {"key": "AKIAEXAMPLEKEY123", "secret": "wJalrXUtnFEMI/K7MDENG", "endpoint_url": "http://h"})
+    shown = repr(loc) + str(loc) + repr(loc.child("y"))
+    assert "AKIAEXAMPLEKEY123" not in shown and "wJalrXUtnFEMI" not in shown and "http://h" in shown
