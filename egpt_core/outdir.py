@@ -34,7 +34,7 @@ from typing import Any
 import fsspec
 
 from egpt_core.errors import ConfigError
-from egpt_core.fsio import is_local, url_to_fs
+from egpt_core.fsio import Location, is_local
 from egpt_core.store import manifest as mf
 from egpt_core.store.retrying import with_retries
 
@@ -69,9 +69,10 @@ class Marker:
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _root(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = url_to_fs(url, storage_options)
-    return with_retries(fs), path.rstrip("/") or path
+def _root(where: str | Location, storage_options: dict | None) -> tuple[str, fsspec.AbstractFileSystem, str]:
+    """(url, filesystem with retries, root path) of an output directory given as a Location or a URL."""
+    loc = Location.of(where, storage_options)
+    return loc.url, with_retries(loc.fs), loc.path
 
 
 def _is_own(name: str) -> bool:
@@ -93,9 +94,9 @@ def _entries(fs: fsspec.AbstractFileSystem, root: str) -> list[str] | None:
     return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in listing if str(p).rstrip("/") != root]
 
 
-def read_marker(url: str, storage_options: dict | None = None) -> Marker | None:
+def read_marker(url: str | Location, storage_options: dict | None = None) -> Marker | None:
     """The marker of an egpt output directory, or None (no marker, or not egpt's format)."""
-    fs, root = _root(url, storage_options)
+    url, fs, root = _root(url, storage_options)
     return _read_marker(fs, root)
 
 
@@ -128,14 +129,14 @@ def _describe(names: list[str]) -> str:
     return f"{len(names)} entr{'y' if len(names) == 1 else 'ies'}: {shown}{', ...' if len(names) > 5 else ''}"
 
 
-def check_output(url: str, kind: str, identity: str | None, storage_options: dict | None = None, *,
+def check_output(url: str | Location, kind: str, identity: str | None, storage_options: dict | None = None, *,
                  replace: bool = False, replace_hint: str = "--overwrite") -> Marker | None:
     """Refuse ``url`` as the output of a ``kind`` run for ``identity`` unless egpt may write there.
 
     Returns the existing marker (None for an absent or empty destination). Writes nothing.
     ``identity=None`` accepts any earlier output of the same kind (for cheap derived outputs).
     """
-    fs, root = _root(url, storage_options)
+    url, fs, root = _root(url, storage_options)
     return _check(fs, root, url, kind, identity, replace, replace_hint)
 
 
@@ -247,12 +248,12 @@ class OutputClaim:
         self.release(failed=exc_type is not None)
 
 
-def claim_output(url: str, kind: str, identity: str | None, storage_options: dict | None = None, *,
+def claim_output(url: str | Location, kind: str, identity: str | None, storage_options: dict | None = None, *,
                  replace: bool = False, replace_hint: str = "--overwrite") -> OutputClaim:
     """Check ``url`` (see :func:`check_output`), take its run lock, check again under the lock and
     record ``kind``/``identity`` in its marker. Release the returned claim when the run ends (use it
     as a context manager: a run that fails before writing anything then leaves nothing behind)."""
-    fs, root = _root(url, storage_options)
+    url, fs, root = _root(url, storage_options)
     existed = _entries(fs, root) is not None
     _check(fs, root, url, kind, identity, replace, replace_hint)  # refuse before writing anything
     run_lock = RunLock(fs, root, url, kind)
@@ -271,11 +272,11 @@ def claim_output(url: str, kind: str, identity: str | None, storage_options: dic
     return OutputClaim(url, kind, identity, marker, run_lock, fs, root, existed)
 
 
-def record_files(url: str, files: list[str], storage_options: dict | None = None, *, kind: str = "files") -> list[str]:
+def record_files(url: str | Location, files: list[str], storage_options: dict | None = None, *, kind: str = "files") -> list[str]:
     """Set the marker's file list to ``files`` (a directory written whole by :func:`put_dir`); returns
     the files the previous list named that ``files`` does not (egpt's own stale files). A directory
     without a marker becomes a ``kind`` output."""
-    fs, root = _root(url, storage_options)
+    url, fs, root = _root(url, storage_options)
     marker = _read_marker(fs, root) or Marker(kind=kind)
     old = set(marker.files or [])
     marker.files = sorted(set(files))
@@ -283,10 +284,10 @@ def record_files(url: str, files: list[str], storage_options: dict | None = None
     return sorted(old - set(files))
 
 
-def add_files(url: str, files: list[str], storage_options: dict | None = None, *, kind: str = "files") -> None:
+def add_files(url: str | Location, files: list[str], storage_options: dict | None = None, *, kind: str = "files") -> None:
     """Add ``files`` to the marker's list before they are written (a crash mid-write leaves them
     recognised as egpt's)."""
-    fs, root = _root(url, storage_options)
+    url, fs, root = _root(url, storage_options)
     marker = _read_marker(fs, root) or Marker(kind=kind)
     marker.files = sorted(set(marker.files or []) | set(files))
     _write_marker(fs, root, marker)

@@ -7,13 +7,11 @@ Used by the training checkpoint (`egpt_core/training/checkpoint.py`) of adapters
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
 import struct
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,73 +20,41 @@ import torch
 
 from egpt_core.credentials import redact_values
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import is_local, url_to_fs
+from egpt_core.fsio import Location, is_local
+from egpt_core.fsio import dumps_json as dumps_json  # re-exported: runfiles.dumps_json is public
+from egpt_core.fsio import finite_json as finite_json
 
 
-def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
+def write_bytes(url: str | Location, data: bytes, storage_options: dict | None = None) -> None:
     """Write a whole file atomically (temp + rename locally, one whole PUT elsewhere)."""
-    fs, path = url_to_fs(url, storage_options)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if is_local(url):
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        fs.pipe_file(path, data)
+    Location.of(url, storage_options).write_atomic(data)
 
 
-def read_bytes(url: str, storage_options: dict | None = None) -> bytes | None:
-    fs, path = url_to_fs(url, storage_options)
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError:
-        return None
+def read_bytes(url: str | Location, storage_options: dict | None = None) -> bytes | None:
+    """The whole file, or None when it does not exist."""
+    return Location.of(url, storage_options).read_or_none()
 
 
-def remove(url: str, storage_options: dict | None = None) -> None:
+def remove(url: str | Location, storage_options: dict | None = None) -> None:
     """Delete a file if it exists."""
-    fs, path = url_to_fs(url, storage_options)
-    try:
-        fs.rm_file(path)
-    except FileNotFoundError:
-        pass
+    Location.of(url, storage_options).remove()
 
 
-def finite_json(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, ±Infinity) replaced by None: JSON has no such numbers,
-    and strict readers reject Python's ``NaN``/``Infinity`` tokens."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [finite_json(v) for v in obj]
-    return obj
+def write_json(url: str | Location, obj: Any, storage_options: dict | None = None) -> None:
+    """``obj`` as JSON (sorted keys, non-finite floats as null), atomically."""
+    Location.of(url, storage_options).write_json(obj)
 
 
-def dumps_json(obj: Any, **kwargs: Any) -> str:
-    """``json.dumps`` that always writes valid JSON (non-finite floats become null)."""
-    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
-
-
-def write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
-    write_bytes(url, dumps_json(obj, indent=2, sort_keys=True, default=str).encode(), storage_options)
-
-
-def read_json(url: str, storage_options: dict | None = None) -> Any | None:
+def read_json(url: str | Location, storage_options: dict | None = None) -> Any | None:
+    """Parsed JSON of the file, or None when it does not exist."""
     data = read_bytes(url, storage_options)
     return None if data is None else json.loads(data)
 
 
-def put_dir(local_dir: str | Path, url: str, storage_options: dict | None = None, *, kind: str = "files") -> None:
-    """Write the staged directory ``local_dir`` into the directory ``url`` (then remove the staging).
+def put_dir(local_dir: str | Path, url: str | Location, storage_options: dict | None = None, *,
+            kind: str = "files") -> None:
+    """Write the staged directory ``local_dir`` into the directory ``url`` (a Location, or a URL with its
+    ``storage_options``), then remove the staging.
 
     Replaces what an earlier ``put_dir`` wrote there (the files its marker lists, see
     :mod:`egpt_core.outdir`) and nothing else: files egpt did not write are never deleted, and a
@@ -100,18 +66,18 @@ def put_dir(local_dir: str | Path, url: str, storage_options: dict | None = None
 
     local_dir = Path(local_dir)
     files = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
-    outdir.check_output(url, kind, None, storage_options)
-    outdir.add_files(url, files, storage_options, kind=kind)
-    fs, root = url_to_fs(url, storage_options)
-    root = root.rstrip("/")
+    out = Location.of(url, storage_options)
+    outdir.check_output(out, kind, None)
+    outdir.add_files(out, files, kind=kind)
+    fs, root = out.fs, out.path
     for rel in files:
         src, dest = local_dir / rel, f"{root}/{rel}"
-        if is_local(url):
+        if out.is_local:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             os.replace(src, dest)  # the staging dir sits beside the destination: same filesystem
         else:
             fs.put_file(str(src), dest)
-    for rel in outdir.record_files(url, files, storage_options, kind=kind):
+    for rel in outdir.record_files(out, files, kind=kind):
         try:
             fs.rm_file(f"{root}/{rel}")
         except FileNotFoundError:
@@ -128,11 +94,12 @@ def staging_dir(url: str) -> Path:
     return Path(tempfile.mkdtemp(prefix="egpt-lora-"))
 
 
-def local_dir(url: str, storage_options: dict | None = None) -> Path:
+def local_dir(url: str | Location, storage_options: dict | None = None) -> Path:
     """A local directory holding the files of directory ``url`` (fetched to a temp dir when remote)."""
-    if is_local(url):
-        return Path(str(url).removeprefix("file://"))
-    fs, root = url_to_fs(url, storage_options)
+    src = Location.of(url, storage_options)
+    if src.is_local:
+        return Path(src.url.removeprefix("file://"))
+    fs, root = src.fs, src.path
     tmp = Path(tempfile.mkdtemp(prefix="egpt-lora-fetch-"))
     for p in fs.find(root):
         rel = p[len(root.rstrip("/")) + 1 :]
@@ -141,9 +108,8 @@ def local_dir(url: str, storage_options: dict | None = None) -> Path:
     return tmp
 
 
-def exists(url: str, storage_options: dict | None = None) -> bool:
-    fs, path = url_to_fs(url, storage_options)
-    return fs.exists(path)
+def exists(url: str | Location, storage_options: dict | None = None) -> bool:
+    return Location.of(url, storage_options).exists()
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

@@ -18,6 +18,7 @@ from egpt_core.config import (
     PipelineSpeculativeConfig,
     TimingConfig,
 )
+from egpt_core.fsio import Location
 
 CPU_FP32 = ModelLoadConfig(dtype="float32", quant="none", device="cpu")
 #: the demo's dataset: 40 scenes x 8 questions = 320 pairs (240 to train on, 80 held out)
@@ -36,7 +37,7 @@ def ensure_fixtures(out: Path, scenes: int = DEMO_SCENES, questions: int = DEMO_
     from egpt_core.models.commands import write_fixtures
 
     paths = write_fixtures(out, scenes=scenes, questions=questions, seed=0)
-    marker.write_text(json.dumps(wanted))
+    Location(str(marker)).write_atomic(json.dumps(wanted))
     return paths, True
 
 

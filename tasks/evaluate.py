@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -13,7 +11,7 @@ from egpt_core.config import EvalConfig
 from egpt_core.evaluation import compare_runs, evaluate
 from egpt_core.evaluation.report import COMPARE_COLUMNS, comparison_rows
 from egpt_core.fingerprint import file_fingerprint
-from egpt_core.fsio import join, url_to_fs
+from egpt_core.fsio import Location, join
 from tasks.caching import FingerprintPolicy, evaluate_material, evaluate_outputs
 from tasks.refs import ComparisonRef, EvalRef
 from tasks.runtime import RETRY, ProgressArtifact, artifact_key, gpu_slot, url_name
@@ -46,9 +44,7 @@ def compare_task(runs: list[EvalRef], out_url: str, storage_options: dict | None
     ``measured`` (run name -> stage-5 summary) adds the real-loop columns."""
     docs = []
     for run in runs:
-        fs, path = url_to_fs(join(run.out_url, "metrics.json"), storage_options)
-        with fs.open(path, "rt") as f:
-            docs.append(json.load(f))
+        docs.append(Location(join(run.out_url, "metrics.json"), storage_options).read_json())
     markdown = compare_runs(docs, out_url, storage_options, measured=measured)
     rows = comparison_rows(docs, measured)
     create_table_artifact(table=rows, key="comparison", description=f"evaluations compared -> `{out_url}`")

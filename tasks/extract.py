@@ -82,19 +82,18 @@ def dispatch_group(deployment: str, cfg: ExtractConfig) -> GroupRef:
 def summarize_store(url: str, storage_options: dict | None = None) -> StoreRef:
     """Read a store's manifest into a StoreRef and publish its counts (by status and reason)."""
     reader = StoreReader(url, storage_options)
-    meta, counts = reader.meta, reader.counts
+    meta, counts = reader.info.meta, reader.counts
     table = reader.pairs(columns=["status", "reason"])
     by_reason: dict[tuple[str, str], int] = {}
     for status, reason in zip(table.column("status").to_pylist(), table.column("reason").to_pylist()):
         by_reason[(status, reason or "")] = by_reason.get((status, reason or ""), 0) + 1
     rows = [{"status": s, "reason": r, "pairs": n} for (s, r), n in sorted(by_reason.items())]
     create_table_artifact(table=rows, key=artifact_key("store", url_name(url)),
-                          description=f"store `{url}` (fingerprint `{reader.fingerprint}`, mode {meta.get('mode')}, "
+                          description=f"store `{url}` (fingerprint `{reader.fingerprint}`, mode {meta.mode}, "
                                       f"{len(reader.shards)} shards): pairs by status")
-    drafter = (meta.get("models") or {}).get("drafter") or {}
-    return StoreRef(url=url, fingerprint=reader.fingerprint, mode=meta.get("mode"), hidden_size=reader.hidden_size,
-                    counts=counts, shards=len(reader.shards), lm_head=bool(reader.manifest.get("lm_head")),
-                    drafter_fingerprint=drafter.get("fingerprint"), dataset=meta.get("dataset"))
+    return StoreRef(url=url, fingerprint=reader.fingerprint, mode=meta.mode, hidden_size=reader.hidden_size,
+                    counts=counts, shards=len(reader.shards), lm_head=reader.info.lm_head is not None,
+                    drafter_fingerprint=meta.model_fingerprint("drafter"), dataset=meta.dataset)
 
 
 @task(name="plan-nightly", task_run_name="plan-nightly")

@@ -18,6 +18,7 @@ import numpy as np
 
 from egpt_core.events.io import EventStream, events_to_npy_bytes
 from egpt_core.events.render import render_event_frames, save_frames_png
+from egpt_core.fsio import Location
 
 SEQUENCES = ("zurich_city_00_a", "interlaken_00_a", "thun_00_a")
 FPS = 10
@@ -166,7 +167,7 @@ def write_synthetic_dataset(
         npy_path = root / "event_npy" / seq / f"{clip}.npy"
         npy_path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"time_start": t_start, "time_end": t_start + video_frames * FRAME_US, "num_events": n_events}
-        npy_path.write_bytes(events_to_npy_bytes(ev["x"], ev["y"], ev["t"], ev["p"], **meta))
+        Location(str(npy_path)).write_atomic(events_to_npy_bytes(ev["x"], ev["y"], ev["t"], ev["p"], **meta))
 
         stream = EventStream(x=ev["x"], y=ev["y"], t=ev["t"], p=ev["p"], path=str(npy_path), sensor_size=size)
         save_frames_png(
@@ -193,9 +194,9 @@ def write_synthetic_dataset(
                 ],
             }
         )
-    (root / "EventGPT_Instruction_Subset.json").write_text(json.dumps(records, indent=2) + "\n")
+    Location(str(root / "EventGPT_Instruction_Subset.json")).write_atomic(json.dumps(records, indent=2) + "\n")
     questions_json = [{"question": q, "count": c} for q, c in RESEARCH_QUESTIONS[:questions]]
-    (root / "questions.json").write_text(json.dumps(questions_json, indent=2) + "\n")
+    Location(str(root / "questions.json")).write_atomic(json.dumps(questions_json, indent=2) + "\n")
     return root
 
 

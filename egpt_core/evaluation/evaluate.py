@@ -24,7 +24,7 @@ from egpt_core.evaluation.plots import write_plots
 from egpt_core.evaluation.report import write_report
 from egpt_core.evaluation.speedup import resolve_timing, speedup_table
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
-from egpt_core.fsio import join, url_to_fs
+from egpt_core.fsio import Location, join, url_to_fs
 from egpt_core.runfiles import config_record, dumps_json
 from egpt_core.store import StoreReader
 
@@ -113,25 +113,25 @@ def _speedup_section(metrics: dict[str, Any], timing: TimingConfig | None, note:
     }
 
 
-def _open_store(url: str, storage_options: dict | None) -> StoreReader:
+def _open_store(store: Location) -> StoreReader:
     try:
-        return StoreReader(url, storage_options=storage_options)
+        return StoreReader(store)
     except StoreError as exc:
         if "no manifest" in str(exc):
-            raise ConfigError(f"store={url!r} is not a committed store ({exc}); check the URL") from exc
+            raise ConfigError(f"store={store.url!r} is not a committed store ({exc}); check the URL") from exc
         raise
 
 
 def _check_same_models(readers: list[StoreReader]) -> None:
     """Stores evaluated together must hold rows of one hidden size, from one target model."""
     first = readers[0]
-    target = ((first.meta or {}).get("models") or {}).get("target")
+    target = first.info.meta.model_fingerprint("target")
     for r in readers[1:]:
         if int(r.hidden_size) != int(first.hidden_size):
             raise ConfigError(f"stores {first.url!r} and {r.url!r} have hidden sizes {first.hidden_size} and "
                               f"{r.hidden_size}; evaluate stores of one model pair together")
-        other = ((r.meta or {}).get("models") or {}).get("target")
-        if target and other and target.get("fingerprint") != other.get("fingerprint"):
+        other = r.info.meta.model_fingerprint("target")
+        if target and other and target != other:
             raise ConfigError(f"stores {first.url!r} and {r.url!r} were extracted with different targets; "
                               "evaluate stores of one model pair together")
 
@@ -157,7 +157,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[float, str], None] | None = No
     mode = prediction_mode(cfg)
     timing, timing_note = resolve_timing(cfg)  # fail fast on a bad timing file, before any work
     so = cfg.storage_options
-    readers = [_open_store(u, so) for u in [cfg.store, *cfg.extra_stores]]
+    readers = [_open_store(Location(u, so)) for u in [cfg.store, *cfg.extra_stores]]
     identity = output_identity(cfg, readers[0].fingerprint, [r.fingerprint for r in readers[1:]])
     with outdir.claim_output(cfg.out, OUTPUT_KIND, identity, so or None, replace=overwrite):
         return _evaluate(cfg, readers, mode, timing, timing_note, progress)
@@ -210,7 +210,7 @@ def _describe_inputs(cfg: EvalConfig, readers: list[StoreReader], mode: str) -> 
     }
     if cfg.extra_stores:
         inputs["extra_stores"] = [{"store": r.url, "store_fingerprint": r.fingerprint, "store_counts": r.counts,
-                                   "store_mode": (r.meta or {}).get("mode")} for r in readers[1:]]
+                                   "store_mode": r.info.meta.mode} for r in readers[1:]]
     return inputs
 
 
@@ -241,7 +241,7 @@ def _prediction_source(cfg: EvalConfig, readers: list[StoreReader], mode: str, d
         fs, path = url_to_fs(cfg.lora, so)
         if not fs.exists(path):
             raise ConfigError(f"lora={cfg.lora!r} does not exist: pass the L6 peft adapter directory")
-        if any((r.meta or {}).get("mode") not in (None, "retf") for r in readers):
+        if any(r.info.meta.mode not in (None, "retf") for r in readers):
             raise ConfigError(
                 f"--lora needs a store whose drafter rows were re-extracted teacher-forced with the merged L6 "
                 f"drafter (mode 'retf'); {cfg.store!r} has mode {store_mode!r}. Run `egpt extract --mode retf` "
@@ -336,13 +336,11 @@ def _eval_fingerprint(cfg: EvalConfig, mode: str, readers: list[StoreReader], in
 
 def _write_outputs(doc: dict[str, Any], cfg: EvalConfig) -> None:
     """metrics.json, report.md and the plots under ``cfg.out``."""
-    so = cfg.storage_options
-    fs, out_path = url_to_fs(cfg.out, so)
-    fs.makedirs(out_path, exist_ok=True)
-    with fs.open(join(out_path, "metrics.json"), "wt") as f:
-        f.write(dumps_json(doc, indent=2))
-    write_report(doc, cfg.out, so)
-    write_plots(doc, cfg.out, so)
+    out = Location(cfg.out, cfg.storage_options)
+    out.makedirs()
+    out.child("metrics.json").write_atomic(dumps_json(doc, indent=2))
+    write_report(doc, out)
+    write_plots(doc, out)
 
 
 def _adapter_fingerprint(cfg: EvalConfig) -> str | None:

@@ -10,17 +10,16 @@ import matplotlib
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 
-from egpt_core.fsio import join, url_to_fs  # noqa: E402
+from egpt_core.fsio import Location  # noqa: E402
 
 
-def _save(fig, url: str, storage_options: dict | None) -> str:
+def _save(fig, dest: Location) -> str:
+    """The figure as PNG into ``dest``, atomically (rendered in memory, then one whole write)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    fs, path = url_to_fs(url, storage_options)
-    with fs.open(path, "wb") as f:
-        f.write(buf.getvalue())
-    return url
+    dest.write_atomic(buf.getvalue())
+    return dest.url
 
 
 def _xy(values: list) -> tuple[list[int], list[float]]:
@@ -28,7 +27,7 @@ def _xy(values: list) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_summary(metrics: dict[str, Any], url: str, storage_options: dict | None = None) -> str:
+def plot_summary(metrics: dict[str, Any], dest: Location) -> str:
     """2x2: cos histogram with τ lines; accept@τ per position; consecutive-accept distribution;
     acceptance length vs γ (+ expected e2e speedup vs γ on a twin axis when timing was given).
     One figure drawn panel by panel (~65 lines, each panel a short block on its own axes)."""
@@ -93,10 +92,10 @@ def plot_summary(metrics: dict[str, Any], url: str, storage_options: dict | None
 
     fig.suptitle(metrics.get("name", ""))
     fig.tight_layout()
-    return _save(fig, url, storage_options)
+    return _save(fig, dest)
 
 
-def plot_per_position(metrics: dict[str, Any], url: str, storage_options: dict | None = None) -> str:
+def plot_per_position(metrics: dict[str, Any], dest: Location) -> str:
     """Per-position mean cosine, accept@τ and token top-1 (with the number of pairs valid at each position)."""
     pp = metrics["per_position"]
     fig, (ax, axn) = plt.subplots(2, 1, figsize=(11, 8), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
@@ -113,11 +112,11 @@ def plot_per_position(metrics: dict[str, Any], url: str, storage_options: dict |
     axn.set_ylabel("pairs valid")
     axn.set_xlabel("position t (row t predicts response token t)")
     fig.tight_layout()
-    return _save(fig, url, storage_options)
+    return _save(fig, dest)
 
 
-def write_plots(metrics: dict[str, Any], out_url: str, storage_options: dict | None = None) -> list[str]:
+def write_plots(metrics: dict[str, Any], out: Location) -> list[str]:
     return [
-        plot_summary(metrics, join(out_url, "metrics_summary.png"), storage_options),
-        plot_per_position(metrics, join(out_url, "per_position.png"), storage_options),
+        plot_summary(metrics, out.child("metrics_summary.png")),
+        plot_per_position(metrics, out.child("per_position.png")),
     ]

@@ -5,17 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from egpt_core.fsio import join, url_to_fs
+from egpt_core.fsio import Location, dumps_json
 
 
-def _write_text(url: str, text: str, storage_options: dict | None = None) -> str:
-    fs, path = url_to_fs(url, storage_options)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wt") as f:
-        f.write(text)
-    return url
+def _write_text(dest: Location, text: str) -> str:
+    """``text`` (UTF-8) into ``dest``, atomically (a crash leaves the old file or none, never a part)."""
+    dest.write_atomic(text.encode())
+    return dest.url
 
 
 def fmt(v: Any, pct: bool = False, digits: int = 4) -> str:
@@ -208,8 +204,9 @@ def _per_position_md(m: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_report(m: dict[str, Any], out_url: str, storage_options: dict | None = None) -> str:
-    return _write_text(join(out_url, "report.md"), render_report(m), storage_options)
+def write_report(m: dict[str, Any], out: Location) -> str:
+    """``report.md`` of metrics document ``m`` into directory ``out`` (atomic); returns its URL."""
+    return _write_text(out.child("report.md"), render_report(m))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,14 +243,14 @@ def check_metrics_doc(doc: Any, where: str) -> dict[str, Any]:
     return doc
 
 
-def read_metrics(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+def read_metrics(src: str | Location, storage_options: dict | None = None) -> dict[str, Any]:
     """Read and check one ``metrics.json`` (ConfigError naming the file when it is missing or not one)."""
     from egpt_core.errors import ConfigError
 
-    fs, path = url_to_fs(url, storage_options)
+    loc = Location.of(src, storage_options)
+    url = loc.url
     try:
-        with fs.open(path, "rb") as f:
-            raw = f.read()
+        raw = loc.read()
     except FileNotFoundError:
         raise ConfigError(f"{url}: no such file (pass the metrics.json files `egpt evaluate` wrote)") from None
     except IsADirectoryError:
@@ -285,9 +282,10 @@ def comparison_rows(results: list[dict[str, Any]], measured: dict[str, dict[str,
     return rows
 
 
-def compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: dict | None = None,
+def compare_runs(results: list[dict[str, Any]], out: str | Location, storage_options: dict | None = None,
                  measured: dict[str, dict[str, Any]] | None = None) -> str:
-    """Write ``comparison.md`` and ``comparison.json`` (one row per run) under ``out_url``; return the markdown.
+    """Write ``comparison.md`` and ``comparison.json`` (one row per run) under ``out`` (a Location, or a
+    URL with its ``storage_options``); return the markdown.
 
     ``measured`` (run name -> `egpt speculate` summary) adds the real-loop columns next to the simulated
     ones. ``out_url`` must be new, empty or an earlier comparison (replaced: it is derived from the runs'
@@ -299,11 +297,12 @@ def compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: d
         raise ConfigError("nothing to compare: pass one or more metrics.json files")
     for i, doc in enumerate(results):
         check_metrics_doc(doc, f"run {i + 1} ({doc.get('name') if isinstance(doc, dict) else '?'})")
-    with outdir.claim_output(out_url, "comparison", None, storage_options):
-        return _compare_runs(results, out_url, storage_options, measured)
+    out = Location.of(out, storage_options)
+    with outdir.claim_output(out, "comparison", None):
+        return _compare_runs(results, out, measured)
 
 
-def _compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: dict | None,
+def _compare_runs(results: list[dict[str, Any]], out: Location,
                   measured: dict[str, dict[str, Any]] | None) -> str:
     rows = comparison_rows(results, measured)
     columns = COMPARE_COLUMNS + (MEASURED_COLUMNS if measured is not None else [])
@@ -323,8 +322,6 @@ def _compare_runs(results: list[dict[str, Any]], out_url: str, storage_options: 
                "mean accepted drafts per full round, wall-clock speedup vs the target-only greedy baseline of the "
                "same run, and the pairs whose output differed from that baseline (— for runs not measured).", ""]
     text = "\n".join(md)
-    _write_text(join(out_url, "comparison.md"), text, storage_options)
-    from egpt_core.runfiles import dumps_json
-
-    _write_text(join(out_url, "comparison.json"), dumps_json({"runs": rows}, indent=2), storage_options)
+    _write_text(out.child("comparison.md"), text)
+    _write_text(out.child("comparison.json"), dumps_json({"runs": rows}, indent=2))
     return text

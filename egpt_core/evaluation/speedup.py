@@ -20,7 +20,6 @@ There are no built-in timing constants (reference §12.2 P1.6): timings come fro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ from pydantic import ValidationError
 from egpt_core.config import EvalConfig, TimingConfig
 from egpt_core.errors import ConfigError
 from egpt_core.evaluation.metrics import simulated_acceptance_length
-from egpt_core.fsio import url_to_fs
+from egpt_core.fsio import Location
 
 
 def expected_speedup(
@@ -101,12 +100,13 @@ def expected_speedup(
     }
 
 
-def load_timing_file(url: str, storage_options: dict | None = None) -> TimingConfig:
-    """Read a JSON file with :class:`TimingConfig` fields; a bad file is a ConfigError naming it."""
+def load_timing_file(src: str | Location, storage_options: dict | None = None) -> TimingConfig:
+    """Read a JSON file with :class:`TimingConfig` fields (a Location, or a URL with its
+    ``storage_options``); a bad file is a ConfigError naming it."""
+    loc = Location.of(src, storage_options)
+    url = loc.url
     try:
-        fs, path = url_to_fs(url, storage_options)
-        with fs.open(path, "rt") as f:
-            data = json.load(f)
+        data = loc.read_json()
     except FileNotFoundError as exc:
         raise ConfigError(f"timing_file {url!r} does not exist; measure the latencies and write them there") from exc
     except (OSError, ValueError) as exc:
@@ -124,7 +124,7 @@ def resolve_timing(cfg: EvalConfig) -> tuple[TimingConfig | None, str]:
     if cfg.timing is not None:
         return cfg.timing, "timing from EvalConfig.timing"
     if cfg.timing_file:
-        return load_timing_file(cfg.timing_file, cfg.storage_options), f"timing from {cfg.timing_file}"
+        return load_timing_file(Location(cfg.timing_file, cfg.storage_options)), f"timing from {cfg.timing_file}"
     return None, ("speedup omitted: no timing given (set EvalConfig.timing or --timing FILE with measured "
                   "drafter/target prefill and step latencies; no constants are assumed)")
 

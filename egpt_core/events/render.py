@@ -12,7 +12,7 @@ import numpy as np
 
 from egpt_core.errors import BadInputError
 from egpt_core.events.io import EventStream
-from egpt_core.fsio import join, url_to_fs
+from egpt_core.fsio import Location, url_to_fs
 
 WHITE = 255
 RED = (255, 0, 0)
@@ -106,19 +106,20 @@ def _paint(x: np.ndarray, y: np.ndarray, p: np.ndarray, height: int, width: int)
 
 
 def save_frames_png(
-    frames: list[np.ndarray], out_dir: str, stem: str, storage_options: dict[str, Any] | None = None
+    frames: list[np.ndarray], out_dir: str | Location, stem: str, storage_options: dict[str, Any] | None = None
 ) -> list[str]:
-    """Write ``<out_dir>/<stem>_<k>.png`` for each frame (any fsspec URL); returns their URLs."""
+    """Write ``<out_dir>/<stem>_<k>.png`` for each frame [H, W, 3] uint8 (``out_dir`` a Location, or any
+    fsspec URL with its ``storage_options``), each atomically; returns their URLs."""
     from PIL import Image
 
-    fs, root = url_to_fs(out_dir, storage_options)
-    fs.makedirs(root, exist_ok=True)
+    out = Location.of(out_dir, storage_options)
+    out.makedirs()
     written = []
     for k, frame in enumerate(frames):
-        url = join(str(out_dir), f"{stem}_{k}.png")
-        with fs.open(join(root, f"{stem}_{k}.png"), "wb") as f:
+        dest = out.child(f"{stem}_{k}.png")
+        with dest.open("wb") as f:  # buffered; the file is replaced whole on close
             Image.fromarray(np.ascontiguousarray(frame, dtype=np.uint8)).save(f, format="PNG")
-        written.append(url)
+        written.append(dest.url)
     return written
 
 

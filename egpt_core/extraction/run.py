@@ -38,6 +38,7 @@ from egpt_core.models.positions import POSITION_CONVENTION
 from egpt_core.models.vocab import check_vocab_compat, vocab_tokens
 from egpt_core.store import StoreReader, StoreWriter, committed_inputs
 from egpt_core.store.retrying import with_retries
+from egpt_core.store.schema import PairRecord
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,10 @@ def store_meta(cfg: ExtractConfig, drafter, target) -> dict:
 
 
 def _record(pair: Pair, status: str = "ok", reason: str | None = None, input_fingerprint: str | None = None) -> dict:
-    return {
-        "pair_id": pair.pair_id, "scene_id": pair.scene.scene_id, "question_idx": pair.question_idx,
-        "question": pair.question, "status": status, "reason": reason,
-        "drafter_prompt_ids": [], "target_prompt_ids": [], "drafter_response_ids": [], "target_response_ids": [],
-        "drafter_text": "", "target_text": "", "length": 0, "input_fingerprint": input_fingerprint,
-    }
+    """A fresh store record of ``pair`` (:class:`PairRecord`'s fields, as the dict the batch fills in)."""
+    return PairRecord(pair_id=pair.pair_id, scene_id=pair.scene.scene_id, question_idx=pair.question_idx,
+                      question=pair.question, status=status, reason=reason,
+                      input_fingerprint=input_fingerprint).to_row()
 
 
 VIDEO_WORKERS = 2  # threads decoding + processing videos ahead of the model work (PyAV releases the GIL)
@@ -508,11 +507,11 @@ def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], fi
     finally:
         videos.close()
         bar.close()
-    man = StoreReader(cfg.store, cfg.storage_options).manifest
-    reasons = dict(man.get("reasons", {}))  # counted per shard at commit: no table reads here
+    man = StoreReader(cfg.store, cfg.storage_options).info
+    reasons = dict(man.reasons)  # counted per shard at commit: no table reads here
     return ExtractSummary(
-        store_url=cfg.store, store_fingerprint=man.get("store_fingerprint") or man.get("fingerprint") or "",
-        mode=cfg.mode, counts=dict(man.get("counts", {})), pairs_total=len(pairs), pairs_pending=len(pending),
+        store_url=cfg.store, store_fingerprint=man.fingerprint,
+        mode=cfg.mode, counts=dict(man.counts), pairs_total=len(pairs), pairs_pending=len(pending),
         shards_committed=n_shards, pairs_processed=n_done, seconds=round(time.perf_counter() - t0, 3),
         reasons=reasons, lm_head_written=bool(lm_written), features=stats,
     )
@@ -597,6 +596,5 @@ def _copy_lm_head(source: StoreReader, writer: StoreWriter) -> bool:
         weight = source.lm_head()
     except StoreError:  # source has none (e.g. a research import): nothing to copy
         return False
-    info = source.manifest.get("lm_head") or {}
-    fp = info.get("fingerprint") or info.get("target_fingerprint") or "unknown"
-    return bool(writer.write_lm_head(weight, fp, dtype=info.get("dtype"), vocab=source.target_vocab()))
+    info = source.info.lm_head  # present: lm_head() read it
+    return bool(writer.write_lm_head(weight, info.target_fingerprint, dtype=info.dtype, vocab=source.target_vocab()))

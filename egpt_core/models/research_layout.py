@@ -21,6 +21,7 @@ the fixture's BPE learned them), so both tokenizers give the same ids.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from egpt_core.errors import ConfigError
+from egpt_core.fsio import Location
 
 #: ``egpt fixtures --layout research`` writes one directory per weight format
 RESEARCH_FORMATS = ("safetensors", "sharded", "bin")
@@ -79,9 +81,11 @@ def _write_weights(sd: dict[str, torch.Tensor], out: Path, fmt: str) -> None:
             save_file({k: sd[k] for k in names}, str(out / fname), metadata=meta)
             weight_map.update({k: fname for k in names})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        Location(str(out / "model.safetensors.index.json")).write_atomic(json.dumps(index, indent=2, sort_keys=True) + "\n")
     elif fmt == "bin":
-        torch.save(sd, out / "pytorch_model.bin")
+        buf = io.BytesIO()
+        torch.save(sd, buf)  # the authors' pickle format, which this fixture exists to reproduce
+        Location(str(out / "pytorch_model.bin")).write_atomic(buf.getvalue())
     else:
         raise ConfigError(f"unknown research weight format {fmt!r}; expected one of {RESEARCH_FORMATS}")
 
@@ -145,7 +149,7 @@ def write_slow_llama_tokenizer(tokenizer, out: str | Path) -> Path:
     ``LlamaTokenizer.save_pretrained`` writes them (no ``tokenizer.json``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.model").write_bytes(sentencepiece_model(tokenizer))
+    Location(str(out / "tokenizer.model")).write_atomic(sentencepiece_model(tokenizer))
     vocab = tokenizer.get_vocab()
     extra = [t for t in tokenizer.all_special_tokens
              if t not in (tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)]
@@ -161,10 +165,10 @@ def write_slow_llama_tokenizer(tokenizer, out: str | Path) -> Path:
         "spaces_between_special_tokens": False, "tokenizer_class": "LlamaTokenizer",
         "unk_token": tokenizer.unk_token, "use_default_system_prompt": False,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    Location(str(out / "tokenizer_config.json")).write_atomic(json.dumps(config, indent=2) + "\n")
     special_map = {"additional_special_tokens": extra, "bos_token": tokenizer.bos_token,
                    "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token}
-    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    Location(str(out / "special_tokens_map.json")).write_atomic(json.dumps(special_map, indent=2) + "\n")
     return out
 
 
@@ -187,10 +191,10 @@ def write_research_eventgpt(project_dir: str | Path, out: str | Path, fmt: str =
     out.mkdir(parents=True)
     project_cfg = json.loads((project_dir / "config.json").read_text())
     _write_weights(authors_state_dict(project_dir), out, fmt)
-    (out / "config.json").write_text(json.dumps(_authors_config(project_cfg), indent=2) + "\n")
+    Location(str(out / "config.json")).write_atomic(json.dumps(_authors_config(project_cfg), indent=2) + "\n")
     gen = {"bos_token_id": project_cfg.get("bos_token_id", 1), "eos_token_id": project_cfg.get("eos_token_id", 2),
            "pad_token_id": project_cfg.get("pad_token_id", 0), "transformers_version": TRANSFORMERS_VERSION}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    Location(str(out / "generation_config.json")).write_atomic(json.dumps(gen, indent=2) + "\n")
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(project_dir))
     write_slow_llama_tokenizer(tokenizer, out)

@@ -38,6 +38,7 @@ from transformers import (
     VideoLlavaVideoProcessor,
 )
 
+from egpt_core.fsio import Location
 from egpt_core.models.eventgpt import EVENTGPT_SYSTEM, EventChatConfig, EventChatLlamaForCausalLM
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<video>", "<event>", "<ev_start>", "<ev_end>", "<ev_patch>"]
@@ -214,5 +215,5 @@ def write_tiny_models(out: str | Path, seed: int = 0) -> dict[str, Path]:
         "eventgpt": write_tiny_eventgpt(out / "eventgpt", tokenizer, seed=seed, base=base),
         "videollava": write_tiny_videollava(out / "videollava", tokenizer, seed=seed, base=base),
     }
-    (out / "FIXTURES.json").write_text(json.dumps({"seed": seed, "kind": "tiny-seeded"}, indent=2))
+    Location(str(out / "FIXTURES.json")).write_atomic(json.dumps({"seed": seed, "kind": "tiny-seeded"}, indent=2))
     return paths

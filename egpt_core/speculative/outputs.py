@@ -19,8 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from egpt_core import runfiles as rf
-from egpt_core.fsio import join
+from egpt_core.fsio import Location
 
 PAIRS_FILE = "sd_pairs.parquet"
 METRICS_FILE = "sd_metrics.json"
@@ -32,16 +31,16 @@ MARKER_FILE = "sd_run.json"
 OUTPUT_KIND = "speculative"
 
 
-def write_sd_outputs(out_url: str, files: dict[str, bytes], storage_options: dict | None = None) -> list[str]:
-    """Write ``files`` (name -> bytes) into the run directory ``out_url`` (claimed by the caller),
-    each atomically."""
+def write_sd_outputs(out: Location, files: dict[str, bytes]) -> list[str]:
+    """Write ``files`` (name -> bytes) into the run directory ``out`` (claimed by the caller), each
+    atomically; returns their URLs."""
     written = []
     for name, data in files.items():
         if "/" in name or name.startswith("."):
             raise ValueError(f"output file name {name!r} must be a plain file name")
-        url = join(out_url, name)
-        rf.write_bytes(url, data, storage_options)
-        written.append(url)
+        dest = out.child(name)
+        dest.write_atomic(data)
+        written.append(dest.url)
     return written
 
 

@@ -32,7 +32,7 @@ from egpt_core.data.dataset import questions_url
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
-from egpt_core.fsio import join
+from egpt_core.fsio import Location, join
 from egpt_core.speculative import measure
 from egpt_core.speculative.drafting import DraftHead
 from egpt_core.speculative.loop import PairInputs, speculative_generate, target_greedy
@@ -118,7 +118,7 @@ def plan_pairs(cfg: SpeculateConfig) -> PairPlan:
             reader = StoreReader(cfg.store, so)
         except StoreError as exc:
             raise ConfigError(f"store={cfg.store!r} is not a readable committed store ({exc})") from exc
-        dataset = cfg.dataset or (reader.meta or {}).get("dataset")
+        dataset = cfg.dataset or reader.info.meta.dataset
         if not dataset:
             raise ConfigError(f"store {cfg.store!r} does not name its dataset; pass --dataset")
         scenes = {s.scene_id: s for s in load_scenes(dataset, so)}
@@ -309,7 +309,7 @@ def run_speculative(cfg: SpeculateConfig, progress: Progress | None = None, over
     _check_checkpoints(cfg, source)
     with outdir.claim_output(cfg.out, OUTPUT_KIND, output_identity(cfg), cfg.storage_options or None,
                              replace=overwrite):
-        write_sd_outputs(cfg.out, {"sd_run.json": _run_marker(cfg, "running")}, cfg.storage_options)
+        write_sd_outputs(Location(cfg.out, cfg.storage_options), {"sd_run.json": _run_marker(cfg, "running")})
         return _measure(cfg, source, plan, progress, t_start)
 
 
@@ -319,9 +319,9 @@ def _measure(cfg: SpeculateConfig, source: str, plan: PairPlan, progress: Progre
     so = cfg.storage_options
     gammas = sorted(cfg.gammas)
     reader = plan.reader
-    store_mode = (reader.meta or {}).get("mode") if reader is not None else None
+    store_mode = reader.info.meta.mode if reader is not None else None
     lm_head = None
-    if reader is not None and (reader.manifest or {}).get("lm_head"):
+    if reader is not None and reader.info.lm_head is not None:
         lm_head = reader.lm_head().float()
     models = load_models(cfg, source, lm_head)
     name = default_name(cfg, source, models.level)
@@ -344,7 +344,7 @@ def _measure(cfg: SpeculateConfig, source: str, plan: PairPlan, progress: Progre
                        failed, notes, time.perf_counter() - t_start)
     files = build_outputs(doc, records, timeline)
     files["sd_run.json"] = _run_marker(cfg, "complete")
-    write_sd_outputs(cfg.out, files, so)
+    write_sd_outputs(Location(cfg.out, so), files)
     if progress is not None:
         progress(1.0, f"wrote {cfg.out}")
     return SpeculateResult(out_url=cfg.out, name=name, source=source, mode=cfg.mode, n_pairs=len({r["pair_id"] for r in ok}),
@@ -456,12 +456,12 @@ def _cross_check_setup(cfg, reader, store_mode, models: Models, lm_head, gammas)
         return None, f"cross-check skipped: {models.level} drafts from verified target rows, which the store cannot replay"
     if lm_head is None:
         return None, "cross-check skipped: the store has no target LM head"
-    gen = (reader.meta or {}).get("generation") or {}
+    gen = reader.info.meta.generation or {}
     if gen.get("max_new_tokens") not in (None, cfg.max_new_tokens):
         return None, (f"cross-check skipped: the store's answers were generated with max_new_tokens "
                       f"{gen.get('max_new_tokens')}, this run uses {cfg.max_new_tokens}")
     note = "cross-check: measured acceptance vs `egpt evaluate`'s simulated rounds on the store's rows of the same pairs"
-    dtypes = ((reader.meta or {}).get("dtype"), (reader.manifest.get("lm_head") or {}).get("dtype"))
+    dtypes = (reader.info.meta.dtype, reader.info.lm_head.dtype if reader.info.lm_head is not None else None)
     if dtypes != ("float32", "float32"):
         note += (f" (store rows / LM head in {dtypes[0]} / {dtypes[1]}: rounding of the stored rows can flip near-ties; "
                  "extract with store_dtype float32 for an exact check)")

@@ -6,40 +6,40 @@ import argparse
 import json
 
 from egpt_core.cliargs import add_storage_option_argument, parse_storage_options
+from egpt_core.fsio import Location
 
 __all__ = ["parse_storage_options", "register", "store_summary"]
 
 
-def store_summary(url: str, storage_options: dict | None = None, verify: bool = False) -> dict:
+def store_summary(url: str | Location, storage_options: dict | None = None, verify: bool = False) -> dict:
     """What `egpt inspect` reports, as a plain dict (manifest only, plus an optional verify)."""
     from egpt_core.store.reader import StoreReader
 
     r = StoreReader(url, storage_options)
-    m = r.manifest
-    meta = m["meta"]
+    m, meta = r.info, r.info.meta
     out = {
-        "url": url,
-        "schema_version": m["schema_version"],
-        "fingerprint": m["fingerprint"],
-        "pairs": {**m["counts"], "total": m["totals"]["pairs"]},
-        "reasons": m.get("reasons", {}),
-        "shards": len(m["shards"]),
-        "rows": m["totals"]["rows"],
-        "tokens": m["totals"]["tokens"],
-        "bytes": m["totals"]["bytes"],
-        "dtype": meta.get("dtype"),
-        "hidden_size": meta.get("hidden_size"),
-        "mode": meta.get("mode"),
-        "position_convention": meta.get("position_convention"),
-        "compat_key": meta.get("compat_key"),
-        "models": meta.get("models"),
-        "model_fingerprints": meta.get("model_fingerprints"),
-        "dataset_fingerprint": m.get("dataset_fingerprint") or meta.get("dataset_fingerprint"),
-        "config_fingerprint": meta.get("config_fingerprint"),
-        "notes": meta.get("notes"),
-        "lm_head": m.get("lm_head"),
-        "created": m.get("created"),
-        "updated": m.get("updated"),
+        "url": r.url,
+        "schema_version": m.schema_version,
+        "fingerprint": m.fingerprint,
+        "pairs": {**m.counts, "total": m.totals.pairs},
+        "reasons": dict(m.reasons),
+        "shards": len(m.shards),
+        "rows": m.totals.rows,
+        "tokens": m.totals.tokens,
+        "bytes": m.totals.bytes,
+        "dtype": meta.dtype,
+        "hidden_size": meta.hidden_size,
+        "mode": meta.mode,
+        "position_convention": meta.position_convention,
+        "compat_key": meta.compat_key,
+        "models": r.meta.get("models"),  # as recorded (paths and fingerprints)
+        "model_fingerprints": meta.model_fingerprints,
+        "dataset_fingerprint": m.dataset_fingerprint or meta.dataset_fingerprint,
+        "config_fingerprint": meta.config_fingerprint,
+        "notes": meta.notes,
+        "lm_head": m.lm_head.model_dump(exclude_none=True) if m.lm_head is not None else None,
+        "created": m.created,
+        "updated": m.updated,
     }
     if verify:
         out["verify"] = r.verify(raise_on_error=False)

@@ -23,11 +23,13 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
+from pydantic import ValidationError
 
+from egpt_core import fsio
 from egpt_core.errors import ConfigError, StoreError
 from egpt_core.fingerprint import hash_json
+from egpt_core.store.schema import StoreManifest, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ TARGET_VOCAB = "target_vocab.json"
 PAIRS_DIR = "pairs"
 TENSORS_DIR = "tensors"
 FEATURES_DIR = "features"
-TMP_MARK = ".tmp-"
+TMP_MARK = fsio.TMP_MARK  # ".tmp-"
 
 #: DESIGN.md §3.2, recorded in every manifest. Equal to egpt_core.models.positions.POSITION_CONVENTION
 #: (a test checks it); not imported from there because egpt_core.models pulls in transformers.
@@ -183,66 +185,14 @@ def safe_relpath(rel: Any, what: str, store: str, under: str | None = None) -> s
     return rel
 
 
-def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
-    return isinstance(fs, LocalFileSystem)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_local_tmp(path: str, data: bytes) -> str:
-    """Write ``data`` to a unique temporary sibling of ``path`` (fsynced); return the temp path."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
-
-
-def atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Make ``path`` hold ``data`` all at once: temp + rename locally, one whole PUT elsewhere."""
-    if is_local_fs(fs):
-        tmp = write_local_tmp(path, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            _silent_remove(tmp)
-            raise
-        _fsync_dir(os.path.dirname(path))
-    else:
-        put_whole(fs, path, data)
-
-
-_OBJECT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oss", "r2"}
-
-
-def put_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """One whole-object PUT (readers see the old object or the new one, never a part)."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if not protocols & _OBJECT_PROTOCOLS:  # filesystems with real directories
-        parent = path.rsplit("/", 1)[0]
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, data)
-
-
-def _silent_remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
+#: atomic whole-file writes live in egpt_core.fsio (``Location.write_atomic``); these names stay for the
+#: store's callers
+is_local_fs = fsio.is_local_fs
+_fsync_dir = fsio.fsync_dir
+write_local_tmp = fsio.write_local_tmp
+atomic_put = fsio.atomic_put
+put_whole = fsio.put_whole
+_silent_remove = fsio._remove_quietly
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
@@ -520,8 +470,26 @@ def dump_manifest(m: dict) -> bytes:
     return (json.dumps(m, indent=2, sort_keys=True) + "\n").encode()
 
 
+def manifest_model(m: dict, store: str) -> StoreManifest:
+    """``m`` validated through :class:`~egpt_core.store.schema.StoreManifest` (typed, read-only view);
+    a field a reader relies on that is missing or of the wrong type -> StoreError naming the store and
+    the field."""
+    try:
+        return StoreManifest.model_validate(m)
+    except ValidationError as exc:
+        raise StoreError(f"store {store}: manifest.json is not a valid store manifest: "
+                         f"{describe_error(exc, m)}") from None
+
+
 def parse_manifest(data: bytes, store: str) -> dict:
-    """Parse and validate a manifest; every path it names must stay inside the store."""
+    """Parse and validate a manifest (through :class:`StoreManifest`); every path it names must stay
+    inside the store. Returns the manifest as written (a dict, paths defaulted): the store fingerprint
+    hashes it exactly; read fields through :func:`manifest_model` / ``StoreReader.info``."""
+    return parse_manifest_typed(data, store)[0]
+
+
+def parse_manifest_typed(data: bytes, store: str) -> tuple[dict, StoreManifest]:
+    """:func:`parse_manifest`, and the typed view it validated (one validation)."""
     try:
         m = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -534,18 +502,10 @@ def parse_manifest(data: bytes, store: str) -> dict:
             f"store {store}: manifest schema_version {ver!r} is not supported by this version "
             f"(reads <= {SCHEMA_VERSION}); upgrade egpt-pipeline"
         )
-    for key, kind in (("meta", dict), ("shards", list), ("counts", dict), ("totals", dict)):
-        if key not in m:
-            raise StoreError(f"store {store}: manifest.json lacks {key!r}")
-        if not isinstance(m[key], kind):
-            raise StoreError(f"store {store}: manifest.json {key!r} is not a JSON {kind.__name__.replace('dict', 'object')}")
-    meta = m["meta"]
-    if not isinstance(meta, dict) or "hidden_size" not in meta or "dtype" not in meta:
-        raise StoreError(f"store {store}: manifest meta must hold hidden_size and dtype")
     seen = set()
-    for sh in m["shards"]:
+    for sh in m.get("shards") if isinstance(m.get("shards"), list) else []:
         if not isinstance(sh, dict):
-            raise StoreError(f"store {store}: manifest shard entry {sh!r} is not an object")
+            continue  # the model names it
         name = sh.get("name")
         if not isinstance(name, str) or not _NAME_RE.match(name):
             safe_relpath(name, "shard name", store)  # names a '..' / absolute / URL problem if any
@@ -553,29 +513,34 @@ def parse_manifest(data: bytes, store: str) -> dict:
         if name in seen:
             raise StoreError(f"store {store}: shard {name!r} is listed twice in the manifest")
         seen.add(name)
-        files = sh.get("files") or {}
+        files = sh.get("files") if isinstance(sh.get("files"), dict) else {}
         sh["files"] = {
             "pairs": safe_relpath(files.get("pairs", pairs_path(name)), f"shard {name} pairs", store, PAIRS_DIR),
             "tensors": safe_relpath(
                 files.get("tensors", tensors_path(name)), f"shard {name} tensors", store, TENSORS_DIR
             ),
         }
-        if not isinstance(sh.get("sha256"), dict):
-            raise StoreError(f"store {store}: shard {name!r} has no sha256 entry")
-    if m.get("lm_head"):
-        m["lm_head"]["path"] = safe_relpath(m["lm_head"].get("path", LM_HEAD), "lm_head", store)
-        if isinstance(m["lm_head"].get("vocab"), dict):
-            m["lm_head"]["vocab"]["path"] = safe_relpath(m["lm_head"]["vocab"].get("path", TARGET_VOCAB),
-                                                         "lm_head vocab", store)
-    return m
+    lm = m.get("lm_head")
+    if isinstance(lm, dict):
+        lm["path"] = safe_relpath(lm.get("path", LM_HEAD), "lm_head", store)
+        if isinstance(lm.get("vocab"), dict):
+            lm["vocab"]["path"] = safe_relpath(lm["vocab"].get("path", TARGET_VOCAB), "lm_head vocab", store)
+    return m, manifest_model(m, store)
 
 
 def load_manifest(fs: fsspec.AbstractFileSystem, root: str, store: str) -> dict | None:
+    """The store's manifest as written (validated), or None when there is none."""
+    loaded = load_manifest_typed(fs, root, store)
+    return None if loaded is None else loaded[0]
+
+
+def load_manifest_typed(fs: fsspec.AbstractFileSystem, root: str, store: str) -> tuple[dict, StoreManifest] | None:
+    """(manifest as written, typed view), or None when the store has no manifest."""
     path = f"{root}/{MANIFEST}"
     if not is_local_fs(fs):
         fs.invalidate_cache(root)
     data = read_bytes(fs, path)
-    return None if data is None else parse_manifest(data, store)
+    return None if data is None else parse_manifest_typed(data, store)
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:

@@ -33,12 +33,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from egpt_core.errors import StoreError
-from egpt_core.fsio import url_to_fs
+from egpt_core.fsio import Location
 from egpt_core.memory import pin_mmap_threshold
 from egpt_core.store import manifest as mf
 from egpt_core.store.fp8 import decode_rows
 from egpt_core.store.prefetch import ShardLoader, background
 from egpt_core.store.retrying import with_retries
+from egpt_core.store.schema import StoreManifest
 from egpt_core.store.writer import _get_features
 
 log = logging.getLogger(__name__)
@@ -111,28 +112,31 @@ def _pair_rows(row: dict, drafter: torch.Tensor, target: torch.Tensor) -> PairRo
 
 
 class StoreReader:
-    """Read a store at ``url``. ``manifest`` is the parsed manifest (validated: every path it names
-    stays inside the store)."""
+    """Read a store at ``url`` (a Location, or a URL with its ``storage_options``). ``info`` is the
+    validated manifest (:class:`~egpt_core.store.schema.StoreManifest`; every path it names stays inside
+    the store); ``manifest`` the same as written (a dict)."""
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str | Location, storage_options: dict | None = None):
         pin_mmap_threshold()  # shard buffers and decoded rows: freed memory goes back to the OS
-        self.url = str(url)
-        self.storage_options = storage_options
-        fs, root = url_to_fs(self.url, storage_options)
-        self.fs = with_retries(fs)  # a transient fault costs one more request, not a task retry
-        self.root = root.rstrip("/")
+        self.location = Location.of(url, storage_options)
+        self.url = self.location.url
+        self.storage_options = self.location.storage_options
+        self.fs = with_retries(self.location.fs)  # a transient fault costs one more request, not a task retry
+        self.root = self.location.path
         self.refresh()
 
     def refresh(self) -> None:
         """Re-read the manifest (to see shards committed since this reader opened)."""
-        m = mf.load_manifest(self.fs, self.root, self.url)
-        if m is None:
+        loaded = mf.load_manifest_typed(self.fs, self.root, self.url)
+        if loaded is None:
             raise StoreError(f"no manifest.json at {self.url}: not a store (or nothing committed yet)")
-        self.manifest = m
+        m, info = loaded
+        self.manifest = m  # the manifest as written (a dict: the writer's format)
+        self.info: StoreManifest = info  # the same, typed: readers read fields from here
         self.meta: dict = m["meta"]
-        self.hidden_size = int(self.meta["hidden_size"])
+        self.hidden_size = self.info.meta.hidden_size
         #: dtype of the rows in the files; ``dtype`` is what readers hand out (fp8 rows decode to bf16)
-        self.stored_dtype = mf.torch_dtype(self.meta["dtype"])
+        self.stored_dtype = mf.torch_dtype(self.info.meta.dtype)
         self.scaled = mf.is_scaled(self.stored_dtype)
         self.dtype = DECODED_DTYPE if self.scaled else self.stored_dtype
         self._tables: OrderedDict[str, pa.Table] = OrderedDict()  # LRU of TABLE_CACHE shards
@@ -158,11 +162,11 @@ class StoreReader:
 
     @property
     def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
+        return self.info.fingerprint
 
     @property
     def counts(self) -> dict[str, int]:
-        return dict(self.manifest["counts"])
+        return dict(self.info.counts)
 
     def _abs(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -467,11 +471,10 @@ class StoreReader:
         for sh in self.shards:
             for kind in ("pairs", "tensors"):
                 checks.append((sh["files"][kind], sh["sha256"].get(kind), (sh.get("file_bytes") or {}).get(kind)))
-        if self.manifest.get("lm_head"):
-            lm = self.manifest["lm_head"]
-            checks.append((lm["path"], lm.get("sha256"), lm.get("bytes")))
-            if isinstance(lm.get("vocab"), dict):
-                checks.append((lm["vocab"]["path"], lm["vocab"].get("sha256"), None))
+        if (lm := self.info.lm_head) is not None:
+            checks.append((lm.path, lm.sha256, lm.bytes))
+            if lm.vocab is not None:
+                checks.append((lm.vocab.path, lm.vocab.sha256, None))
         for rel, want, size in checks:
             got = self._hash_file(rel)
             files += 1
@@ -514,11 +517,11 @@ class StoreReader:
 
     def lm_head(self) -> torch.Tensor:
         """The target's LM head ``[V, D]`` in its stored dtype."""
-        lm = self.manifest.get("lm_head")
-        if not lm:
+        lm = self.info.lm_head
+        if lm is None:
             raise StoreError(f"store {self.url} holds no target LM head (write_lm_head was never called)")
-        where = f"store {self.url}: LM head {lm['path']}"
-        buf = self._fetch(lm["path"], where, lm.get("sha256"), lm.get("bytes"))
+        where = f"store {self.url}: LM head {lm.path}"
+        buf = self._fetch(lm.path, where, lm.sha256, lm.bytes)
         n = mf.header_len(buf[:8], where)
         tensors, _ = mf.parse_tensor_header(memoryview(buf)[8:8 + n], where)
         info = tensors.get("weight")
@@ -536,14 +539,14 @@ class StoreReader:
     def target_vocab(self) -> list[str | None] | None:
         """The target tokenizer's tokens in id order, as recorded with the LM head (sha256-checked);
         None when the store records none (no LM head, or written before vocabularies were kept)."""
-        info = (self.manifest.get("lm_head") or {}).get("vocab")
-        if not info:
+        info = self.info.lm_head.vocab if self.info.lm_head is not None else None
+        if info is None:
             return None
-        data = mf.read_bytes(self.fs, self._abs(info["path"]))
+        data = mf.read_bytes(self.fs, self._abs(info.path))
         if data is None:
-            raise StoreError(f"store {self.url}: {info['path']} is missing")
-        if mf.sha256_hex(data) != info.get("sha256"):
-            raise StoreError(f"store {self.url}: {info['path']} does not match its sha256 in the manifest")
+            raise StoreError(f"store {self.url}: {info.path} is missing")
+        if mf.sha256_hex(data) != info.sha256:
+            raise StoreError(f"store {self.url}: {info.path} does not match its sha256 in the manifest")
         vocab = json.loads(data)
         if not isinstance(vocab, list) or not all(t is None or isinstance(t, str) for t in vocab):
             raise StoreError(f"store {self.url}: {info['path']} is not a list of token strings")

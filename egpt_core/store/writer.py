@@ -27,19 +27,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import safetensors.torch as st
 import torch
+from pydantic import ValidationError
 
 from egpt_core.errors import ConfigError, StoreError
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import url_to_fs
+from egpt_core.fsio import Location
 from egpt_core.store import manifest as mf
 from egpt_core.store.fp8 import encode_rows
 from egpt_core.store.retrying import with_retries
+from egpt_core.store.schema import PairRecord, StoreMeta, describe_error
 
 log = logging.getLogger(__name__)
 
 NON_FINITE = "non-finite hidden state"
 _RECORD_FIELDS = set(mf.PAIR_COLUMNS)
-_INT32 = (-(2**31), 2**31 - 1)
 
 
 @dataclass
@@ -123,15 +124,15 @@ def _committed_rows(fs, root: str, url: str, sh: dict) -> list[tuple[str, str, s
     return list(zip(t.column("pair_id").to_pylist(), t.column("status").to_pylist(), fps))
 
 
-def committed_inputs(url: str, storage_options: dict | None = None) -> dict[str, tuple[str, str | None]]:
+def committed_inputs(url: str | Location, storage_options: dict | None = None) -> dict[str, tuple[str, str | None]]:
     """pair_id -> (status, input_fingerprint or None) of every pair committed at ``url`` ({} when there
     is no store yet). Reads the manifest and two or three parquet columns per shard."""
-    fs, root = url_to_fs(str(url), storage_options)
-    root = root.rstrip("/")
-    m = mf.load_manifest(fs, root, str(url))
+    store = Location.of(url, storage_options)
+    fs, root = store.fs, store.path
+    m = mf.load_manifest(fs, root, store.url)
     if m is None:
         return {}
-    return {p: (s, fp) for sh in m["shards"] for p, s, fp in _committed_rows(fs, root, str(url), sh)}
+    return {p: (s, fp) for sh in m["shards"] for p, s, fp in _committed_rows(fs, root, store.url, sh)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,13 +152,13 @@ class StoreWriter:
     derived from the records' ``input_fingerprint`` (content fingerprints of each pair's inputs).
     """
 
-    def __init__(self, url: str, meta: dict, storage_options: dict | None = None, *,
+    def __init__(self, url: str | Location, meta: dict, storage_options: dict | None = None, *,
                  lock_timeout_s: float = 600.0, stale_lock_s: float = 600.0):
-        self.url = str(url)
-        self.storage_options = storage_options
-        fs, root = url_to_fs(self.url, storage_options)
-        self.fs = with_retries(fs)  # a transient fault costs one more request, not a task retry
-        self.root = root.rstrip("/")
+        self.location = Location.of(url, storage_options)
+        self.url = self.location.url
+        self.storage_options = self.location.storage_options
+        self.fs = with_retries(self.location.fs)  # a transient fault costs one more request, not a task retry
+        self.root = self.location.path
         self.local = mf.is_local_fs(self.fs)
         self._lock_args = {"timeout_s": lock_timeout_s, "stale_s": stale_lock_s}
         self.meta = self._normalize_meta(meta)
@@ -172,6 +173,7 @@ class StoreWriter:
                 if m is None:
                     self._require_meta(("hidden_size", "dtype"))
                     self.meta.setdefault("position_convention", mf.POSITION_CONVENTION)
+                    self._check_meta()
                     self._save(mf.new_manifest(dict(self.meta)))
                     self.created_store = True
                     m = self._load()
@@ -179,6 +181,7 @@ class StoreWriter:
         for f in mf.DEFINING_FIELDS:  # inherit what this writer did not say
             if f not in self.meta and f in m["meta"]:
                 self.meta[f] = m["meta"][f]
+        self._check_meta()
         self.hidden_size = int(self.meta["hidden_size"])
         self.dtype = mf.torch_dtype(self.meta["dtype"])
         self.scaled = mf.is_scaled(self.dtype)
@@ -199,6 +202,13 @@ class StoreWriter:
         except TypeError as exc:
             raise ConfigError(f"store {self.url}: meta must be JSON-serialisable ({exc})") from exc
         return out
+
+    def _check_meta(self) -> None:
+        """The complete meta (given + inherited) must be what readers accept (:class:`StoreMeta`)."""
+        try:
+            StoreMeta.model_validate(self.meta)
+        except ValidationError as exc:
+            raise ConfigError(f"store {self.url}: meta {describe_error(exc)}") from None
 
     def _require_meta(self, fields: Sequence[str]) -> None:
         missing = [f for f in fields if f not in self.meta]
@@ -234,6 +244,7 @@ class StoreWriter:
     def _save(self, m: dict) -> None:
         m["updated"] = mf.now_iso()
         mf.refresh_manifest(m)
+        mf.manifest_model(m, self.url)  # never commit a manifest readers would refuse
         mf.atomic_put(self.fs, f"{self.root}/{mf.MANIFEST}", mf.dump_manifest(m))
 
     def _abs(self, rel: str) -> str:
@@ -270,7 +281,11 @@ class StoreWriter:
         return {p: (s, fp) for rows in self._committed.values() for p, s, fp in rows}
 
     # -- validation and serialisation --------------------------------------------------------------
-    def _normalize_record(self, rec: dict, i: int) -> dict:
+    def _normalize_record(self, rec: dict | PairRecord, i: int) -> dict:
+        """A record (a :class:`PairRecord` or a dict of its fields) validated through PairRecord;
+        ``row_offset``/``shard`` are the writer's and ignored when given."""
+        if isinstance(rec, PairRecord):
+            return rec.to_row()
         if not isinstance(rec, dict):
             raise ValueError(f"record {i} is not a dict")
         unknown = set(rec) - _RECORD_FIELDS
@@ -279,39 +294,12 @@ class StoreWriter:
         pid = rec.get("pair_id")
         if not isinstance(pid, str) or not pid:
             raise ValueError(f"record {i}: pair_id must be a non-empty string, got {pid!r}")
-        status = rec.get("status", "ok")
-        if status not in mf.STATUSES:
-            raise ValueError(f"pair {pid}: status must be one of {mf.STATUSES}, got {status!r}")
-        reason = rec.get("reason")
-        if reason is not None:
-            reason = str(reason)
-        if status != "ok" and not reason:
-            reason = "unspecified"
-        out: dict[str, Any] = {
-            "pair_id": pid,
-            "scene_id": str(rec.get("scene_id") or ""),
-            "question_idx": int(rec["question_idx"]) if rec.get("question_idx") is not None else -1,
-            "question": str(rec.get("question") or ""),
-            "status": status,
-            "reason": reason,
-            "drafter_text": str(rec.get("drafter_text") or ""),
-            "target_text": str(rec.get("target_text") or ""),
-            "length": int(rec.get("length") or 0),
-            "input_fingerprint": str(rec["input_fingerprint"]) if rec.get("input_fingerprint") else None,
-        }
-        for col in mf.TOKEN_COLUMNS:
-            ids = rec.get(col)
-            if ids is None:
-                ids = []
-            elif hasattr(ids, "tolist"):
-                ids = ids.tolist()
-            ids = [int(x) for x in ids]
-            if ids and (min(ids) < _INT32[0] or max(ids) > _INT32[1]):
-                raise ValueError(f"pair {pid}: {col} holds ids outside int32")
-            out[col] = ids
-        return out
+        try:
+            return PairRecord.model_validate({k: v for k, v in rec.items() if k not in ("row_offset", "shard")}).to_row()
+        except ValidationError as exc:
+            raise ValueError(f"pair {pid}: {describe_error(exc)}") from None
 
-    def _prepare(self, records: Sequence[dict], drafter: Sequence, target: Sequence) -> list[_Entry]:
+    def _prepare(self, records: Sequence[dict | PairRecord], drafter: Sequence, target: Sequence) -> list[_Entry]:
         if not (len(records) == len(drafter) == len(target)):
             raise ValueError(
                 f"commit_shard: {len(records)} records but {len(drafter)} drafter and {len(target)} target tensors"
@@ -328,7 +316,8 @@ class StoreWriter:
                 rec["length"] = 0
                 entries.append(_Entry(rec, None, None))
                 continue
-            if "length" not in raw and isinstance(d, torch.Tensor):
+            given = raw.model_fields_set if isinstance(raw, PairRecord) else raw
+            if "length" not in given and isinstance(d, torch.Tensor):
                 rec["length"] = int(d.shape[0])  # length may be left to the tensors
             L = rec["length"]
             for side, x in (("drafter", d), ("target", t)):
@@ -452,7 +441,7 @@ class StoreWriter:
         """Test hook: runs after a shard's files are in place, before the manifest names it."""
 
     # -- commit ------------------------------------------------------------------------------------
-    def commit_shard(self, records: Sequence[dict], drafter: Sequence[torch.Tensor | None],
+    def commit_shard(self, records: Sequence[dict | PairRecord], drafter: Sequence[torch.Tensor | None],
                      target: Sequence[torch.Tensor | None]) -> ShardInfo | None:
         """Validate, write and commit one shard; return its info, or None if every pair in it was
         already committed (by us or by another writer)."""

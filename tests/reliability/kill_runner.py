@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+from egpt_core import fsio
 from egpt_core.config import ExtractConfig
 from egpt_core.extraction import load_models, run_extraction
 from egpt_core.store import manifest as mf
@@ -47,7 +48,8 @@ def main() -> None:
             die()
         return original_tmp(path, data)
 
-    mf.write_local_tmp = partial_then_die
+    mf.write_local_tmp = partial_then_die  # shard files and the LM head stage through it
+    fsio.write_local_tmp = partial_then_die  # atomic writes (manifest, features) stage through fsio's
     if point == "before-manifest":
         def hook(self, name):
             if count(point) == 2:
