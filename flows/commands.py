@@ -24,6 +24,8 @@ def _prefect_env(home: Path | None = None) -> str:
     if os.environ.get("PREFECT_API_URL"):
         return f"Prefect API {os.environ['PREFECT_API_URL']}"
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
+    # a fresh database's migrations can outlast Prefect's 20 s default on a busy machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if home is not None and "PREFECT_HOME" not in os.environ:
         os.environ["PREFECT_HOME"] = str(home)
     where = os.environ.get("PREFECT_HOME", "~/.prefect")
