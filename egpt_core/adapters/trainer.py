@@ -521,8 +521,6 @@ def _train(cfg: TrainAdapterConfig, progress: Progress | None, resume: bool, ctx
     level = str(acfg.level)
     eagle = level in EAGLE_LEVELS
     data = _prepare_data(cfg, ctx.local_world)  # hidden-size/config checks happen here, before any training
-    if progress is not None and ctx.main:  # the data-cache decision, once, where the user watches (CLI, task log)
-        progress(0.0, f"training data: {data.cache.path} ({data.cache.reason})")
     d = data.hidden_size
     if eagle and data.max_len > acfg.max_seq_len:
         raise ConfigError(f"{level}: the stores hold sequences of {data.max_len} rows but adapter.max_seq_len="
