@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from egpt_core import credentials
+from egpt_core.form_schema import compact_optional_fields
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Quant = Literal["none", "nf4"]
@@ -56,9 +57,11 @@ def _resolve_ui_markers(value: Any) -> Any:
 
 
 def _form_order(schema: dict[str, Any], model: type) -> None:
-    """The form's field order: the model's ``form_first`` fields, then the rest, "Advanced: ..." last."""
+    """The form's field order: the model's ``form_first`` fields, then the rest, "Advanced: ..." last;
+    optional fields without the UI's 'Property is type "None"' lines (egpt_core.form_schema)."""
     first = getattr(model, "form_first", ())
     props = schema.get("properties") or {}
+    compact_optional_fields(props)
 
     def rank(name: str) -> tuple[int, int]:
         if name in first:

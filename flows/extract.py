@@ -8,6 +8,7 @@ from prefect.runtime import flow_run
 
 from egpt_core.config import ExtractConfig
 from egpt_core.extraction.run import needs_drafter
+from egpt_core.form_schema import OptionalText
 from flows.plan import group_configs
 from flows.preflight import extract_inputs, require_inputs
 from tasks.extract import (
@@ -52,7 +53,7 @@ def extract_run_name() -> str:
 
 
 @flow(name="extract", flow_run_name=extract_run_name, log_prints=True)
-def extract(cfg: ExtractConfig, deployment: str | None = None) -> StoreRef:
+def extract(cfg: ExtractConfig, deployment: OptionalText = None) -> StoreRef:
     """Stages 1-2 into ``cfg.store``. With ``cfg.shard_groups`` > 1 and a ``deployment`` (e.g.
     "extract/gpu") every shard group runs as its own flow run of it, on any worker of its pool;
     otherwise the groups run here, one after another.

@@ -8,6 +8,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from egpt_core.config import PipelineConfig
+from egpt_core.form_schema import OptionalText
 from flows.extract import extract_stage
 from flows.pipeline import train_and_evaluate
 from flows.plan import retf_config
@@ -23,7 +24,7 @@ def _run_name() -> str:
 
 
 @flow(name="nightly-reextract", flow_run_name=_run_name, log_prints=True)
-def nightly_reextract(cfg: PipelineConfig, extract_deployment: str | None = None) -> PipelineResult:
+def nightly_reextract(cfg: PipelineConfig, extract_deployment: OptionalText = None) -> PipelineResult:
     """Extract only the pairs new to the dataset. When the drafter's fingerprint differs from the
     store's, re-extract the store's drafter rows teacher-forced (retf) into a store named by the new
     fingerprint, and put new pairs in a store of that drafter too. Then retrain and re-evaluate what

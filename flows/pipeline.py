@@ -8,6 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from egpt_core.config import PipelineConfig
+from egpt_core.form_schema import OptionalText
 from egpt_core.fsio import join
 from flows.benchmark_e2e import benchmark_e2e_stage
 from flows.extract import extract_stage
@@ -105,7 +106,7 @@ def _run_name() -> str:
 
 
 @flow(name="pipeline", flow_run_name=_run_name, log_prints=True)
-def pipeline(cfg: PipelineConfig, extract_deployment: str | None = None) -> PipelineResult:
+def pipeline(cfg: PipelineConfig, extract_deployment: OptionalText = None) -> PipelineResult:
     """Extract ``cfg.extract`` (fanned out over ``extract_deployment`` when it has shard groups),
     train each configured adapter and/or L6, evaluate each and the raw drafter, compare.
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 from typing import get_args
 
@@ -89,14 +91,38 @@ def build_config(args) -> TrainAdapterConfig:
                                     {"adapter": {"level": args.level, "hidden_size": args.hidden_size or None}})
 
 
+@contextlib.contextmanager
+def _data_cache_line():
+    """Print the trainer's data-cache decision ("training data: ram|byte-range (why)", the one
+    `decide_data_cache` makes and config.json records) on stderr as the training starts."""
+    logger = logging.getLogger("egpt_core.adapters.trainer")
+
+    class _Line(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("training data: "):
+                print(message, file=sys.stderr)
+
+    handler, level = _Line(logging.INFO), logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _run(args) -> int:
     if args.list_levels:
         return _list_levels(args)
     cfg = build_config(args)
     from egpt_core.adapters.trainer import train_adapter
 
-    result = train_adapter(cfg, progress=lambda f, m: print(f"[{f:5.1%}] {m}", file=sys.stderr),
-                           resume=not args.no_resume)
+    with _data_cache_line():
+        result = train_adapter(cfg, progress=lambda f, m: print(f"[{f:5.1%}] {m}", file=sys.stderr),
+                               resume=not args.no_resume)
     print(json.dumps(result.model_dump(), indent=2))
     return 0
 

@@ -52,3 +52,21 @@ def test_train_adapter_command_config_errors(synth_store, tmp_path, capsys):
     assert "4096" in err and "32" in err
     assert _run(["train-adapter", "--level", "L1", "--out", str(tmp_path / "r")]) == 2
     assert "train: Field required" in capsys.readouterr().err  # TrainAdapterConfig.train (--train URL)
+
+
+def test_train_adapter_command_prints_the_data_cache_decision_once_at_start(synth_store, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Issue 18.1: `egpt train-adapter` says where the training data is kept and why (RAM copy or
+    byte-range reads), one line before the first epoch, the same decision config.json records."""
+    import egpt_core.memory
+
+    monkeypatch.setattr(egpt_core.memory, "available_memory_bytes", lambda: 20_000)  # a node with 20 kB left
+    rc = _run(["train-adapter", "--level", "L1", "--train", synth_store["url"], "--out", str(tmp_path / "run"),
+               "--epochs", "2", "--batch-size", "32"])
+    assert rc == 0
+    lines = capsys.readouterr().err.splitlines()
+    decided = [i for i, line in enumerate(lines) if "training data:" in line]
+    cache = json.loads((tmp_path / "run" / "config.json").read_text())["data_cache"]
+    assert len(decided) == 1 and cache["path"] == "byte-range", lines
+    assert lines[decided[0]].endswith(f"training data: byte-range ({cache['reason']})")
+    assert decided[0] < min(i for i, line in enumerate(lines) if "epoch 1/2" in line)

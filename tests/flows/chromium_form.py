@@ -102,3 +102,10 @@ def custom_run_form(page: _Page, ui: str, auth: str, deployment_id: str, screens
         shot = page.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         screenshot.write_bytes(base64.b64decode(shot["data"]))
     return report
+
+
+def submit_form(page: _Page) -> None:
+    """Press the Custom-run form's Submit button as a user would (the form left as it is)."""
+    clicked = page.js("(() => { const b = [...document.querySelectorAll('button[type=submit]')]"
+                      ".find(b => b.innerText.trim() === 'Submit'); if (b) { b.click(); return true; } return false; })()")
+    assert clicked, "the form has no Submit button"

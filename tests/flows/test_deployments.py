@@ -38,8 +38,8 @@ from pathlib import Path
 import pytest
 from prefect_cluster import AUTH, REPO, alive, descendants, egpt_worker_pid, readme_block, readme_cluster
 
-NAMES = ["extract/gpu", "train-adapter/gpu", "train-lora/gpu", "evaluate/gpu", "benchmark-e2e/gpu", "pipeline/gpu",
-         "nightly-reextract/nightly"]
+NAMES = ["extract/gpu", "extract-ray/ray", "train-adapter/gpu", "train-lora/gpu", "evaluate/gpu", "benchmark-e2e/gpu",
+         "pipeline/gpu", "nightly-reextract/nightly"]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,10 @@ def test_every_flow_is_deployed_and_nightly_states_its_schedule(deployed):
         deployments = {n: client.read_deployment_by_name(n) for n in NAMES}
     nightly = deployments["nightly-reextract/nightly"]
     assert {d.work_pool_name for d in deployments.values()} == {"gpu"}
+    ray, extract = deployments["extract-ray/ray"], deployments["extract/gpu"]  # issue 18: the Ray flow deployed too
+    assert ray.entrypoint == "flows/extract_ray.py:extract_ray" and ray.enforce_parameter_schema
+    assert ray.parameters["cfg"] == extract.parameters["cfg"] and "RAY_ADDRESS" in ray.description
+    assert ray.parameter_openapi_schema["properties"]["cfg"]["$ref"] == "#/definitions/ExtractConfig"
     [schedule] = nightly.schedules
     assert schedule.schedule.cron == "0 2 * * *" and schedule.schedule.timezone == "Europe/Zurich"
     assert schedule.active

@@ -177,3 +177,90 @@ def test_parameters_in_the_ui_json_shape_reach_the_flow_without_prefect_markers(
     form["extract"]["store"] = {"__prefect_kind": "workspace_variable", "variable_name": "store"}
     with pytest.raises(Exception, match="unresolved Prefect UI placeholder __prefect_kind='workspace_variable'"):
         pipeline.validate_parameters(hydrate({"cfg": _ui_json(form)}))
+
+
+def _null_branches(node, where: str = "") -> list[str]:
+    """Where a schema (any depth) has a bare null type: the v2 UI draws each as 'Property is type "None"'."""
+    found = []
+    if isinstance(node, dict):
+        kind = node.get("type")
+        if kind == "null" or (isinstance(kind, list) and "null" in kind):
+            found.append(where or "/")
+        for key, value in node.items():
+            found += _null_branches(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _null_branches(value, f"{where}/{i}")
+    return found
+
+
+@pytest.mark.parametrize("entrypoint", sorted(_deployed_flows()))
+def test_no_form_field_renders_as_a_bare_null_branch(entrypoint):
+    """Issue 17.4: every optional field left empty printed 'Property is type "None"' (16 in the pipeline's
+    form): a plain optional value is its non-null type, a section's "empty" tab a `const: null`."""
+    schema = _schema(_deployed_flows()[entrypoint])
+    assert not _null_branches(schema), _null_branches(schema)
+    for section, props in _sections(schema).items():  # the UI prefills a default: a null one must be valid
+        for name, p in props.items():
+            if "default" in p and p["default"] is None:
+                assert {"const": None, "title": "None"} in p.get("anyOf", []), f"{section}.{name}: {p}"
+
+
+def _deployment_parameters() -> dict[str, dict]:
+    doc = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    return {f"{d['entrypoint']}|{d['name']}": d.get("parameters", {}) for d in doc["deployments"]}
+
+
+def _none_default_paths(value, path: tuple = ()) -> list[tuple]:
+    """Paths of every field (flow parameter or model field, any depth) whose default is None."""
+    from pydantic import BaseModel
+
+    paths = []
+    if isinstance(value, BaseModel):
+        for name, field in type(value).model_fields.items():
+            if field.default is None and not field.is_required():
+                paths.append((*path, name))
+            paths += _none_default_paths(getattr(value, name), (*path, name))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            paths += _none_default_paths(item, (*path, i))
+    return paths
+
+
+def _dumped(params: dict) -> dict:
+    from pydantic import BaseModel
+
+    return {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in params.items()}
+
+
+def _at(doc, path: tuple):
+    for key in path:
+        doc = getattr(doc, key) if not isinstance(doc, (dict, list)) else doc[key]
+    return doc
+
+
+@pytest.mark.parametrize("deployment", sorted(_deployment_parameters()))
+def test_every_optional_field_still_accepts_none_on_the_server_and_in_the_flow(deployment):
+    """What the form leaves out stays valid: an explicit null (API users, `prefect deployment run --param`)
+    and the UI's placeholder for an empty section pass the server's schema check (`validate`, as
+    `create_flow_run` calls it with enforce_parameter_schema) and reach the flow as None."""
+    import inspect
+
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+    from prefect.utilities.schema_tools.validation import validate
+
+    entrypoint = deployment.split("|")[0]
+    flow = _deployed_flows()[entrypoint]
+    schema = _schema(flow)
+    validated = flow.validate_parameters(_deployment_parameters()[deployment])
+    base = _dumped(validated)
+    top = [(name,) for name, p in inspect.signature(flow.fn).parameters.items() if p.default is None]
+    paths = top + [(name, *rest) for name, v in validated.items() for (*rest,) in _none_default_paths(v)]
+    assert paths, "no optional field to check"
+    for path in paths:
+        for sent in (None, {"__prefect_kind": "json"}):  # explicit null; the UI's empty "None" tab
+            doc = json.loads(json.dumps(base))
+            _at(doc, path[:-1])[path[-1]] = sent
+            doc = hydrate(doc, HydrationContext(raise_on_error=True))
+            validate(doc, schema, raise_on_error=True)
+            assert _at(flow.validate_parameters(doc), path) is None, path

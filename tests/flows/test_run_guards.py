@@ -122,3 +122,34 @@ def test_stage_flows_name_their_missing_inputs(tmp_path):
     state = evaluate(EvalConfig(store=str(tmp_path / "s"), out=str(tmp_path / "e"), adapter_run=str(tmp_path / "r")),
                      return_state=True)
     assert state.is_failed() and "store = " in state.message and "adapter_run = " in state.message
+
+
+def test_extract_ray_deployment_defaults_fail_before_any_task():
+    """The `extract-ray/ray` deployment's defaults on a machine without the team's paths: the flow body
+    stops at once, naming the fields (no feature task, no Ray GPU asked for)."""
+    from egpt_core.errors import ConfigError
+    from flows.extract_ray import extract_ray
+
+    params = extract_ray.validate_parameters(_deployment_defaults("extract_ray"))
+    with pytest.raises(ConfigError, match="extract-ray: nothing was started") as refused:
+        extract_ray.fn(**params)
+    for field in ("dataset = '/data/EventGPT/DSEC'", "drafter = '/models/EventGPT-7b'",
+                  "target = '/models/Video-LLaVA-7B-hf'"):
+        assert field in str(refused.value), refused.value
+
+
+def test_extract_ray_refuses_a_ray_cluster_without_gpus(monkeypatch):
+    """prefect-ray's address="auto" without RAY_ADDRESS or a Ray node silently starts a local Ray with
+    no GPUs, where every num_gpus=1 task waits forever: the flow refuses such a cluster, saying why."""
+    import ray
+
+    from egpt_core.errors import ConfigError
+    from flows.extract_ray import _require_ray_gpus
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
+    with pytest.raises(ConfigError, match="has no GPUs .*RAY_ADDRESS=None.*Ray node"):
+        _require_ray_gpus()
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 2.0})
+    _require_ray_gpus()  # a cluster with GPUs: the run goes on
