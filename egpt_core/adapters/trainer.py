@@ -39,7 +39,6 @@ from egpt_core.adapters.modules import LEVEL_SPECS, adapter_inputs, count_parame
 from egpt_core.config import TrainAdapterConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError, TrainingDivergedError
-from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import is_local, join
 from egpt_core.memory import DataCacheDecision, decide_data_cache
 from egpt_core.training import checkpoint as ck
@@ -106,13 +105,8 @@ def _open_reader(url: str, storage_options: dict):
 
 
 def _manifest_fingerprint(reader) -> str:
-    m = reader.manifest
-    if not isinstance(m, dict):
-        m = m.model_dump() if hasattr(m, "model_dump") else dict(vars(m))
-    for key in ("fingerprint", "store_fingerprint"):
-        if m.get(key):
-            return str(m[key])
-    return hash_json(m)
+    """The store fingerprint the typed manifest records (changes with every commit)."""
+    return reader.info.fingerprint
 
 
 def _tensor_bytes(reader) -> int:
@@ -133,11 +127,8 @@ def _ok_pairs(reader) -> tuple[list[str], list[str], list[int]]:
 
 def _model_pair(reader) -> dict[str, str]:
     """{"drafter": fp, "target": fp} of the models a store was extracted with (sides it records)."""
-    meta = reader.meta or {}
-    fps = dict(meta.get("model_fingerprints") or {})
-    for side, info in (meta.get("models") or {}).items():
-        if isinstance(info, dict) and info.get("fingerprint"):
-            fps.setdefault(side, info["fingerprint"])
+    meta = reader.info.meta
+    fps = {side: meta.model_fingerprint(side) for side in ("drafter", "target")}
     return {k: str(v) for k, v in fps.items() if v}
 
 
