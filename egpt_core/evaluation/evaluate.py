@@ -176,7 +176,7 @@ def _evaluate(cfg: EvalConfig, readers: list[StoreReader], mode: str, timing: Ti
     name = default_name(cfg, mode, str(acfg.level) if acfg is not None else None)
     scenes = _eval_scenes(cfg, readers, inputs, notes)
     acc = MetricAccumulator(cfg.taus, cfg.gammas, cfg.max_positions, lm_head, device=device,
-                            lm_head_dtype=(reader.manifest.get("lm_head") or {}).get("dtype"))
+                            lm_head_dtype=reader.info.lm_head.dtype if reader.info.lm_head is not None else None)
     _accumulate(acc, cfg, readers, module, acfg, scenes, device, progress)
     inputs["n_pairs_not_ok"] = sum(v for r in readers for k, v in r.counts.items() if k != "ok")
 
@@ -260,8 +260,8 @@ def _prediction_source(cfg: EvalConfig, readers: list[StoreReader], mode: str, d
 
 def _store_lm_head(reader: StoreReader, inputs: dict[str, Any], notes: list[str]) -> torch.Tensor | None:
     """The store's target LM head [V, D] in float32, or None (token metrics omitted)."""
-    manifest = reader.manifest
-    if not manifest.get("lm_head"):
+    info = reader.info.lm_head
+    if info is None:
         inputs["lm_head"] = "absent (token metrics omitted)"
         notes.append("the store has no target LM head: token metrics omitted; acceptance lengths use the "
                      "hidden-state proxy cos > τ.")
@@ -270,7 +270,7 @@ def _store_lm_head(reader: StoreReader, inputs: dict[str, Any], notes: list[str]
     hidden = inputs["hidden_size"]
     if lm_head.shape[1] != hidden:
         raise ConfigError(f"store LM head is {tuple(lm_head.shape)} but the store's hidden size is {hidden}")
-    inputs["lm_head"] = f"present {list(lm_head.shape)} {(manifest.get('lm_head') or {}).get('dtype')}"
+    inputs["lm_head"] = f"present {list(lm_head.shape)} {info.dtype}"
     return lm_head
 
 

@@ -253,7 +253,8 @@ def check_store_vocab(drafter, reader, drafter_path: str, storage_options: dict 
     recorded = reader.target_vocab()
     where = f"store {reader.url}'s target"
     if recorded is None:
-        tpath = ((reader.meta.get("models") or {}).get("target") or {}).get("path")
+        ref = (reader.info.meta.models or {}).get("target")
+        tpath = getattr(ref, "path", None)
         try:
             recorded = load_tokenizer(local_checkpoint(tpath, storage_options)) if tpath else None
             where = f"target {tpath} (the store's)"
@@ -514,13 +515,13 @@ class _LoraRecipe:
         if self.val_reader is not None and self.val_reader.hidden_size != d:
             raise ConfigError(f"val store hidden size {self.val_reader.hidden_size} != train store {d}")
         self.readers = readers
-        meta = self.reader.meta
-        conv = meta.get("position_convention")
+        meta = self.reader.info.meta
+        conv = meta.position_convention
         if conv and conv != POSITION_CONVENTION:
             raise ConfigError(f"store {cfg.store} uses position convention {conv!r}, not {POSITION_CONVENTION!r}")
-        self.render = EventRenderConfig(**(meta.get("events") or {}))
+        self.render = EventRenderConfig(**(meta.events or {}))
         if self.val_reader is not None:
-            vr = EventRenderConfig(**(self.val_reader.meta.get("events") or {}))
+            vr = EventRenderConfig(**(self.val_reader.info.meta.events or {}))
             if vr != self.render:
                 raise ConfigError("train and val stores render events differently; their features are not comparable")
 
@@ -558,16 +559,16 @@ class _LoraRecipe:
             if max(s.fed_ids) >= vocab:
                 raise ConfigError(f"pair {s.pair_id}: a fed token id is outside the drafter vocabulary ({vocab})")
         self.lm_head = None
-        if self.reader.manifest.get("lm_head"):  # read errors propagate (transient faults are retried)
+        if self.reader.info.lm_head is not None:  # read errors propagate (transient faults are retried)
             self.lm_head = self.reader.lm_head().to(self.device, torch.float32)
         elif cfg.ce_weight:
             raise ConfigError(f"ce_weight={cfg.ce_weight} needs the target LM head, but store {cfg.store} holds "
                               "none (extract with a target model, or set ce_weight=0)")
         if self.lm_head is not None and self.lm_head.shape[1] != self.reader.hidden_size:
             raise ConfigError(f"LM head {tuple(self.lm_head.shape)} does not match hidden size {self.reader.hidden_size}")
-        dataset_urls = [cfg.dataset or "", self.reader.meta.get("dataset") or ""]
+        dataset_urls = [cfg.dataset or "", self.reader.info.meta.dataset or ""]
         if self.val_reader is not None:
-            dataset_urls.append(self.val_reader.meta.get("dataset") or "")
+            dataset_urls.append(self.val_reader.info.meta.dataset or "")
         self.features = FeatureSource(self.drafter, self.render, self.readers, dataset_urls,
                                       run_url=cfg.out, storage_options=self.so, write=self.ctx.main)
         # every scene's features before LoRA / k-bit preparation (same numerics as extraction)
