@@ -44,7 +44,7 @@ def plan_new_pairs(cfg: ExtractConfig) -> NewPairs:
     if store_exists(cfg.store, cfg.storage_options):
         reader = StoreReader(cfg.store, cfg.storage_options)
         committed = set(reader.pair_ids(status=None))
-        store_drafter = ((reader.meta.get("models") or {}).get("drafter") or {}).get("fingerprint")
+        store_drafter = reader.info.meta.model_fingerprint("drafter")
     if store_drafter is not None and store_drafter != fingerprint:
         drafter_store = derived_store_url(cfg.store, "drafter", fingerprint)
     drafter_store_exists = drafter_store is not None and store_exists(drafter_store, cfg.storage_options)
