@@ -150,7 +150,9 @@ def test_changed_adapter_reruns_only_its_training_and_evaluation(cfg, first_run,
     from flows.pipeline import pipeline
 
     changed = cfg.model_copy(deep=True)
-    changed.adapters[1] = changed.adapters[1].model_copy(update={"epochs": 2})  # L4
+    # a setting that changes what is trained (epochs does not: more epochs continue the same run,
+    # tests/flows/test_plan.py::test_epochs_are_not_part_of_a_run_directory)
+    changed.adapters[1] = changed.adapters[1].model_copy(update={"lr": changed.adapters[1].lr / 2})  # L4
     state = pipeline(changed, return_state=True)
     assert state.is_completed()
     ran = sorted(name for name, s in states_by_name(state).items()
