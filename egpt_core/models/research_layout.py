@@ -175,6 +175,10 @@ def write_slow_llama_tokenizer(tokenizer, out: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 # the whole checkpoint
 # --------------------------------------------------------------------------------------------------
+#: marks a directory written by :func:`write_research_eventgpt` (the only kind it replaces)
+RESEARCH_MARKER = ".egpt-research-fixture"
+
+
 def write_research_eventgpt(project_dir: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
     """Rewrite a project-layout tiny EventGPT (``egpt fixtures``) in the authors' layout at ``out``:
     same tensors, authors' names and config, ``fmt`` in :data:`RESEARCH_FORMATS`, slow tokenizer,
@@ -186,9 +190,13 @@ def write_research_eventgpt(project_dir: str | Path, out: str | Path, fmt: str =
     project_dir, out = Path(project_dir), Path(out)
     if fmt not in RESEARCH_FORMATS:
         raise ConfigError(f"unknown research weight format {fmt!r}; expected one of {RESEARCH_FORMATS}")
-    if out.exists():
+    if out.exists():  # replace only a checkpoint this function wrote (its marker), never a user's directory
+        if not (out / RESEARCH_MARKER).is_file() and any(out.iterdir()):
+            raise ConfigError(f"{out} exists and was not written by `egpt fixtures --layout research`; "
+                              "choose another OUTDIR or remove it yourself")
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / RESEARCH_MARKER).write_text("written by egpt fixtures --layout research\n")
     project_cfg = json.loads((project_dir / "config.json").read_text())
     _write_weights(authors_state_dict(project_dir), out, fmt)
     Location(str(out / "config.json")).write_atomic(json.dumps(_authors_config(project_cfg), indent=2) + "\n")
