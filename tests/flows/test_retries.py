@@ -91,19 +91,29 @@ def test_only_transient_errors_are_retried(fixture_paths, tmp_path, monkeypatch,
 
 
 def test_a_real_config_error_fails_fast(tmp_path, task_runs):
-    """egpt_core's own ConfigError (two prediction sources) ends the evaluate flow after one attempt."""
+    """egpt_core's own ConfigError, raised inside the task (an L6 LoRA evaluated on a store whose drafter
+    rows were not re-extracted with it), ends the evaluate flow after one attempt."""
     from egpt_core.adapters.synthetic import write_synthetic_pair_store
     from egpt_core.config import EvalConfig
     from flows.evaluate import evaluate
 
     store = str(tmp_path / "store")  # inputs that exist: the flow's input check passes, the task refuses
     write_synthetic_pair_store(store, hidden_size=8, n_scenes=2, pairs_per_scene=2, shard_size=4)
-    (tmp_path / "run").mkdir()
-    cfg = EvalConfig(store=store, out=str(tmp_path / "eval"), identity=True, adapter_run=str(tmp_path / "run"))
+    (tmp_path / "lora").mkdir()
+    cfg = EvalConfig(store=store, out=str(tmp_path / "eval"), lora=str(tmp_path / "lora"))
     state = evaluate(cfg, return_state=True)
     assert state.is_failed()
     [run] = task_runs(state.state_details.flow_run_id)
-    assert run.run_count == 1 and "exactly one prediction source" in run.state.message
+    assert run.run_count == 1 and "re-extracted teacher-forced" in run.state.message
+
+
+def test_two_prediction_sources_are_refused_before_any_run(tmp_path):
+    """The one-prediction-source rule lives in EvalConfig itself: it fails when the config is built,
+    (CLI, UI form and Python alike), before a flow or task run exists."""
+    from egpt_core.config import EvalConfig
+
+    with pytest.raises(ValidationError, match="exactly one prediction source"):
+        EvalConfig(store=str(tmp_path), out=str(tmp_path / "eval"), identity=True, adapter_run=str(tmp_path))
 
 
 def test_a_diverging_training_run_is_not_retried(tmp_path, task_runs):

@@ -34,28 +34,30 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def torn_write_hook(module, name: str, nth: int):
-    """Patch ``module.write_bytes``: the ``nth`` write of a file whose name ends with ``name`` leaves half
-    its bytes in a temp file (as a crash mid-write does) and the process dies."""
-    original = module.write_bytes
+def torn_write_hook(name: str, nth: int):
+    """Patch the one atomic write path (``fsio.Location.write_atomic``, under every ``runfiles`` write):
+    the ``nth`` write of a file whose name ends with ``name`` leaves half its bytes in a temp file (as a
+    crash mid-write does) and the process dies."""
+    from egpt_core.fsio import Location
 
-    def write_bytes(url, data, storage_options=None):
-        if str(url).endswith(name):
+    original = Location.write_atomic
+
+    def write_atomic(self, data):
+        if str(self.path).endswith(name):
             calls[name] = calls.get(name, 0) + 1
             if calls[name] == nth:
-                path = str(url).removeprefix("file://")
-                with open(path + TORN_SUFFIX, "wb") as f:
+                data = data.encode() if isinstance(data, str) else bytes(data)
+                with open(str(self.path).removeprefix("file://") + TORN_SUFFIX, "wb") as f:
                     f.write(data[: len(data) // 2])
                     f.flush()
                     os.fsync(f.fileno())
                 die()
-        return original(url, data, storage_options)
+        return original(self, data)
 
-    module.write_bytes = write_bytes
+    Location.write_atomic = write_atomic
 
 
 def run_adapter(cfg_json: str, point: str) -> None:
-    from egpt_core import runfiles as rf
     from egpt_core.adapters import train_adapter
     from egpt_core.config import TrainAdapterConfig
 
@@ -66,16 +68,15 @@ def run_adapter(cfg_json: str, point: str) -> None:
             if msg.startswith("epoch 2/"):
                 die()
     elif point == "torn-weights":
-        torn_write_hook(rf, ".weights.safetensors", 3)
+        torn_write_hook(".weights.safetensors", 3)
     elif point == "torn-commit":
-        torn_write_hook(rf, "/commit.json", 3)
+        torn_write_hook("/commit.json", 3)
     else:
         raise SystemExit(f"unknown adapter point {point}")
     train_adapter(cfg, progress=progress, resume=False)
 
 
 def run_lora(cfg_json: str, point: str) -> None:
-    from egpt_core import runfiles as rf
     from egpt_core.config import LoraTrainConfig
     from egpt_core.lora import train_lora
 
@@ -86,9 +87,9 @@ def run_lora(cfg_json: str, point: str) -> None:
             if msg.startswith("epoch 2/") and " step " in msg:
                 die()
     elif point == "torn-weights":
-        torn_write_hook(rf, ".weights.safetensors", 3)
+        torn_write_hook(".weights.safetensors", 3)
     elif point == "torn-commit":
-        torn_write_hook(rf, "/commit.json", 3)
+        torn_write_hook("/commit.json", 3)
     else:
         raise SystemExit(f"unknown lora point {point}")
     train_lora(cfg, progress=progress, resume=False)
