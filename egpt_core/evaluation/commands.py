@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     c = subparsers.add_parser("compare", help="one comparison table from several metrics.json files")
     c.add_argument("metrics", nargs="+", help="metrics.json files (URLs or paths)")
     c.add_argument("--out", required=True, help="output URL for comparison.md / comparison.json")
+    cliargs.add_storage_option_argument(c)
     c.set_defaults(func=_compare)
 
 
@@ -64,5 +65,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from egpt_core.evaluation.report import compare_runs, read_metrics
 
-    print(compare_runs([read_metrics(url) for url in args.metrics], args.out))
+    storage_options = cliargs.parse_storage_options(args.storage_option)
+    print(compare_runs([read_metrics(url, storage_options) for url in args.metrics], args.out, storage_options))
     return 0

@@ -45,7 +45,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from egpt_core.lora.merge import export_drafter
 
     out = export_drafter(args.lora, args.out, base=args.base, dtype=args.dtype, clip_path=args.clip_dir,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite,
+                         storage_options=cliargs.parse_storage_options(args.storage_option))
     print(json.dumps({"merged_drafter": out, "lora": args.lora, "base": args.base}, indent=2))
     return 0
 
@@ -80,4 +81,5 @@ def register(sub) -> None:
     e.add_argument("--clip-dir", dest="clip_dir", help="the base's CLIP tower directory (default: training's)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export of another LoRA/base in --out (never files egpt did not write)")
+    cliargs.add_storage_option_argument(e)
     e.set_defaults(func=_cmd_export)
