@@ -20,7 +20,7 @@ import torch
 
 from egpt_core.errors import BadInputError, StoreError
 from egpt_core.fingerprint import file_fingerprint, hash_json
-from egpt_core.fsio import url_to_fs
+from egpt_core.fsio import Location
 from egpt_core.store import manifest as mf
 from egpt_core.store.writer import StoreWriter
 
@@ -144,72 +144,97 @@ class _ShardQueue:
         self.pending.clear()
 
 
-def import_research(dir_url: str, store_url: str, storage_options: dict | None = None,
+def import_research(source: str | Location, store: str | Location, storage_options: dict | None = None,
                     shard_size: int = DEFAULT_SHARD_SIZE, *, dtype: str = "bfloat16",
-                    lm_head_url: str | None = None,
+                    lm_head_url: str | Location | None = None,
                     progress: Callable[[float, str], None] | None = None) -> dict:
-    """Import a research chunk directory into the store at ``store_url``; resumable and idempotent.
+    """Import a research chunk directory (``source``) into the store at ``store``; resumable and idempotent.
 
+    ``source``, ``store`` and ``lm_head_url`` are Locations, or URLs reached with ``storage_options``.
     ``lm_head_url``: optional research ``vl_lm_head.pt`` (``{"lm_head_weight": [V, D]}``).
     Returns a summary: chunks, pairs seen, imported (new pairs committed), already committed,
     duplicates, shards written, per-status counts of the new pairs, hidden size.
     """
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
-    fs, root = url_to_fs(dir_url, storage_options)
-    root = root.rstrip("/")
-    index, paths = _load_index(fs, root, dir_url)
-    cfg = index.get("config") or {}
-    summary: dict[str, Any] = {
-        "store": store_url, "chunks": len(paths), "pairs_seen": 0, "imported": 0, "already_committed": 0,
-        "duplicates": 0, "shards": 0, "counts": {s: 0 for s in mf.STATUSES}, "hidden_size": None,
-    }
-    writer: StoreWriter | None = None
-    committed: set[str] = set()
-    seen: set[str] = set()
-    queue: _ShardQueue | None = None
-
+    src, dest = Location.of(source, storage_options), Location.of(store, storage_options)
+    index, paths = _load_index(src.fs, src.path, src.url)
+    run = _ResearchImport(dest, index, len(paths), shard_size, dtype)
     for ci, rel in enumerate(paths):
-        url = f"{dir_url.rstrip('/')}/{rel}"
-        chunk = load_research_chunk(fs, f"{root}/{rel}", url)
-        eg, vl, sl, md = (chunk[k] for k in _REQUIRED)
-        n, S, D = eg.shape
-        if writer is None:
-            hd = cfg.get("hidden_dim")
-            if hd is not None and int(hd) != D:
-                raise BadInputError(url, f"hidden size {D} != index.json config hidden_dim {hd}")
-            writer = StoreWriter(store_url, _research_meta(index, int(D), dtype), storage_options)
-            queue = _ShardQueue(writer, shard_size, summary)
-            committed = writer.committed_pair_ids()
-            summary["hidden_size"] = int(D)
-        elif D != writer.hidden_size:
-            raise BadInputError(url, f"hidden size {D} differs from earlier chunks ({writer.hidden_size})")
-        lens = sl.tolist()
-        for i in range(n):
-            summary["pairs_seen"] += 1
-            rec = _pair(md[i], int(lens[i]), S, url, i)
-            pid = rec["pair_id"]
-            if pid in committed:
-                summary["already_committed"] += 1
-                continue
-            if pid in seen:
-                summary["duplicates"] += 1
-                continue
-            seen.add(pid)
-            ok = rec["status"] == "ok"
-            if queue.add(rec, eg[i, :rec["length"]] if ok else None, vl[i, :rec["length"]] if ok else None):
-                if progress:
-                    progress((ci + (i + 1) / n) / len(paths), f"{summary['imported']} pairs imported")
-        del chunk, eg, vl
+        url = src.child(rel).url
+        chunk = load_research_chunk(src.fs, f"{src.path}/{rel}", url)
+
+        def shard_done(i: int, n: int, ci: int = ci) -> None:
+            if progress:
+                progress((ci + (i + 1) / n) / len(paths), f"{run.summary['imported']} pairs imported")
+
+        run.add_chunk(chunk, url, shard_done)
+        del chunk
         if progress:
             progress((ci + 1) / len(paths), f"chunk {ci + 1}/{len(paths)}")
-    if queue is not None:
-        queue.flush()
+    run.flush()
     if lm_head_url:
-        w = _load_research_lm_head(lm_head_url, storage_options)
-        writer.write_lm_head(w, file_fingerprint(lm_head_url, storage_options))
-        summary["lm_head"] = list(w.shape)
-    return summary
+        head = Location.of(lm_head_url, storage_options)
+        w = _load_research_lm_head(head)
+        run.writer.write_lm_head(w, file_fingerprint(head.url, head.storage_options))
+        run.summary["lm_head"] = list(w.shape)
+    return run.summary
+
+
+class _ResearchImport:
+    """One import's state: the store writer (opened at the first chunk, which gives the hidden size),
+    the pair ids already committed or seen, and the summary :func:`import_research` returns."""
+
+    def __init__(self, store: Location, index: dict, n_chunks: int, shard_size: int, dtype: str):
+        self.store, self.index, self.shard_size, self.dtype = store, index, shard_size, dtype
+        self.summary: dict[str, Any] = {
+            "store": store.url, "chunks": n_chunks, "pairs_seen": 0, "imported": 0, "already_committed": 0,
+            "duplicates": 0, "shards": 0, "counts": {s: 0 for s in mf.STATUSES}, "hidden_size": None,
+        }
+        self.writer: StoreWriter | None = None
+        self.queue: _ShardQueue | None = None
+        self.committed: set[str] = set()
+        self.seen: set[str] = set()
+
+    def _queue_for(self, hidden_size: int, url: str) -> _ShardQueue:
+        """The shard queue; the first chunk opens the writer, later ones must match its hidden size."""
+        if self.writer is None:
+            hd = (self.index.get("config") or {}).get("hidden_dim")
+            if hd is not None and int(hd) != hidden_size:
+                raise BadInputError(url, f"hidden size {hidden_size} != index.json config hidden_dim {hd}")
+            self.writer = StoreWriter(self.store, _research_meta(self.index, hidden_size, self.dtype))
+            self.queue = _ShardQueue(self.writer, self.shard_size, self.summary)
+            self.committed = self.writer.committed_pair_ids()
+            self.summary["hidden_size"] = hidden_size
+        elif hidden_size != self.writer.hidden_size:
+            raise BadInputError(url, f"hidden size {hidden_size} differs from earlier chunks ({self.writer.hidden_size})")
+        return self.queue
+
+    def add_chunk(self, chunk: dict, url: str, shard_done: Callable[[int, int], None]) -> None:
+        """Queue the new pairs of one loaded chunk (rows [L, D] cut from its padded [n, S, D]);
+        ``shard_done(i, n)`` after pair ``i`` of ``n`` filled a shard."""
+        eg, vl, sl, md = (chunk[k] for k in _REQUIRED)
+        n, S, D = eg.shape
+        queue = self._queue_for(int(D), url)
+        lens = sl.tolist()
+        for i in range(n):
+            self.summary["pairs_seen"] += 1
+            rec = _pair(md[i], int(lens[i]), S, url, i)
+            pid = rec["pair_id"]
+            if pid in self.committed:
+                self.summary["already_committed"] += 1
+                continue
+            if pid in self.seen:
+                self.summary["duplicates"] += 1
+                continue
+            self.seen.add(pid)
+            ok = rec["status"] == "ok"
+            if queue.add(rec, eg[i, :rec["length"]] if ok else None, vl[i, :rec["length"]] if ok else None):
+                shard_done(i, n)
+
+    def flush(self) -> None:
+        if self.queue is not None:
+            self.queue.flush()
 
 
 def _research_meta(index: dict, hidden_size: int, dtype: str) -> dict[str, Any]:
@@ -227,11 +252,11 @@ def _research_meta(index: dict, hidden_size: int, dtype: str) -> dict[str, Any]:
     }
 
 
-def _load_research_lm_head(url: str, storage_options: dict | None) -> torch.Tensor:
+def _load_research_lm_head(head: Location) -> torch.Tensor:
     """The research ``vl_lm_head.pt`` weight [V, D] (``torch.load(weights_only=True)``; anything else refused)."""
-    lfs, lpath = url_to_fs(url, storage_options)
+    url = head.url
     try:
-        obj = torch.load(io.BytesIO(lfs.cat_file(lpath)), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(head.read()), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise StoreError(f"{url}: refused to load: not a plain tensor pickle") from exc
     w = obj.get("lm_head_weight") if isinstance(obj, dict) else obj

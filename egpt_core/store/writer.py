@@ -346,6 +346,9 @@ class StoreWriter:
         return entries
 
     def _serialize(self, entries: list[_Entry]) -> _Serialized:
+        """One shard's Parquet table and safetensors rows [R, D] (+ per-row digests) in memory, and the
+        manifest entry describing them; kept whole (~65 lines) because every field of the entry is
+        computed from the two byte strings built just above it."""
         name = mf.shard_name([e.rec["pair_id"] for e in entries])
         rows, offsets, off = [], [0], 0
         counts = {s: 0 for s in mf.STATUSES}
