@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from egpt_core import credentials
 from egpt_core.form_schema import compact_optional_fields
+
+if TYPE_CHECKING:
+    from egpt_core.fsio import Location
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Quant = Literal["none", "nf4"]
@@ -85,6 +88,12 @@ class _Model(BaseModel):
     def semantic_settings(self) -> dict[str, Any]:
         """The settings that decide what a run computes (JSON-able; ``NON_SEMANTIC`` fields left out)."""
         return self.model_dump(mode="json", exclude=set(self.NON_SEMANTIC))
+
+    def location(self, url: str) -> Location:
+        """``url`` (one of this config's URL settings) as a Location reached with the config's storage options."""
+        from egpt_core.fsio import Location
+
+        return Location(url, getattr(self, "storage_options", None) or None)
 
     @model_validator(mode="before")
     @classmethod

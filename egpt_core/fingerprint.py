@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from egpt_core.fsio import url_to_fs
+from egpt_core.fsio import Location
 
 #: Files larger than this are fingerprinted by size + mtime/ETag instead of a content hash.
 LARGE_FILE_BYTES = 64 * 1024 * 1024
@@ -22,9 +22,11 @@ def hash_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def file_fingerprint(url: str, storage_options: dict | None = None) -> str:
-    """Content hash of a file; for files over LARGE_FILE_BYTES, size + ETag/mtime."""
-    fs, path = url_to_fs(url, storage_options)
+def file_fingerprint(where: str | Location, storage_options: dict | None = None) -> str:
+    """Content hash of a file (a Location, or a URL with its ``storage_options``); for files over
+    LARGE_FILE_BYTES, size + ETag/mtime."""
+    src = Location.of(where, storage_options)
+    fs, path = src.fs, src.path
     info = fs.info(path)
     size = int(info.get("size") or 0)
     if size > LARGE_FILE_BYTES:
@@ -37,13 +39,16 @@ def file_fingerprint(url: str, storage_options: dict | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def dir_fingerprint(url: str, storage_options: dict | None = None, suffixes: tuple[str, ...] = ()) -> str:
-    """Hash of every file under a directory (relative name + file fingerprint), order-independent."""
-    fs, root = url_to_fs(url, storage_options)
+def dir_fingerprint(where: str | Location, storage_options: dict | None = None,
+                    suffixes: tuple[str, ...] = ()) -> str:
+    """Hash of every file under a directory (a Location, or a URL with its ``storage_options``):
+    relative name + file fingerprint, order-independent."""
+    src = Location.of(where, storage_options)
+    fs, root = src.fs, src.path
     entries = {}
     for p in sorted(fs.find(root)):
         if suffixes and not p.endswith(suffixes):
             continue
         rel = p[len(root.rstrip("/")) + 1 :]
-        entries[rel] = file_fingerprint(fs.unstrip_protocol(p), storage_options)
+        entries[rel] = file_fingerprint(Location(fs.unstrip_protocol(p), src.storage_options))
     return hash_json(entries)

@@ -17,7 +17,7 @@ from torch import nn
 from egpt_core import runfiles as rf
 from egpt_core.config import AdapterConfig
 from egpt_core.errors import ConfigError, StoreError
-from egpt_core.fsio import join
+from egpt_core.fsio import Location
 
 FORMAT = "egpt-adapter/1"
 
@@ -33,31 +33,35 @@ def adapter_weights_metadata(cfg: AdapterConfig, hidden_size: int) -> dict[str, 
             "adapter_config": adapter_cfg.model_dump_json()}
 
 
-def save_adapter_weights(url: str, module: nn.Module, cfg: AdapterConfig, hidden_size: int, epoch: int,
-                         storage_options: dict | None = None, extra: dict[str, str] | None = None) -> None:
+def save_adapter_weights(dest: str | Location, module: nn.Module, cfg: AdapterConfig, hidden_size: int, epoch: int,
+                         extra: dict[str, str] | None = None) -> None:
+    """The adapter's weights as a safetensors file at ``dest`` (its metadata rebuilds the module)."""
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     meta = {**adapter_weights_metadata(cfg, hidden_size), "epoch": str(epoch)}
     meta.update(extra or {})
-    rf.write_bytes(url, st_save(state, metadata=meta), storage_options)
+    Location.of(dest).write_atomic(st_save(state, metadata=meta))
 
 
-def _weights_url(run_url: str, which: str) -> str:
+def _weights_file(run: Location, which: str) -> Location:
     if which.endswith(".safetensors"):
-        return which if "/" in which else join(run_url, which)
+        return Location(which, run.storage_options) if "/" in which else run.child(which)
     if which not in ("best", "last"):
         raise ConfigError(f"which={which!r}: expected 'best', 'last' or a .safetensors file name")
-    return join(run_url, f"{which}.safetensors")
+    return run.child(f"{which}.safetensors")
 
 
-def load_adapter(run_url: str, which: str = "best", storage_options: dict | None = None,
+def load_adapter(run_dir: str | Location, which: str = "best", storage_options: dict | None = None,
                  device: str | torch.device = "cpu") -> tuple[nn.Module, AdapterConfig]:
-    """Rebuild a trained adapter from a run directory without pickle -> (module in eval mode, config)."""
+    """Rebuild a trained adapter from a run directory (a Location, or a URL with its
+    ``storage_options``) without pickle -> (module in eval mode, config)."""
     from egpt_core.adapters.modules import create_adapter
 
-    url = _weights_url(run_url, which)
-    if not rf.exists(url, storage_options):
-        raise ConfigError(f"no adapter checkpoint at {url} (is {run_url!r} an adapter run directory?)")
-    data = rf.read_bytes(url, storage_options)
+    run = Location.of(run_dir, storage_options)
+    weights = _weights_file(run, which)
+    url = weights.url
+    data = weights.read_or_none()
+    if data is None:
+        raise ConfigError(f"no adapter checkpoint at {url} (is {run.url!r} an adapter run directory?)")
     meta = rf.safetensors_metadata(data)
     if meta.get("format") != FORMAT:
         raise StoreError(f"{url}: not an egpt adapter checkpoint (format={meta.get('format')!r})")

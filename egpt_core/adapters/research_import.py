@@ -38,10 +38,9 @@ from typing import Any
 
 import torch
 
-from egpt_core import runfiles as rf
 from egpt_core.config import AdapterConfig
 from egpt_core.errors import ConfigError
-from egpt_core.fsio import join
+from egpt_core.fsio import Location
 
 IMPORT_FORMAT = "egpt-adapter-import/1"
 
@@ -189,14 +188,15 @@ def convert_state_dict(level: str, sd: dict[str, torch.Tensor], module: torch.nn
     return {k: out[k].detach().to(expected[k].dtype).contiguous() for k in expected}
 
 
-def import_research_adapter(path: str | Path, out: str, level: str, storage_options: dict | None = None,
+def import_research_adapter(path: str | Path, out: str | Location, level: str, storage_options: dict | None = None,
                             which: str = "best") -> dict[str, Any]:
-    """Convert a research ``best_model.pt`` into an adapter run directory at ``out`` (``best.safetensors``
-    by default, ``last`` for a ``final_model.pt``, + ``config.json``); returns the config.json record."""
+    """Convert a research ``best_model.pt`` into an adapter run directory at ``out`` (a Location, or a URL
+    with its ``storage_options``): ``best.safetensors`` by default, ``last`` for a ``final_model.pt``, +
+    ``config.json``; returns the config.json record."""
     from egpt_core.adapters.checkpoint import save_adapter_weights
     from egpt_core.adapters.modules import LEVELS, count_parameters, create_adapter
 
-    path = Path(path)
+    path, run = Path(path), Location.of(out, storage_options)
     if level not in LEVELS:
         raise ConfigError(f"unknown adapter level {level!r}; expected one of {', '.join(LEVELS)}")
     if which not in ("best", "last"):
@@ -213,8 +213,8 @@ def import_research_adapter(path: str | Path, out: str, level: str, storage_opti
     module.load_state_dict(convert_state_dict(level, sd, module, path), strict=True)
     epoch = int(ckpt.get("epoch") or 0)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    save_adapter_weights(join(out, f"{which}.safetensors"), module, acfg, int(acfg.hidden_size), epoch,
-                         storage_options, extra={"source": IMPORT_FORMAT, "source_sha256": digest})
+    save_adapter_weights(run.child(f"{which}.safetensors"), module, acfg, int(acfg.hidden_size), epoch,
+                         extra={"source": IMPORT_FORMAT, "source_sha256": digest})
     metrics = ckpt.get("metrics") if isinstance(ckpt.get("metrics"), dict) else {}
     record = {
         "task": "import_adapter", "format": IMPORT_FORMAT, "source": str(path), "source_sha256": digest,
@@ -223,7 +223,7 @@ def import_research_adapter(path: str | Path, out: str, level: str, storage_opti
         "research": {"adapter_type": kind, "config": _jsonable(rcfg), "epoch": epoch, "metrics": _jsonable(metrics)},
         "imported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    rf.write_json(join(out, "config.json"), record, storage_options)
+    run.child("config.json").write_json(record)
     return record
 
 

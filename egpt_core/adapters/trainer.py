@@ -39,7 +39,7 @@ from egpt_core.adapters.modules import LEVEL_SPECS, adapter_inputs, count_parame
 from egpt_core.config import TrainAdapterConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError, TrainingDivergedError
-from egpt_core.fsio import is_local, join
+from egpt_core.fsio import Location, is_local
 from egpt_core.memory import DataCacheDecision, decide_data_cache
 from egpt_core.training import checkpoint as ck
 from egpt_core.training.curves import Panel, SumAccumulator, pack, plot_curves, unpack
@@ -95,11 +95,12 @@ class _Split:
         return 1 if self.cached else 8
 
 
-def _open_reader(url: str, storage_options: dict):
+def _open_reader(store: Location):
     from egpt_core.store import StoreReader
 
+    url = store.url
     try:
-        return StoreReader(url, storage_options=storage_options or None)
+        return StoreReader(store)
     except FileNotFoundError as exc:
         raise ConfigError(f"store {url!r} not found or not readable ({exc}); check the URL and storage options") from exc
 
@@ -204,9 +205,8 @@ def _open_stores(cfg: TrainAdapterConfig) -> tuple[list, Any, int, dict[str, str
     to agree on the hidden size (and the adapter's) and on the model pair."""
     if not cfg.train:
         raise ConfigError("no train store given (TrainAdapterConfig.train / --train URL)")
-    so = cfg.storage_options
-    readers = [_open_reader(u, so) for u in cfg.train]
-    val_reader = _open_reader(cfg.val, so) if cfg.val else None
+    readers = [_open_reader(cfg.location(u)) for u in cfg.train]
+    val_reader = _open_reader(cfg.location(cfg.val)) if cfg.val else None
     sizes = {u: int(r.hidden_size) for u, r in zip(cfg.train, readers)}
     if val_reader is not None:
         sizes[cfg.val] = int(val_reader.hidden_size)
@@ -399,7 +399,7 @@ def train_adapter(cfg: TrainAdapterConfig, progress: Progress | None = None, res
     required; a finished run is returned as is, a run asked for more epochs than it ran continues).
     Under torchrun (WORLD_SIZE > 1) it runs data-parallel; every rank must call it with the same config.
     """
-    return launch(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options, resume=resume,
+    return launch(cfg.location(cfg.out), RUN_KIND, config_fingerprint(cfg), resume=resume,
                   device=cfg.device, run=lambda ctx: _AdapterRecipe(cfg, progress, ctx).run(resume))
 
 
@@ -409,7 +409,7 @@ class _AdapterRecipe:
 
     def __init__(self, cfg: TrainAdapterConfig, progress: Progress | None, ctx: DistContext):
         self.cfg, self.progress, self.ctx = cfg, progress, ctx
-        self.so = cfg.storage_options or None
+        self.run_dir = cfg.location(cfg.out)
         self.level = str(cfg.adapter.level)
         self.eagle = self.level in EAGLE_LEVELS
         self.fingerprint = config_fingerprint(cfg)
@@ -459,7 +459,7 @@ class _AdapterRecipe:
     def resume(self) -> bool:
         """Continue from the committed checkpoint (False: there is none)."""
         cfg, ctx = self.cfg, self.ctx
-        committed = ck.load_committed(cfg.out, RUN_KIND, self.so)
+        committed = ck.load_committed(self.run_dir, RUN_KIND)
         if committed is None:
             return False
         if committed.extra.get("config_fingerprint") != self.fingerprint:
@@ -480,8 +480,8 @@ class _AdapterRecipe:
 
     def start_fresh(self) -> None:
         if self.ctx.main:
-            ck.clear(self.cfg.out, self.so)  # a stale commit must not outlive a restart
-            rf.write_json(join(self.cfg.out, "config.json"), self._config_record(), self.so)
+            ck.clear(self.run_dir)  # a stale commit must not outlive a restart
+            self.run_dir.child("config.json").write_json(self._config_record())
         self.ctx.barrier()
 
     def _config_record(self) -> dict[str, Any]:
@@ -597,10 +597,10 @@ class _AdapterRecipe:
                      "n_train": self.data.n_train, "n_val": self.data.n_val, "param_count": self.n_params,
                      "world_size": ctx.world}
             committed = ck.commit_epoch(
-                cfg.out, RUN_KIND, self.state.epoch, weights=self.adapter.state_dict(),
+                self.run_dir, RUN_KIND, self.state.epoch, weights=self.adapter.state_dict(),
                 weights_metadata=adapter_weights_metadata(cfg.adapter, self.d),
                 train_tensors={**opt_tensors, **rng_tensors}, state=self.state.to_json(), extra=extra,
-                best=improved, storage_options=self.so)
+                best=improved)
             self._publish(committed, best_changed=improved)
             entry = self.state.history[-1]
             if self.progress is not None:
@@ -611,17 +611,17 @@ class _AdapterRecipe:
     def _publish(self, committed: ck.Committed, best_changed: bool) -> None:
         """best.safetensors / last.safetensors (copies of the committed weight files), history.json and
         the curves; on resume (``best_changed`` False) only what is missing or of another epoch."""
-        out, so = self.cfg.out, self.so
+        out = self.run_dir
         for which, epoch in (("best", self.state.best_epoch), ("last", self.state.epoch)):
-            url = join(out, f"{which}.safetensors")
-            if which == "last" or best_changed or _file_epoch(url, so) != str(epoch):
-                data = committed.weights_bytes(which, so)
+            weights = out.child(f"{which}.safetensors")
+            if which == "last" or best_changed or _file_epoch(weights) != str(epoch):
+                data = committed.weights_bytes(which)
                 if data is not None:
-                    rf.write_bytes(url, data, so)
-        rf.write_json(join(out, "history.json"), self.state.history, so)
+                    weights.write_atomic(data)
+        out.child("history.json").write_json(self.state.history)
         now = time.perf_counter()
         if self.state.finished(self.cfg.epochs) or now - self.last_plot > 30:
-            plot_curves(self.state.history, CURVES, join(out, "training_curves.png"), so)
+            plot_curves(self.state.history, CURVES, out.child("training_curves.png"))
             self.last_plot = now
 
     def finish(self) -> TrainResult:
@@ -631,14 +631,14 @@ class _AdapterRecipe:
                              metrics=dict(best), n_train_pairs=self.data.n_train, n_val_pairs=self.data.n_val,
                              param_count=self.n_params)
         if self.ctx.main:
-            rf.write_json(join(self.cfg.out, "result.json"), result.model_dump(), self.so)
+            self.run_dir.child("result.json").write_json(result.model_dump())
         self.ctx.barrier()
         return result
 
 
-def _file_epoch(url: str, storage_options: dict | None) -> str | None:
+def _file_epoch(weights: Location) -> str | None:
     """The ``epoch`` metadata of a weights file (None: no such file)."""
-    data = rf.read_bytes(url, storage_options)
+    data = weights.read_or_none()
     return None if data is None else rf.safetensors_metadata(data).get("epoch")
 
 

@@ -21,22 +21,22 @@ from egpt_core import runfiles as rf
 from egpt_core.config import ModelLoadConfig
 from egpt_core.errors import ConfigError
 from egpt_core.fingerprint import dir_fingerprint, hash_json
-from egpt_core.fsio import is_local
+from egpt_core.fsio import Location
 from egpt_core.outdir import OutputDirError
 
 EXPORT_FORMAT = "egpt-lora-merged/1"
 EXPORT_KIND = "drafter-export"
 
 
-def resolve_adapter_dir(lora_dir: str, storage_options: dict | None = None) -> Path:
-    """A local peft adapter directory for ``lora_dir`` (an adapter dir, or a run dir -> its best/)."""
-    local = rf.local_dir(lora_dir, storage_options)
+def resolve_adapter_dir(lora: Location) -> Path:
+    """A local peft adapter directory for ``lora`` (an adapter dir, or a run dir -> its best/)."""
+    local = rf.local_dir(lora)
     if (local / "adapter_config.json").is_file():
         return local
     for sub in ("best", "adapter"):
         if (local / sub / "adapter_config.json").is_file():
             return local / sub
-    raise ConfigError(f"{lora_dir} is not a peft adapter directory (no adapter_config.json, no best/ or adapter/)")
+    raise ConfigError(f"{lora.url} is not a peft adapter directory (no adapter_config.json, no best/ or adapter/)")
 
 
 def _base_dtype(base_dir: Path) -> str:
@@ -45,11 +45,11 @@ def _base_dtype(base_dir: Path) -> str:
     return dt if dt in ("float32", "bfloat16", "float16") else "float32"
 
 
-def _refuse_overlap(out_dir: str, inputs: dict[str, Path]) -> None:
+def _refuse_overlap(out_dir: Location, inputs: dict[str, Path]) -> None:
     """--out must not be (or lie inside, or contain) the base drafter or the LoRA it reads."""
-    if not is_local(out_dir):
+    if not out_dir.is_local:
         return
-    out = Path(str(out_dir).removeprefix("file://")).resolve()
+    out = Path(out_dir.url.removeprefix("file://")).resolve()
     for what, path in inputs.items():
         p = path.resolve()
         if out == p or p in out.parents or out in p.parents:
@@ -57,10 +57,12 @@ def _refuse_overlap(out_dir: str, inputs: dict[str, Path]) -> None:
                                  "another directory")
 
 
-def export_drafter(lora_dir: str, out_dir: str, base: str | None = None, dtype: str | None = None,
-                   storage_options: dict | None = None, clip_path: str | None = None, overwrite: bool = False) -> str:
+def export_drafter(lora_dir: str | Location, out_dir: str | Location, base: str | None = None,
+                   dtype: str | None = None, storage_options: dict | None = None, clip_path: str | None = None,
+                   overwrite: bool = False) -> str:
     """Merge the LoRA at ``lora_dir`` into ``base`` (default: the drafter it was trained on) -> ``out_dir``.
 
+    ``lora_dir``, ``out_dir`` and ``base`` are Locations, or URLs reached with ``storage_options``.
     ``dtype`` defaults to the base checkpoint's dtype; ``clip_path`` (default: the one training used)
     overrides the base's ``mm_visual_tower``. A base that carries its own tower weights (the authors'
     layout) keeps them in the export. ``out_dir`` must be new, empty or an earlier export of the same
@@ -69,25 +71,26 @@ def export_drafter(lora_dir: str, out_dir: str, base: str | None = None, dtype: 
     """
     from egpt_core.models.loading import checkpoint_fingerprint, local_checkpoint
 
-    adapter = resolve_adapter_dir(lora_dir, storage_options)
+    lora, out = Location.of(lora_dir, storage_options), Location.of(out_dir, storage_options)
+    adapter = resolve_adapter_dir(lora)
     acfg = json.loads((adapter / "adapter_config.json").read_text())
     prov_path = adapter / "egpt_lora.json"
     prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
     base = base or prov.get("drafter") or acfg.get("base_model_name_or_path")
     if not base:
-        raise ConfigError(f"{lora_dir}: no base drafter recorded; pass base")
-    base_dir = local_checkpoint(base, storage_options)
+        raise ConfigError(f"{lora.url}: no base drafter recorded; pass base")
+    base_dir = local_checkpoint(Location.of(base, out.storage_options))
     dtype = dtype or _base_dtype(base_dir)
-    _refuse_overlap(out_dir, {"base drafter": base_dir, "LoRA": adapter})
+    _refuse_overlap(out, {"base drafter": base_dir, "LoRA": adapter})
     adapter_fp = dir_fingerprint(str(adapter), suffixes=(".json", ".safetensors"))
     identity = hash_json({"adapter": adapter_fp, "base": checkpoint_fingerprint(base_dir), "dtype": dtype})
-    with outdir.claim_output(out_dir, EXPORT_KIND, identity, storage_options, replace=overwrite):
-        _merge_and_write(adapter, base, base_dir, dtype, prov, lora_dir, adapter_fp, out_dir, storage_options, clip_path)
-    return str(out_dir)
+    with outdir.claim_output(out, EXPORT_KIND, identity, replace=overwrite):
+        _merge_and_write(adapter, str(base), base_dir, dtype, prov, lora.url, adapter_fp, out, clip_path)
+    return out.url
 
 
 def _merge_and_write(adapter: Path, base: str, base_dir: Path, dtype: str, prov: dict, lora_dir: str,
-                     adapter_fp: str, out_dir: str, storage_options: dict | None, clip_path: str | None) -> None:
+                     adapter_fp: str, out_dir: Location, clip_path: str | None) -> None:
     from peft import PeftModel
 
     from egpt_core.models import load_eventgpt
@@ -110,7 +113,7 @@ def _merge_and_write(adapter: Path, base: str, base_dir: Path, dtype: str, prov:
     # the copied CLIP directory, else the base's own tower name (a KNOWN_TOWERS entry)
     clip_name = clip_src.name if clip_src is not None else raw_cfg.get("mm_visual_tower")
 
-    tmp = rf.staging_dir(out_dir)
+    tmp = rf.staging_dir(out_dir.url)
     try:
         merged.config.clip_config = None  # the tower config comes from its directory / name, as in the base
         merged.config.mm_visual_tower = clip_name
@@ -126,7 +129,7 @@ def _merge_and_write(adapter: Path, base: str, base_dir: Path, dtype: str, prov:
             "dtype": dtype, "lora_provenance": prov,
         })
         del merged, peft_model
-        rf.put_dir(tmp, out_dir, storage_options, kind=EXPORT_KIND)
+        rf.put_dir(tmp, out_dir, kind=EXPORT_KIND)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

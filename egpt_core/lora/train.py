@@ -49,7 +49,7 @@ from egpt_core import runfiles as rf
 from egpt_core.config import EventRenderConfig, LoraTrainConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError, TrainingDivergedError
-from egpt_core.fsio import join
+from egpt_core.fsio import Location, join
 from egpt_core.models.positions import POSITION_CONVENTION, gather_rows
 from egpt_core.training import checkpoint as ck
 from egpt_core.training.curves import Panel, SumAccumulator, plot_curves
@@ -244,9 +244,10 @@ class FeatureSource:
 # --------------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------------
-def check_store_vocab(drafter, reader, drafter_path: str, storage_options: dict | None = None) -> None:
+def check_store_vocab(drafter, reader, drafter_path: str) -> None:
     """The drafter is fed the store's target token ids: its tokenizer must agree with the target
-    vocabulary the store records (else with the recorded target checkpoint's tokenizer)."""
+    vocabulary the store records (else with the recorded target checkpoint's tokenizer, reached with
+    the store's storage options)."""
     from egpt_core.models.loading import local_checkpoint
     from egpt_core.models.vocab import check_vocab_compat, load_tokenizer
 
@@ -256,7 +257,7 @@ def check_store_vocab(drafter, reader, drafter_path: str, storage_options: dict 
         ref = (reader.info.meta.models or {}).get("target")
         tpath = getattr(ref, "path", None)
         try:
-            recorded = load_tokenizer(local_checkpoint(tpath, storage_options)) if tpath else None
+            recorded = load_tokenizer(local_checkpoint(Location(tpath, reader.storage_options))) if tpath else None
             where = f"target {tpath} (the store's)"
         except ConfigError:
             recorded = None
@@ -399,12 +400,13 @@ CURVES = (
 )
 
 
-def save_adapter(peft_model, url: str, provenance: dict[str, Any], storage_options: dict | None = None) -> None:
-    """peft ``save_pretrained`` (safetensors) + ``egpt_lora.json`` into the directory ``url``."""
-    tmp = rf.staging_dir(url)
+def save_adapter(peft_model, out: str | Location, provenance: dict[str, Any]) -> None:
+    """peft ``save_pretrained`` (safetensors) + ``egpt_lora.json`` into the directory ``out``."""
+    out = Location.of(out)
+    tmp = rf.staging_dir(out.url)
     peft_model.save_pretrained(str(tmp), safe_serialization=True)
     rf.write_json(str(tmp / "egpt_lora.json"), provenance)
-    rf.put_dir(tmp, url, storage_options, kind="lora-adapter")
+    rf.put_dir(tmp, out, kind="lora-adapter")
 
 
 RUN_KIND = "lora-run"
@@ -420,7 +422,7 @@ def config_fingerprint(cfg) -> str:
 def train_lora(cfg: LoraTrainConfig, progress: Progress | None = None, resume: bool = True) -> LoraResult:
     """Train an L6 LoRA on the drafter from a store; resumes from the committed ``cfg.out/checkpoint``
     when present (a finished run is returned as is, a run asked for more epochs continues)."""
-    return launch(cfg.out, RUN_KIND, config_fingerprint(cfg), cfg.storage_options, resume=resume, device="auto",
+    return launch(cfg.location(cfg.out), RUN_KIND, config_fingerprint(cfg), resume=resume, device="auto",
                   run=lambda ctx: _LoraRecipe(cfg, progress, ctx).run(resume))
 
 
@@ -431,6 +433,7 @@ class _LoraRecipe:
     def __init__(self, cfg: LoraTrainConfig, progress: Progress | None, ctx: DistContext):
         self.cfg, self.progress, self.ctx = cfg, progress, ctx
         self.so = cfg.storage_options
+        self.run_dir = cfg.location(cfg.out)
         self.fingerprint = config_fingerprint(cfg)
         self.state = RunState()
         self.extra: dict[str, Any] = {}  # what the checkpoint keeps besides the run state
@@ -458,13 +461,13 @@ class _LoraRecipe:
         the drafter with its LoRA, the data and the optimizer."""
         cfg, ctx = self.cfg, self.ctx
         self._open()
-        committed = ck.load_committed(cfg.out, RUN_KIND, self.so) if resume else None
+        committed = ck.load_committed(self.run_dir, RUN_KIND) if resume else None
         if committed is not None and committed.extra.get("config_fingerprint") != self.fingerprint:
             raise ConfigError(f"{cfg.out} holds a checkpoint of a different L6 config; use another --out, "
                               "or --no-resume to replace it")
         if ctx.main:
             if committed is None:  # a fresh start never continues a stale checkpoint left in cfg.out later
-                ck.clear(cfg.out, self.so)
+                ck.clear(self.run_dir)
             rf.write_json(join(cfg.out, "config.json"), rf.config_record(cfg), self.so)
         ctx.barrier()
         self._load_model()
@@ -489,7 +492,7 @@ class _LoraRecipe:
         log.info("resuming %s after epoch %d", self.cfg.out, self.state.epoch)
         if self.ctx.main:
             rf.write_json(join(self.cfg.out, "history.json"), self.state.history, self.so)
-            if _published_epoch(join(self.cfg.out, "best"), self.so) != self.state.best_epoch:
+            if _published_epoch(self.run_dir.child("best")) != self.state.best_epoch:
                 self._publish_best_from(committed)  # a crash after the commit, or a deleted best/
         self.ctx.barrier()
 
@@ -538,7 +541,7 @@ class _LoraRecipe:
                               f"{self.reader.hidden_size}")
         self.device = self.drafter.device
         for reader in self.readers:
-            check_store_vocab(self.drafter, reader, self.cfg.drafter, self.so)
+            check_store_vocab(self.drafter, reader, self.cfg.drafter)
     def _data(self):
         cfg = self.cfg
         train = load_samples(self.reader, src=0, drafter=self.drafter)
@@ -660,13 +663,13 @@ class _LoraRecipe:
         if ctx.main:
             opt_tensors, opt_info = rf.optimizer_to_flat(self.opt)
             self.extra.update(optimizer=opt_info, rng=rng_infos)
-            ck.commit_epoch(cfg.out, RUN_KIND, epoch, weights=get_peft_model_state_dict(self.peft),
+            ck.commit_epoch(self.run_dir, RUN_KIND, epoch, weights=get_peft_model_state_dict(self.peft),
                             weights_metadata={"format": LORA_FORMAT}, train_tensors={**opt_tensors, **rng_tensors},
-                            state=self.state.to_json(), extra=self.extra, best=improved, storage_options=self.so)
+                            state=self.state.to_json(), extra=self.extra, best=improved)
             if improved:
                 self._save("best")
             rf.write_json(join(cfg.out, "history.json"), self.state.history, self.so)
-            plot_curves(self.state.history, CURVES, join(cfg.out, "training_curves.png"), self.so, self._baseline())
+            plot_curves(self.state.history, CURVES, self.run_dir.child("training_curves.png"), self._baseline())
         ctx.barrier()
         if self.progress and epoch:
             val = self.state.history[-1]
@@ -712,7 +715,7 @@ class _LoraRecipe:
                       "rank": self.cfg.rank, "alpha": self.cfg.alpha,
                       "epoch": self.state.epoch if epoch is None else epoch,
                       "trainable_params": self.extra.get("trainable_params")}
-        save_adapter(self.peft, join(self.cfg.out, which), provenance, self.so)
+        save_adapter(self.peft, self.run_dir.child(which), provenance)
 
     def _measured_trainable(self) -> int:
         """Parameters that receive a gradient (one backward when no step ran in this process)."""
@@ -743,7 +746,7 @@ class _LoraRecipe:
         if self.ctx.main:
             self._save("adapter")
             rf.write_json(join(cfg.out, "history.json"), hist, self.so)
-            plot_curves(hist, CURVES, join(cfg.out, "training_curves.png"), self.so, self._baseline())
+            plot_curves(hist, CURVES, self.run_dir.child("training_curves.png"), self._baseline())
             rf.write_json(join(cfg.out, "metrics.json"), metrics, self.so)
         self.ctx.barrier()
         return LoraResult(
@@ -756,7 +759,7 @@ class _LoraRecipe:
         )
 
 
-def _published_epoch(url: str, storage_options: dict | None) -> int | None:
+def _published_epoch(folder: Location) -> int | None:
     """The epoch a published peft folder (best/, adapter/) holds, from its egpt_lora.json (None: none)."""
-    prov = rf.read_json(join(url, "egpt_lora.json"), storage_options)
+    prov = rf.read_json(folder.child("egpt_lora.json"))
     return None if prov is None else prov.get("epoch")

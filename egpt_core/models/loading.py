@@ -25,7 +25,7 @@ from transformers import BitsAndBytesConfig, CLIPImageProcessor, CLIPVisionModel
 from egpt_core.config import ModelLoadConfig
 from egpt_core.errors import ConfigError
 from egpt_core.fingerprint import dir_fingerprint, hash_json
-from egpt_core.fsio import is_local, url_to_fs
+from egpt_core.fsio import Location
 from egpt_core.models.checkpoints import (
     check_loading_info,
     check_tensor_names,
@@ -68,14 +68,17 @@ def cache_root() -> Path:
     return cache_dir()
 
 
-def local_checkpoint(url: str, storage_options: dict | None = None) -> Path:
-    """A local directory for a checkpoint URL; remote ones are fetched once, keyed by fingerprint."""
-    if is_local(url):
+def local_checkpoint(where: str | Location, storage_options: dict | None = None) -> Path:
+    """A local directory for a checkpoint (a Location, or a URL with its ``storage_options``); remote
+    ones are fetched once, keyed by fingerprint."""
+    src = Location.of(where, storage_options)
+    url = src.url
+    if src.is_local:
         p = Path(str(url).removeprefix("file://"))
         if not p.is_dir():
             raise ConfigError(f"checkpoint directory {url} does not exist (set drafter/target to a local dir or URL)")
         return p
-    fs, root = url_to_fs(url, storage_options)
+    fs, root = src.fs, src.path
     if not fs.isdir(root):
         raise ConfigError(f"checkpoint {url} not found on its filesystem")
     listing = {p: (fs.info(p).get("ETag") or fs.info(p).get("size")) for p in sorted(fs.find(root))}
@@ -227,7 +230,7 @@ def eventgpt_fingerprint(ckpt: Path, tower: TowerSource, double_adaptor: bool) -
                       "double_adaptor": double_adaptor})
 
 
-def drafter_fingerprint(path: str, clip_path: str | None = None, double_adaptor: bool = False,
+def drafter_fingerprint(path: str | Location, clip_path: str | None = None, double_adaptor: bool = False,
                         storage_options: dict | None = None) -> str:
     """`load_eventgpt(path, ...).fingerprint` computed from the files, without loading the model."""
     ckpt = local_checkpoint(path, storage_options)
@@ -256,7 +259,7 @@ def _forget_key_mapping(model) -> None:
         model._weight_conversions = [c for c in convs if not ours & set(getattr(c, "source_patterns", ()) or ())]
 
 
-def load_eventgpt(path: str, load: ModelLoadConfig | None = None, clip_dir: str | None = None,
+def load_eventgpt(path: str | Location, load: ModelLoadConfig | None = None, clip_dir: str | None = None,
                   double_adaptor: bool = False, storage_options: dict | None = None):
     """Load an EventGPT checkpoint directory -> `EventGPTDrafter` (model, tokenizer, CLIP processor).
 
@@ -343,7 +346,7 @@ class CheckpointIdentity:
     hidden_size: int
 
 
-def videollava_identity(path: str, storage_options: dict | None = None) -> CheckpointIdentity:
+def videollava_identity(path: str | Location, storage_options: dict | None = None) -> CheckpointIdentity:
     """`load_videollava(path).fingerprint` and hidden size from the checkpoint's files (no weights loaded)."""
     ckpt = local_checkpoint(path, storage_options)
     raw = json.loads((ckpt / "config.json").read_text())
@@ -356,7 +359,8 @@ def videollava_identity(path: str, storage_options: dict | None = None) -> Check
     return CheckpointIdentity(str(path), checkpoint_fingerprint(ckpt), hidden)
 
 
-def load_videollava(path: str, load: ModelLoadConfig | None = None, storage_options: dict | None = None):
+def load_videollava(path: str | Location, load: ModelLoadConfig | None = None,
+                    storage_options: dict | None = None):
     """Load a Video-LLaVA checkpoint directory -> `VideoLlavaTarget` (model + processor)."""
     from transformers import VideoLlavaForConditionalGeneration, VideoLlavaProcessor
 
@@ -391,7 +395,7 @@ def load_videollava(path: str, load: ModelLoadConfig | None = None, storage_opti
 LM_HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight")
 
 
-def checkpoint_lm_head(path: str, storage_options: dict | None = None) -> torch.Tensor:
+def checkpoint_lm_head(path: str | Location, storage_options: dict | None = None) -> torch.Tensor:
     """A Video-LLaVA checkpoint's LM head ``[V, D]`` as stored in its files, in float32 (exact for
     fp16/bf16/fp32 checkpoints): not the copy of a model loaded in bf16 or NF4."""
     return read_tensor(local_checkpoint(path, storage_options), LM_HEAD_NAMES).float()

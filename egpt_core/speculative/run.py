@@ -32,7 +32,7 @@ from egpt_core.data.dataset import questions_url
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
-from egpt_core.fsio import Location, join
+from egpt_core.fsio import Location
 from egpt_core.speculative import measure
 from egpt_core.speculative.drafting import DraftHead
 from egpt_core.speculative.loop import PairInputs, speculative_generate, target_greedy
@@ -181,13 +181,13 @@ class Models:
     level: str | None = None
 
 
-def _merge_lora(drafter, lora_dir: str, storage_options: dict) -> str:
+def _merge_lora(drafter, lora: Location) -> str:
     """Merge an L6 peft adapter into the loaded drafter (in memory); returns the adapter's fingerprint."""
     from peft import PeftModel
 
     from egpt_core.lora.merge import resolve_adapter_dir
 
-    adapter = resolve_adapter_dir(lora_dir, storage_options)
+    adapter = resolve_adapter_dir(lora)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         merged = PeftModel.from_pretrained(drafter.model, str(adapter), is_trainable=False).merge_and_unload()
@@ -200,8 +200,7 @@ def load_models(cfg: SpeculateConfig, source: str, lm_head: torch.Tensor | None)
     from egpt_core.models.loading import load_eventgpt, load_videollava
     from egpt_core.models.vocab import check_vocab_compat
 
-    so = cfg.storage_options
-    target = load_videollava(cfg.target, cfg.load, storage_options=so)
+    target = load_videollava(cfg.location(cfg.target), cfg.load)
     fps: dict[str, str | None] = {"target": target.fingerprint, "drafter": None, "adapter": None, "lora": None}
     if source == "target_only":
         return Models(target, None, None, fps)
@@ -209,23 +208,23 @@ def load_models(cfg: SpeculateConfig, source: str, lm_head: torch.Tensor | None)
     if source == "adapter":
         from egpt_core.adapters import load_adapter
 
-        adapter, acfg = load_adapter(cfg.adapter_run, cfg.adapter_which, storage_options=so)
+        adapter, acfg = load_adapter(cfg.location(cfg.adapter_run), cfg.adapter_which)
         if acfg.hidden_size is not None and int(acfg.hidden_size) != target.hidden_size:
             raise ConfigError(f"adapter {cfg.adapter_run!r} was trained for hidden size {acfg.hidden_size} but the "
                               f"target's is {target.hidden_size}")
         which = cfg.adapter_which if cfg.adapter_which.endswith(".safetensors") else f"{cfg.adapter_which}.safetensors"
-        fps["adapter"] = file_fingerprint(join(cfg.adapter_run, which), so)
+        fps["adapter"] = file_fingerprint(cfg.location(cfg.adapter_run).child(which))
     needs_drafter = acfg is None or level_spec(acfg.level).inputs != "target"
     drafter = None
     if needs_drafter:
-        drafter = load_eventgpt(cfg.drafter, drafter_load(cfg), double_adaptor=cfg.events.double_feature_adaptor,
-                                storage_options=so)
+        drafter = load_eventgpt(cfg.location(cfg.drafter), drafter_load(cfg),
+                                double_adaptor=cfg.events.double_feature_adaptor)
         check_vocab_compat(drafter.tokenizer, target.tokenizer, f"drafter {cfg.drafter}", f"target {cfg.target}")
         if drafter.hidden_size != target.hidden_size:
             raise ConfigError(f"drafter hidden size {drafter.hidden_size} != target hidden size {target.hidden_size}")
         fps["drafter"] = drafter.fingerprint
         if source == "lora":
-            fps["lora"] = _merge_lora(drafter, cfg.lora, so)
+            fps["lora"] = _merge_lora(drafter, cfg.location(cfg.lora))
     head_weight = lm_head if lm_head is not None else target.lm_head_weight()
     vocab = target.model.get_output_embeddings().weight.shape
     if tuple(head_weight.shape) != tuple(vocab):

@@ -37,7 +37,7 @@ from safetensors.torch import save as st_save
 
 from egpt_core import runfiles as rf
 from egpt_core.errors import ConfigError, StoreError
-from egpt_core.fsio import join, url_to_fs
+from egpt_core.fsio import Location
 
 FORMAT = "egpt-checkpoint/2"
 CHECKPOINT_DIR = "checkpoint"
@@ -53,7 +53,7 @@ _OWN_FILE = re.compile(r"epoch-\d{4,}-[0-9a-f]{12}\.(weights|train)\.safetensors
 class Committed:
     """The committed checkpoint of a run: its record and the tensors of its last epoch."""
 
-    run_url: str
+    run: Location
     record: dict[str, Any]  # commit.json: format, kind, epoch, files, sha256, state, extra
     weights: dict[str, torch.Tensor]
     train_tensors: dict[str, torch.Tensor]
@@ -72,16 +72,21 @@ class Committed:
     def extra(self) -> dict[str, Any]:
         return self.record["extra"]
 
-    def weights_bytes(self, which: str, storage_options: dict | None = None) -> bytes | None:
+    @property
+    def run_url(self) -> str:
+        return self.run.url
+
+    def weights_bytes(self, which: str) -> bytes | None:
         """The verified bytes of the ``"last"`` or ``"best"`` weights file (None: no best file)."""
         name = self.record["files"].get(f"{which}_weights")
         if name is None:
             return None
-        return self.blobs.get(name) or _read_verified(self.run_url, self.record, name, storage_options)
+        return self.blobs.get(name) or _read_verified(self.run, self.record, name)
 
 
-def checkpoint_url(run_url: str, name: str = "") -> str:
-    return join(run_url, CHECKPOINT_DIR, name) if name else join(run_url, CHECKPOINT_DIR)
+def checkpoint_dir(run: Location, name: str = "") -> Location:
+    """The run's ``checkpoint/`` directory, or the file ``name`` in it."""
+    return run.child(CHECKPOINT_DIR, name) if name else run.child(CHECKPOINT_DIR)
 
 
 def _sha(data: bytes) -> str:
@@ -96,26 +101,28 @@ def _content_digest(data: bytes) -> str:
     return hashlib.sha256(json.dumps(header, sort_keys=True).encode() + data[8 + n :]).hexdigest()
 
 
-def _put_immutable(run_url: str, epoch: int, role: str, data: bytes, storage_options: dict | None) -> str:
+def _put_immutable(run: Location, epoch: int, role: str, data: bytes) -> str:
     name = f"epoch-{epoch:04d}-{_content_digest(data)[:12]}.{role}.safetensors"
-    rf.write_bytes(checkpoint_url(run_url, name), data, storage_options)
+    checkpoint_dir(run, name).write_atomic(data)
     return name
 
 
-def commit_epoch(run_url: str, kind: str, epoch: int, *, weights: dict[str, torch.Tensor],
+def commit_epoch(run: str | Location, kind: str, epoch: int, *, weights: dict[str, torch.Tensor],
                  weights_metadata: dict[str, str], train_tensors: dict[str, torch.Tensor], state: dict[str, Any],
-                 extra: dict[str, Any], best: bool, storage_options: dict | None = None) -> Committed:
-    """Commit epoch ``epoch`` (see the module docstring for the order); returns it as committed.
+                 extra: dict[str, Any], best: bool) -> Committed:
+    """Commit epoch ``epoch`` of the run directory ``run`` (see the module docstring for the order);
+    returns it as committed.
 
     ``best``: this epoch's weights become the best ones; else the previous record's best file stays.
     """
-    previous = rf.read_json(checkpoint_url(run_url, COMMIT), storage_options) or {}
+    run = Location.of(run)
+    previous = rf.read_json(checkpoint_dir(run, COMMIT)) or {}
     w = st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()},
                 metadata={**weights_metadata, "epoch": str(epoch)})
     t = st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in train_tensors.items()},
                 metadata={"format": FORMAT, "epoch": str(epoch)})
-    files = {"last_weights": _put_immutable(run_url, epoch, "weights", w, storage_options),
-             "train_state": _put_immutable(run_url, epoch, "train", t, storage_options)}
+    files = {"last_weights": _put_immutable(run, epoch, "weights", w),
+             "train_state": _put_immutable(run, epoch, "train", t)}
     sha = {files["last_weights"]: _sha(w), files["train_state"]: _sha(t)}
     prev_best = (previous.get("files") or {}).get("best_weights") if previous.get("format") == FORMAT else None
     files["best_weights"] = files["last_weights"] if best else prev_best
@@ -123,28 +130,30 @@ def commit_epoch(run_url: str, kind: str, epoch: int, *, weights: dict[str, torc
         sha[files["best_weights"]] = previous["sha256"][files["best_weights"]]
     record = {"format": FORMAT, "kind": kind, "epoch": int(epoch), "files": files, "sha256": sha,
               "state": state, "extra": extra}
-    rf.write_json(checkpoint_url(run_url, COMMIT), record, storage_options)  # the commit point
-    _collect_garbage(run_url, set(sha), storage_options)
-    return Committed(run_url, record, weights, train_tensors, blobs={files["last_weights"]: w})
+    rf.write_json(checkpoint_dir(run, COMMIT), record)  # the commit point
+    _collect_garbage(run, set(sha))
+    return Committed(run, record, weights, train_tensors, blobs={files["last_weights"]: w})
 
 
-def _collect_garbage(run_url: str, keep: set[str], storage_options: dict | None) -> None:
+def _collect_garbage(run: Location, keep: set[str]) -> None:
     """Delete this layout's files that the committed record no longer names (nothing else)."""
-    fs, root = url_to_fs(checkpoint_url(run_url), storage_options)
+    directory = checkpoint_dir(run)
+    fs, root = directory.fs, directory.path
     try:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     except FileNotFoundError:
         return
     for name in names:
         if _OWN_FILE.fullmatch(name) and name not in keep:
-            rf.remove(checkpoint_url(run_url, name), storage_options)
+            checkpoint_dir(run, name).remove()
 
 
-def _read_verified(run_url: str, record: dict[str, Any], name: str, storage_options: dict | None) -> bytes:
-    url = checkpoint_url(run_url, name)
-    data = rf.read_bytes(url, storage_options)
+def _read_verified(run: Location, record: dict[str, Any], name: str) -> bytes:
+    file = checkpoint_dir(run, name)
+    url = file.url
+    data = file.read_or_none()
     if data is None:
-        raise StoreError(f"{url}: named by the committed checkpoint {checkpoint_url(run_url, COMMIT)} but missing; "
+        raise StoreError(f"{url}: named by the committed checkpoint {checkpoint_dir(run, COMMIT).url} but missing; "
                          "the checkpoint was altered after it was written (resume with --no-resume to start over)")
     if _sha(data) != record["sha256"].get(name):
         raise StoreError(f"{url}: content differs from the sha256 its commit record holds; the checkpoint was "
@@ -152,34 +161,37 @@ def _read_verified(run_url: str, record: dict[str, Any], name: str, storage_opti
     return data
 
 
-def load_committed(run_url: str, kind: str, storage_options: dict | None = None) -> Committed | None:
-    """The committed checkpoint of ``run_url`` (verified), or None when there is none.
+def load_committed(run: str | Location, kind: str) -> Committed | None:
+    """The committed checkpoint of the run directory ``run`` (verified), or None when there is none.
 
     Raises ConfigError for a checkpoint of an older layout or of another kind of run, StoreError
     when a file the record names is missing or altered."""
-    record = rf.read_json(checkpoint_url(run_url, COMMIT), storage_options)
+    run = Location.of(run)
+    run_url = run.url
+    record = rf.read_json(checkpoint_dir(run, COMMIT))
     if record is None:
         for legacy in LEGACY_COMMITS:
-            if rf.exists(join(run_url, legacy), storage_options):
+            if run.child(legacy).exists():
                 raise ConfigError(
-                    f"{join(run_url, legacy)}: a checkpoint of an older layout (before {FORMAT}); this version "
+                    f"{run.child(legacy).url}: a checkpoint of an older layout (before {FORMAT}); this version "
                     "cannot continue it. Finish it with the egpt version that wrote it, or start over here with "
                     "--no-resume (or another --out)")
         return None
     if record.get("format") != FORMAT:
-        raise ConfigError(f"{checkpoint_url(run_url, COMMIT)}: checkpoint format {record.get('format')!r}, this version "
+        raise ConfigError(f"{checkpoint_dir(run, COMMIT).url}: checkpoint format {record.get('format')!r}, this version "
                           f"reads {FORMAT!r}; use the egpt version that wrote it, or --no-resume")
     if record.get("kind") != kind:
         raise ConfigError(f"{run_url} holds a {record.get('kind')!r} checkpoint, not a {kind!r} one; use another --out")
     files = record["files"]
-    weights = st_load(_read_verified(run_url, record, files["last_weights"], storage_options))
-    tensors = st_load(_read_verified(run_url, record, files["train_state"], storage_options))
-    return Committed(run_url, record, weights, tensors)
+    weights = st_load(_read_verified(run, record, files["last_weights"]))
+    tensors = st_load(_read_verified(run, record, files["train_state"]))
+    return Committed(run, record, weights, tensors)
 
 
-def clear(run_url: str, storage_options: dict | None = None) -> None:
+def clear(run: str | Location) -> None:
     """A fresh start: remove the commit record (and the older layouts' checkpoint files) so no stale
     checkpoint is continued later; the epoch files go with the next commit's garbage collection."""
-    rf.remove(checkpoint_url(run_url, COMMIT), storage_options)
+    run = Location.of(run)
+    checkpoint_dir(run, COMMIT).remove()
     for legacy in LEGACY_COMMITS + LEGACY_FILES:
-        rf.remove(join(run_url, legacy), storage_options)
+        run.child(legacy).remove()

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from egpt_core import runfiles as rf
+from egpt_core.fsio import Location
 
 
 def pack(sums: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
@@ -52,8 +52,8 @@ class Panel:
     ylim: tuple[float, float] | None = None
 
 
-def plot_curves(history: list[dict[str, Any]], panels: Sequence[Panel], url: str,
-                storage_options: dict | None = None, baseline: dict[str, Any] | None = None) -> None:
+def plot_curves(history: list[dict[str, Any]], panels: Sequence[Panel], out: Location,
+                baseline: dict[str, Any] | None = None) -> None:
     """Write ``training_curves.png``: one panel per :class:`Panel`, x = epoch. ``baseline``: history-style
     values of epoch 0 (before training), drawn for the keys it holds."""
     if not history:
@@ -79,4 +79,4 @@ def plot_curves(history: list[dict[str, Any]], panels: Sequence[Panel], url: str
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    rf.write_bytes(url, buf.getvalue(), storage_options)
+    out.write_atomic(buf.getvalue())

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from egpt_core import outdir
 from egpt_core import runfiles as rf
 from egpt_core.errors import ConfigError
+from egpt_core.fsio import Location
 
 RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]
 T = TypeVar("T")
@@ -116,14 +117,14 @@ class DistContext:
         rf.rng_from_flat(mine, info)
 
 
-def launch(run_url: str, kind: str, identity: str, storage_options: dict | None, *, resume: bool, device: str,
+def launch(run_dir: Location, kind: str, identity: str, *, resume: bool, device: str,
            run: Callable[[DistContext], T]) -> T:
-    """Join the process group, let rank 0 claim ``run_url`` for a ``kind`` run of ``identity`` (one run
+    """Join the process group, let rank 0 claim ``run_dir`` for a ``kind`` run of ``identity`` (one run
     owns a directory, never one egpt did not write: `egpt_core.outdir`; ``resume=False`` replaces an
     earlier run of another identity), call ``run(ctx)``, leave the group."""
     ctx = DistContext.setup(device)
     try:
-        claim = outdir.claim_output(run_url, kind, identity, storage_options or None, replace=not resume,
+        claim = outdir.claim_output(run_dir, kind, identity, replace=not resume,
                                     replace_hint="--no-resume") if ctx.main else nullcontext()
         with claim:
             return run(ctx)
