@@ -158,6 +158,18 @@ class EventRenderConfig(_Model):
                                          description="research compatibility: apply the feature adaptor twice (bug B1)")
 
 
+def _events_field() -> Any:
+    """The ``events`` setting of the stages that run the drafter on event frames."""
+    return Field(EventRenderConfig(), title="Advanced: event rendering",
+                 description="how event streams become the drafter's frames")
+
+
+def _video_frames_field() -> Any:
+    """The ``n_video_frames`` setting of the stages that run the target on videos."""
+    return Field(8, ge=1, le=64, title="Advanced: video frames",
+                 description="frames sampled uniformly from each video for the target")
+
+
 class ExtractConfig(_Model):
     """Stage 1-2 settings: `egpt extract`."""
 
@@ -199,10 +211,8 @@ class ExtractConfig(_Model):
         "model", title="Advanced: LM head dtype",
         description="target LM head in the store: as loaded ('model'), or the checkpoint's own values "
         "in float32 (exact token metrics: near-tie argmaxes over the vocabulary can flip in bf16)")
-    events: EventRenderConfig = Field(EventRenderConfig(), title="Advanced: event rendering",
-                                      description="how event streams become the drafter's frames")
-    n_video_frames: int = Field(8, ge=1, le=64, title="Advanced: video frames",
-                                description="frames sampled uniformly from each video for the target")
+    events: EventRenderConfig = _events_field()
+    n_video_frames: int = _video_frames_field()
     frame_sampling: Literal["linspace", "model_card"] = Field(
         "linspace", title="Advanced: video frame sampling",
         description="target video frames: 'linspace' = floor(linspace(0, n-1, k)) (research default); "
@@ -491,10 +501,8 @@ class SpeculateConfig(_Model):
     drafter_device: str | None = Field(None, title="Advanced: drafter device",
                                        description="put the drafter on another device (e.g. cuda:1); "
                                        "empty = the load device")
-    events: EventRenderConfig = Field(EventRenderConfig(), title="Advanced: event rendering",
-                                      description="how event streams become the drafter's frames")
-    n_video_frames: int = Field(8, ge=1, le=64, title="Advanced: video frames",
-                                description="frames sampled uniformly from each video for the target")
+    events: EventRenderConfig = _events_field()
+    n_video_frames: int = _video_frames_field()
     prefill_hiding: bool = Field(True, title="Advanced: prefill hiding",
                                  description="run the drafter's vision + prefill + first drafts concurrently "
                                  "with the target's prefill (threads on CPU; CUDA streams or a second device)")

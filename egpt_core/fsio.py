@@ -138,11 +138,13 @@ def redact(options: dict[str, Any] | None) -> dict[str, Any]:
     return credentials.redact(dict(options or {}))
 
 
-def open_input(url: str, storage_options: dict[str, Any] | None = None):
-    """Open an input file for binary reading; missing or unopenable -> BadInputError naming it."""
+def open_input(where: str | Location, storage_options: dict[str, Any] | None = None):
+    """Open an input file (a Location, or a URL with its ``storage_options``) for binary reading ->
+    ``(fs, path, file)``; missing or unopenable -> BadInputError naming it."""
     from egpt_core.errors import BadInputError
 
-    fs, path = url_to_fs(url, storage_options)
+    src = Location.of(where, storage_options)
+    url, fs, path = src.url, src.fs, src.path
     try:
         return fs, path, fs.open(path, "rb")
     except FileNotFoundError:

@@ -16,7 +16,7 @@ from egpt_core.config import (
     TrainAdapterConfig,
 )
 from egpt_core.errors import ConfigError, EgptError
-from egpt_core.fsio import join, url_to_fs
+from egpt_core.fsio import Location, join
 
 #: (form field, URL, kind): kind "store" must hold a committed manifest, "path" must exist
 Input = tuple[str, str | None, str]
@@ -69,9 +69,9 @@ def benchmark_e2e_inputs(cfg: BenchmarkE2EConfig) -> list[Input]:
     return inputs
 
 
-def _problem(url: str, kind: str, storage_options: dict) -> str | None:
+def _problem(where: Location, kind: str) -> str | None:
     try:
-        fs, path = url_to_fs(url, storage_options)
+        fs, path = where.fs, where.path
         if kind == "store":
             return None if fs.exists(join(path, "manifest.json")) else "no store there (no manifest.json)"
         return None if fs.exists(path) else "does not exist"
@@ -82,7 +82,7 @@ def _problem(url: str, kind: str, storage_options: dict) -> str | None:
 def require_inputs(flow_name: str, inputs: list[Input], storage_options: dict | None = None) -> None:
     """Raise ConfigError naming every input field whose URL does not exist (as this worker sees it)."""
     problems = [f"{field} = {url!r}: {problem}" for field, url, kind in inputs
-                if url and (problem := _problem(url, kind, storage_options or {}))]
+                if url and (problem := _problem(Location(url, storage_options or None), kind))]
     if problems:
         raise ConfigError(
             f"{flow_name}: nothing was started; fill in these fields with inputs that exist on the workers "

@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect.cache_policies import CachePolicy
 
+from egpt_core.adapters.checkpoint import configured_weights
 from egpt_core.config import ExtractConfig
 from egpt_core.data.dataset import MANIFEST_NAME, questions_url
 from egpt_core.errors import EgptError
@@ -22,7 +23,7 @@ from egpt_core.evaluation.evaluate import EVAL_VERSION
 from egpt_core.extraction.features import FEATURES_VERSION
 from egpt_core.extraction.run import EXTRACTION_VERSION, needs_drafter, needs_target
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
-from egpt_core.fsio import is_local, join, url_to_fs
+from egpt_core.fsio import Location, join
 from egpt_core.models.loading import checkpoint_fingerprint
 from egpt_core.speculative.run import SPECULATE_VERSION
 from egpt_core.store import StoreReader
@@ -62,7 +63,7 @@ class FingerprintPolicy(CachePolicy):
 
     stage: str = ""
     material: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-    outputs: Callable[[dict[str, Any]], tuple[list[str], dict | None]] | None = None
+    outputs: Callable[[dict[str, Any]], list[Location]] | None = None
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         try:
@@ -73,9 +74,9 @@ class FingerprintPolicy(CachePolicy):
         key = f"{self.stage}-{hash_json({'stage': self.stage, 'version': STAGE_VERSIONS[self.stage], **material})}"
         if self.outputs is None or task_ctx is None or getattr(task_ctx, "result_store", None) is None:
             return key
-        return self._generation(key, task_ctx.result_store, *self.outputs(inputs))
+        return self._generation(key, task_ctx.result_store, self.outputs(inputs))
 
-    def _generation(self, key: str, store, urls: list[str], storage_options: dict | None) -> str:
+    def _generation(self, key: str, store, outputs: list[Location]) -> str:
         """The newest generation of ``key`` holding a cached result, or the next one when that
         result's output files are gone."""
         def name(g: int) -> str:
@@ -86,17 +87,16 @@ class FingerprintPolicy(CachePolicy):
             g += 1
         if not store.exists(name(g)):
             return name(g)  # nothing cached yet
-        missing = [u for u in urls if not _exists(u, storage_options)]
+        missing = [out.url for out in outputs if not _exists(out)]
         if not missing:
             return name(g)
         log.warning("%s: the cached result's outputs are gone (%s); recomputing", self.stage, ", ".join(missing))
         return name(g + 1)
 
 
-def _exists(url: str, storage_options: dict | None) -> bool:
+def _exists(where: Location) -> bool:
     try:
-        fs, path = url_to_fs(url, storage_options)
-        return with_retries(fs).exists(path)
+        return with_retries(where.fs).exists(where.path)
     except (OSError, ValueError):
         return False
 
@@ -118,28 +118,30 @@ def dataset_fingerprint(cfg: ExtractConfig) -> str:
     return hash_json([file_fingerprint(u, cfg.storage_options) for u in (manifest, questions)])
 
 
-def model_fingerprint(url: str, storage_options: dict | None = None) -> str:
-    """A checkpoint directory's fingerprint (local: config + weights + tokenizer files)."""
-    if is_local(url):
-        return checkpoint_fingerprint(str(url).removeprefix("file://"))
-    return dir_fingerprint(url, storage_options)
+def model_fingerprint(where: str | Location, storage_options: dict | None = None) -> str:
+    """A checkpoint directory's fingerprint (local: config + weights + tokenizer files); ``where`` a
+    Location, or a URL with its ``storage_options``."""
+    src = Location.of(where, storage_options)
+    if src.is_local:
+        return checkpoint_fingerprint(src.url.removeprefix("file://"))
+    return dir_fingerprint(src)
 
 
-def store_fingerprint(url: str, storage_options: dict | None = None) -> str:
+def store_fingerprint(where: str | Location, storage_options: dict | None = None) -> str:
     """A committed store's manifest fingerprint (changes with every committed shard)."""
-    return StoreReader(url, storage_options).fingerprint
+    return StoreReader(where, storage_options).fingerprint
 
 
-def store_created(url: str, storage_options: dict | None = None) -> str | None:
-    """When the store at ``url`` was created (its manifest's ``created``); None while it does not exist.
+def store_created(where: str | Location, storage_options: dict | None = None) -> str | None:
+    """When the store at ``where`` (a Location, or a URL with its ``storage_options``) was created (its manifest's ``created``); None while it does not exist.
 
     An extraction's output is the store itself, so its cache entry is valid only for the store instance
     it wrote into: a deleted and recreated store gets a new key and is re-extracted. The flow bypasses
     the cache when the store is missing, but a dispatched shard group starts after its parent created
     the store (event features), so without this the group would be served from the cache into the new,
     empty store."""
-    fs, path = url_to_fs(url, storage_options)
-    manifest = load_manifest(with_retries(fs), path.rstrip("/"), url)
+    store = Location.of(where, storage_options)
+    manifest = load_manifest(with_retries(store.fs), store.path, store.url)
     return None if manifest is None else manifest.get("created")
 
 
@@ -191,8 +193,7 @@ def evaluate_material(inputs: dict[str, Any]) -> dict[str, Any]:
     so = cfg.storage_options
     prediction = None
     if cfg.adapter_run:
-        which = cfg.adapter_which if cfg.adapter_which.endswith(".safetensors") else f"{cfg.adapter_which}.safetensors"
-        prediction = file_fingerprint(join(cfg.adapter_run, which), so)
+        prediction = file_fingerprint(configured_weights(cfg))
     elif cfg.lora:
         prediction = dir_fingerprint(cfg.lora, so)
     extra = {"extra_stores": [store_fingerprint(u, so) for u in cfg.extra_stores]} if cfg.extra_stores else {}
@@ -209,8 +210,7 @@ def speculate_material(inputs: dict[str, Any]) -> dict[str, Any]:
     so = cfg.storage_options
     adapter = None
     if cfg.adapter_run:
-        which = cfg.adapter_which if cfg.adapter_which.endswith(".safetensors") else f"{cfg.adapter_which}.safetensors"
-        adapter = file_fingerprint(join(cfg.adapter_run, which), so)
+        adapter = file_fingerprint(configured_weights(cfg))
     dataset = None
     if cfg.dataset:  # which scenes exist (+ the questions, unless the store names the pairs)
         files = [cfg.dataset if str(cfg.dataset).endswith(".json") else join(cfg.dataset, MANIFEST_NAME)]
@@ -229,23 +229,22 @@ def speculate_material(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# the files each cached result refers to (argument names are the tasks'): (URLs, storage options)
+# the files each cached result refers to (argument names are the tasks')
 # --------------------------------------------------------------------------------------------------
-def train_adapter_outputs(inputs: dict[str, Any]) -> tuple[list[str], dict | None]:
-    cfg = inputs["cfg"]
-    return [join(cfg.out, "best.safetensors"), join(cfg.out, "result.json")], cfg.storage_options
+def train_adapter_outputs(inputs: dict[str, Any]) -> list[Location]:
+    run = inputs["cfg"].location(inputs["cfg"].out)
+    return [run.child("best.safetensors"), run.child("result.json")]
 
 
-def train_lora_outputs(inputs: dict[str, Any]) -> tuple[list[str], dict | None]:
-    cfg = inputs["cfg"]
-    return [join(cfg.out, "best", "adapter_config.json"), join(cfg.out, "metrics.json")], cfg.storage_options
+def train_lora_outputs(inputs: dict[str, Any]) -> list[Location]:
+    run = inputs["cfg"].location(inputs["cfg"].out)
+    return [run.child("best", "adapter_config.json"), run.child("metrics.json")]
 
 
-def export_drafter_outputs(inputs: dict[str, Any]) -> tuple[list[str], dict | None]:
-    out = inputs["out_dir"]
-    return [join(out, "config.json"), join(out, "egpt_export.json")], inputs.get("storage_options")
+def export_drafter_outputs(inputs: dict[str, Any]) -> list[Location]:
+    out = Location(inputs["out_dir"], inputs.get("storage_options") or None)
+    return [out.child("config.json"), out.child("egpt_export.json")]
 
 
-def evaluate_outputs(inputs: dict[str, Any]) -> tuple[list[str], dict | None]:
-    cfg = inputs["cfg"]
-    return [join(cfg.out, "metrics.json")], cfg.storage_options
+def evaluate_outputs(inputs: dict[str, Any]) -> list[Location]:
+    return [inputs["cfg"].location(inputs["cfg"].out).child("metrics.json")]

@@ -42,6 +42,17 @@ def save_adapter_weights(dest: str | Location, module: nn.Module, cfg: AdapterCo
     Location.of(dest).write_atomic(st_save(state, metadata=meta))
 
 
+def weights_file_name(which: str) -> str:
+    """The file an ``adapter_which`` setting names: ``best``/``last`` -> ``best.safetensors``, a file name as is."""
+    return which if which.endswith(".safetensors") else f"{which}.safetensors"
+
+
+def configured_weights(cfg) -> Location:
+    """The weights file of ``cfg.adapter_run`` that ``cfg.adapter_which`` names (evaluation and
+    speculative configs), reached with the config's storage options."""
+    return cfg.location(cfg.adapter_run).child(weights_file_name(cfg.adapter_which))
+
+
 def _weights_file(run: Location, which: str) -> Location:
     if which.endswith(".safetensors"):
         return Location(which, run.storage_options) if "/" in which else run.child(which)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from egpt_core.errors import BadInputError
-from egpt_core.fsio import is_local, join, url_to_fs
+from egpt_core.fsio import Location, is_local, join
 
 MANIFEST_NAME = "EventGPT_Instruction_Subset.json"
 QUESTIONS_NAME = "questions.json"
@@ -48,9 +48,11 @@ def pair_id_for(scene_id: str, question: str) -> str:
     return f"{scene_id}|q{hashlib.sha1(question.encode('utf-8')).hexdigest()[:8]}"
 
 
-def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
-    """Parse a JSON file; missing, undecodable or malformed -> BadInputError naming the file."""
-    fs, path = url_to_fs(url, storage_options)
+def read_json(where: str | Location, storage_options: dict[str, Any] | None = None) -> Any:
+    """Parse a JSON file (a Location, or a URL with its ``storage_options``); missing, undecodable or
+    malformed -> BadInputError naming the file."""
+    src = Location.of(where, storage_options)
+    url, fs, path = src.url, src.fs, src.path
     try:
         with fs.open(path, "rb") as f:
             raw = f.read()
@@ -80,12 +82,15 @@ def questions_url(dataset_url: str, questions: str | None = None) -> str:
 
 
 def load_scenes(
-    dataset_url: str, storage_options: dict[str, Any] | None = None, max_scenes: int | None = None
+    dataset: str | Location, storage_options: dict[str, Any] | None = None, max_scenes: int | None = None
 ) -> list[Scene]:
-    """Scenes of a dataset root (or of the manifest file itself), in manifest order."""
+    """Scenes of a dataset root (or of the manifest file itself; a Location, or a URL with its
+    ``storage_options``), in manifest order."""
+    src = Location.of(dataset, storage_options)
+    dataset_url = src.url
     root = dataset_root(dataset_url)
-    manifest_url = str(dataset_url) if str(dataset_url).endswith(".json") else join(root, MANIFEST_NAME)
-    records = read_json(manifest_url, storage_options)
+    manifest_url = dataset_url if dataset_url.endswith(".json") else join(root, MANIFEST_NAME)
+    records = read_json(Location(manifest_url, src.storage_options))
     if not isinstance(records, list):
         raise BadInputError(manifest_url, f"expected a JSON list of records, found {type(records).__name__}")
     if max_scenes is not None:
@@ -185,10 +190,13 @@ def _relative_path(value: Any, what: str, manifest_url: str) -> str:
 
 
 def load_questions(
-    url: str, storage_options: dict[str, Any] | None = None, max_questions: int | None = None
+    where: str | Location, storage_options: dict[str, Any] | None = None, max_questions: int | None = None
 ) -> list[str]:
-    """Questions from a JSON list of {"question", "count"} objects or of strings (first N when given)."""
-    items = read_json(url, storage_options)
+    """Questions from a JSON list of {"question", "count"} objects or of strings (first N when given);
+    ``where`` a Location, or a URL with its ``storage_options``."""
+    src = Location.of(where, storage_options)
+    url = src.url
+    items = read_json(src)
     if not isinstance(items, list):
         raise BadInputError(url, f"expected a JSON list of questions, found {type(items).__name__}")
     questions: list[str] = []

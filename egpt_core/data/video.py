@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from egpt_core.errors import BadInputError
-from egpt_core.fsio import open_input
+from egpt_core.fsio import Location, open_input
 
 FrameSampling = Literal["linspace", "model_card"]
 FRAME_SAMPLINGS: tuple[str, ...] = get_args(FrameSampling)
@@ -38,7 +38,7 @@ def sample_frame_indices(n_total: int, n_frames: int = 8, strategy: FrameSamplin
     raise ValueError(f"unknown frame sampling {strategy!r}; expected one of {FRAME_SAMPLINGS}")
 
 
-def read_video_frames(url: str, n_frames: int = 8, storage_options: dict[str, Any] | None = None,
+def read_video_frames(where: str | Location, n_frames: int = 8, storage_options: dict[str, Any] | None = None,
                       strategy: FrameSampling = "linspace") -> list:
     """``n_frames`` RGB ``PIL.Image`` frames picked by :func:`sample_frame_indices` from all decoded frames.
 
@@ -47,9 +47,11 @@ def read_video_frames(url: str, n_frames: int = 8, storage_options: dict[str, An
     """
     if n_frames <= 0:
         raise ValueError(f"n_frames must be positive, got {n_frames}")
-    reported, count, kept = _decode(url, storage_options, n_total=None, n_frames=n_frames, strategy=strategy)
+    src = Location.of(where, storage_options)
+    url = src.url
+    reported, count, kept = _decode(src, n_total=None, n_frames=n_frames, strategy=strategy)
     if count != reported:
-        _, _, kept = _decode(url, storage_options, n_total=count, n_frames=n_frames, strategy=strategy)
+        _, _, kept = _decode(src, n_total=count, n_frames=n_frames, strategy=strategy)
     wanted = sample_frame_indices(count, n_frames, strategy)
     if any(i not in kept for i in wanted):
         raise BadInputError(url, "video changed between decoding passes")
@@ -57,8 +59,7 @@ def read_video_frames(url: str, n_frames: int = 8, storage_options: dict[str, An
 
 
 def _decode(
-    url: str, storage_options: dict[str, Any] | None, n_total: int | None, n_frames: int,
-    strategy: FrameSampling = "linspace",
+    src: Location, n_total: int | None, n_frames: int, strategy: FrameSampling = "linspace",
 ) -> tuple[int, int, dict[int, Any]]:
     """Decode every frame of the first video stream.
 
@@ -67,7 +68,8 @@ def _decode(
     """
     import av
 
-    fs, path, f = open_input(url, storage_options)
+    url = src.url
+    fs, path, f = open_input(src)
     kept: dict[int, Any] = {}
     count = 0
     with f:

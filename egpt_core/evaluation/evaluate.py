@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel
 
 from egpt_core import outdir
+from egpt_core.adapters.checkpoint import configured_weights
 from egpt_core.config import EvalConfig, TimingConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError, StoreError
@@ -24,7 +25,7 @@ from egpt_core.evaluation.plots import write_plots
 from egpt_core.evaluation.report import write_report
 from egpt_core.evaluation.speedup import resolve_timing, speedup_table
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
-from egpt_core.fsio import Location, join, url_to_fs
+from egpt_core.fsio import Location, url_to_fs
 from egpt_core.runfiles import config_record, dumps_json
 from egpt_core.store import StoreReader
 
@@ -344,10 +345,8 @@ def _write_outputs(doc: dict[str, Any], cfg: EvalConfig) -> None:
 
 
 def _adapter_fingerprint(cfg: EvalConfig) -> str | None:
-    which = cfg.adapter_which
-    name = which if which.endswith(".safetensors") else f"{which}.safetensors"
     try:
-        return file_fingerprint(join(cfg.adapter_run, name), cfg.storage_options)
+        return file_fingerprint(configured_weights(cfg))
     except (OSError, ValueError):
         return None
 

@@ -410,7 +410,7 @@ class MetricAccumulator:
             per_position["token_top1"] = per_pos(self.token_runs.per_pos)
             per_position["argmax_agreement"] = per_pos(self.pos_argmax_agree)
         out["summary"] = summary_from(out)
-        return _json_safe(out)
+        return json_safe(out)
 
     def _precision(self, n: int) -> dict[str, Any]:
         """How many positions' top-1 changes between the float32 head and the same head in bf16."""
@@ -487,13 +487,15 @@ def summary_from(m: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """``obj`` as plain JSON values: non-finite floats -> None, keys -> str, numpy scalars -> Python ones
+    (the metrics documents of evaluation and of speculative runs)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
+        return json_safe(obj.item())
     return obj

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from egpt_core.errors import BadInputError
-from egpt_core.fsio import open_input
+from egpt_core.fsio import Location, open_input
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct, scalar
@@ -85,9 +85,12 @@ class EventStream:
         return int(self.x.shape[0])
 
 
-def load_events(url: str, storage_options: dict[str, Any] | None = None) -> EventStream:
-    """Read and validate an event file (.npy EventGPT dict / structured array, or DSEC HDF5)."""
-    fs, path, f = open_input(url, storage_options)
+def load_events(where: str | Location, storage_options: dict[str, Any] | None = None) -> EventStream:
+    """Read and validate an event file (.npy EventGPT dict / structured array, or DSEC HDF5; a Location,
+    or a URL with its ``storage_options``)."""
+    src = Location.of(where, storage_options)
+    url = src.url
+    fs, path, f = open_input(src)
     with f:
         head = f.read(8)
         f.seek(0)

@@ -12,7 +12,7 @@ import numpy as np
 
 from egpt_core.errors import BadInputError
 from egpt_core.events.io import EventStream
-from egpt_core.fsio import Location, url_to_fs
+from egpt_core.fsio import Location
 
 WHITE = 255
 RED = (255, 0, 0)
@@ -123,11 +123,13 @@ def save_frames_png(
     return written
 
 
-def load_event_image(url: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """A pre-rendered event image as [H, W, 3] uint8 RGB; refuses images declaring > MAX_IMAGE_PIXELS."""
+def load_event_image(where: str | Location, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """A pre-rendered event image (a Location, or a URL with its ``storage_options``) as [H, W, 3] uint8
+    RGB; refuses images declaring > MAX_IMAGE_PIXELS."""
     from PIL import Image, UnidentifiedImageError
 
-    fs, path = url_to_fs(url, storage_options)
+    src = Location.of(where, storage_options)
+    url, fs, path = src.url, src.fs, src.path
     try:
         f = fs.open(path, "rb")
     except FileNotFoundError:

@@ -11,13 +11,30 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from egpt_core.config import EventRenderConfig
 from egpt_core.data import Pair, Scene
 from egpt_core.errors import BadInputError, ConfigError
 from egpt_core.extraction.features import scene_input_fingerprint
 from egpt_core.fingerprint import file_fingerprint
+
+T = TypeVar("T")
+
+
+def once_per_scene(cache: dict, scene_id: str, compute: Callable[[], T]) -> T:
+    """``compute()`` once per scene (kept in ``cache``); a BadInputError is remembered too and re-raised
+    for each pair of that scene."""
+    if scene_id not in cache:
+        try:
+            cache[scene_id] = compute()
+        except BadInputError as exc:
+            cache[scene_id] = exc
+    if isinstance(cache[scene_id], BadInputError):
+        raise cache[scene_id]
+    return cache[scene_id]
+
 
 #: components of an input fingerprint, in order (``event=<hex>,video=<hex>,question=<hex>``)
 COMPONENTS = ("event", "video", "question")

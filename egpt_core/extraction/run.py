@@ -33,7 +33,7 @@ from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.extraction import inputs as guards
 from egpt_core.extraction.features import scene_features
 from egpt_core.fingerprint import hash_json
-from egpt_core.fsio import canonical_url, join, url_to_fs
+from egpt_core.fsio import Location, canonical_url
 from egpt_core.models.positions import POSITION_CONVENTION
 from egpt_core.models.vocab import check_vocab_compat, vocab_tokens
 from egpt_core.store import StoreReader, StoreWriter, committed_inputs
@@ -186,17 +186,7 @@ class _Inputs:
         self._features: dict[str, torch.Tensor | BadInputError] = {}
         self._video: dict[str, object] = {}
 
-    @staticmethod
-    def _memo(cache: dict, key: str, compute: Callable[[], object]):
-        """Compute once per scene; a BadInputError is remembered and re-raised for each pair."""
-        if key not in cache:
-            try:
-                cache[key] = compute()
-            except BadInputError as exc:
-                cache[key] = exc
-        if isinstance(cache[key], BadInputError):
-            raise cache[key]
-        return cache[key]
+    _memo = staticmethod(guards.once_per_scene)
 
     def features(self, pair: Pair) -> torch.Tensor:
         return self._memo(self._features, pair.scene.scene_id, lambda: scene_features(
@@ -367,10 +357,11 @@ def load_models(cfg: ExtractConfig):
     return drafter, target
 
 
-def store_exists(url: str, storage_options: dict | None = None) -> bool:
-    """True when a store has committed its manifest at ``url``."""
-    fs, path = url_to_fs(url, storage_options)
-    return with_retries(fs).exists(join(path, "manifest.json"))
+def store_exists(store: str | Location, storage_options: dict | None = None) -> bool:
+    """True when a store has committed its manifest at ``store`` (a Location, or a URL with its
+    ``storage_options``)."""
+    manifest = Location.of(store, storage_options).child("manifest.json")
+    return with_retries(manifest.fs).exists(manifest.path)
 
 
 def pairs_to_extract(cfg: ExtractConfig, only_pairs: set[str] | list[str] | None = None

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from egpt_core.evaluation.metrics import json_safe
 from egpt_core.fsio import Location
 
 PAIRS_FILE = "sd_pairs.parquet"
@@ -61,20 +62,9 @@ def build_outputs(doc: dict[str, Any], records: list[dict[str, Any]], timeline: 
     pq.write_table(pairs_table(records), buf)
     files = {
         PAIRS_FILE: buf.getvalue(),
-        METRICS_FILE: json.dumps(_json_safe(doc | {"timeline": timeline}), indent=2).encode(),
+        METRICS_FILE: json.dumps(json_safe(doc | {"timeline": timeline}), indent=2).encode(),
         REPORT_FILE: render_report(doc).encode(),
     }
     files.update(render_plots(doc, records, timeline))
     return files
 
-
-def _json_safe(obj: Any) -> Any:
-    import math
-
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj

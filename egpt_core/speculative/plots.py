@@ -29,6 +29,14 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _finish(fig, ax, ylabel: str, title: str) -> bytes:
+    """Label a one-axes figure (y label, title, legend) and render it to PNG bytes."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def plot_speedup(doc: dict[str, Any]) -> bytes:
     pg, model = doc["per_gamma"], doc.get("speedup_model") or {}
     gs = [g for g, a in pg.items() if a.get("speedup_e2e") is not None]
@@ -40,10 +48,8 @@ def plot_speedup(doc: dict[str, Any]) -> bytes:
            label="speedup model (measured timings)")
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
     ax.set_xticks(list(x), [f"γ={g}" for g in gs])
-    ax.set_ylabel("speedup vs target-only greedy")
-    ax.set_title(f"{doc['name']}: speedup per γ ({doc['inputs']['config']['mode']})")
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _finish(fig, ax, "speedup vs target-only greedy",
+                   f"{doc['name']}: speedup per γ ({doc['inputs']['config']['mode']})")
 
 
 def plot_timing(doc: dict[str, Any]) -> bytes:
@@ -67,10 +73,7 @@ def plot_timing(doc: dict[str, Any]) -> bytes:
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.bar(labels, [max(0.0, t - b) for t, b in zip(totals, bottom)], bottom=bottom, label="other (host time)",
            color="lightgrey")
-    ax.set_ylabel("mean ms per pair")
-    ax.set_title(f"{doc['name']}: wall-clock breakdown")
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _finish(fig, ax, "mean ms per pair", f"{doc['name']}: wall-clock breakdown")
 
 
 def plot_acceptance(doc: dict[str, Any]) -> bytes:
@@ -85,10 +88,8 @@ def plot_acceptance(doc: dict[str, Any]) -> bytes:
         ax.plot([g for g, _ in sim], [v for _, v in sim], "s--", label="simulated rounds (egpt evaluate, same pairs)")
     ax.plot(gs, gs, ":", color="grey", label="upper bound γ")
     ax.set_xlabel("draft window γ")
-    ax.set_ylabel("acceptance length (accepted per round)")
-    ax.set_title(f"{doc['name']}: measured vs simulated acceptance")
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _finish(fig, ax, "acceptance length (accepted per round)",
+                   f"{doc['name']}: measured vs simulated acceptance")
 
 
 def plot_timeline(doc: dict[str, Any], timeline: dict[str, Any]) -> bytes:

@@ -25,12 +25,14 @@ from tqdm.auto import tqdm
 
 from egpt_core import outdir
 from egpt_core import runfiles as rf
+from egpt_core.adapters.checkpoint import configured_weights, weights_file_name
 from egpt_core.adapters.modules import level_spec
 from egpt_core.config import ModelLoadConfig, SpeculateConfig
 from egpt_core.data import Pair, build_pairs, load_questions, load_scenes, read_video_frames
 from egpt_core.data.dataset import questions_url
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import BadInputError, ConfigError, StoreError
+from egpt_core.extraction.inputs import once_per_scene
 from egpt_core.fingerprint import dir_fingerprint, file_fingerprint, hash_json
 from egpt_core.fsio import Location
 from egpt_core.speculative import measure
@@ -212,8 +214,7 @@ def load_models(cfg: SpeculateConfig, source: str, lm_head: torch.Tensor | None)
         if acfg.hidden_size is not None and int(acfg.hidden_size) != target.hidden_size:
             raise ConfigError(f"adapter {cfg.adapter_run!r} was trained for hidden size {acfg.hidden_size} but the "
                               f"target's is {target.hidden_size}")
-        which = cfg.adapter_which if cfg.adapter_which.endswith(".safetensors") else f"{cfg.adapter_which}.safetensors"
-        fps["adapter"] = file_fingerprint(cfg.location(cfg.adapter_run).child(which))
+        fps["adapter"] = file_fingerprint(configured_weights(cfg))
     needs_drafter = acfg is None or level_spec(acfg.level).inputs != "target"
     drafter = None
     if needs_drafter:
@@ -249,15 +250,7 @@ class _InputCache:
         self._events: dict[str, Any] = {}
         self._video: dict[str, Any] = {}
 
-    def _memo(self, cache: dict, key: str, compute):
-        if key not in cache:
-            try:
-                cache[key] = compute()
-            except BadInputError as exc:
-                cache[key] = exc
-        if isinstance(cache[key], BadInputError):
-            raise cache[key]
-        return cache[key]
+    _memo = staticmethod(once_per_scene)
 
     def inputs(self, pair: Pair) -> PairInputs:
         from egpt_core.extraction.features import scene_event_frames
@@ -425,7 +418,7 @@ def _check_checkpoints(cfg: SpeculateConfig, source: str) -> None:
         if url and is_local(url) and not Path(str(url).removeprefix("file://")).is_dir():
             raise ConfigError(f"{what}={url!r} is not a directory (give the checkpoint / run directory)")
     if cfg.adapter_run and is_local(cfg.adapter_run):
-        which = cfg.adapter_which if cfg.adapter_which.endswith(".safetensors") else f"{cfg.adapter_which}.safetensors"
+        which = weights_file_name(cfg.adapter_which)
         if not (Path(str(cfg.adapter_run).removeprefix("file://")) / which).is_file():
             raise ConfigError(f"adapter_run={cfg.adapter_run!r} has no {which} (is it an adapter run directory?)")
 

@@ -123,18 +123,28 @@ def _greedy(logits: torch.Tensor) -> tuple[list[int], list[float]]:
     return ids, margins
 
 
-class TargetSession:
-    """Video-LLaVA with a KV cache: vision tower, prefill, multi-token verify forwards, crop."""
+class _CachedSession:
+    """A model on a lane with its KV cache (None before the first prefill): cached length, crop."""
 
-    def __init__(self, target, lane: Lane):
-        self.target = target
-        self.model = target.model
+    def __init__(self, model, lane: Lane):
+        self.model = model
         self.lane = lane
         self.cache: DynamicCache | None = None
 
     @property
     def cache_len(self) -> int:
         return 0 if self.cache is None else self.cache.get_seq_length()
+
+    def crop(self, length: int) -> None:
+        crop_cache(self.cache, length)
+
+
+class TargetSession(_CachedSession):
+    """Video-LLaVA with a KV cache: vision tower, prefill, multi-token verify forwards, crop."""
+
+    def __init__(self, target, lane: Lane):
+        super().__init__(target.model, lane)
+        self.target = target
 
     @torch.no_grad()
     def encode_video(self, pixel_values_videos: torch.Tensor):
@@ -166,23 +176,14 @@ class TargetSession:
         tokens, margins = _greedy(self.model.lm_head(hidden))
         return VerifyOutput(tokens, margins, hidden)
 
-    def crop(self, length: int) -> None:
-        crop_cache(self.cache, length)
 
-
-class DrafterSession:
+class DrafterSession(_CachedSession):
     """EventGPT with a KV cache: event features, prefill (features spliced at ``<event>``), feeding
     tokens one block at a time, crop. Rows are final post-norm hidden states [n, D]."""
 
     def __init__(self, drafter, lane: Lane):
+        super().__init__(drafter.model, lane)
         self.drafter = drafter
-        self.model = drafter.model
-        self.lane = lane
-        self.cache: DynamicCache | None = None
-
-    @property
-    def cache_len(self) -> int:
-        return 0 if self.cache is None else self.cache.get_seq_length()
 
     @torch.no_grad()
     def encode_events(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -209,6 +210,3 @@ class DrafterSession:
     def own_next(self, row: torch.Tensor) -> int:
         """The drafter's OWN greedy token for a row (its own LM head; research mode's own answer)."""
         return int(self.model.lm_head(row[None]).argmax(-1).item())
-
-    def crop(self, length: int) -> None:
-        crop_cache(self.cache, length)
