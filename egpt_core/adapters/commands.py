@@ -48,19 +48,21 @@ def register(subparsers) -> None:
     imp.add_argument("--level", required=True, choices=LEVELS,
                      help="the level it was trained as (B1 = L5 trained with --vlm_only)")
     imp.add_argument("--which", choices=["best", "last"], default="best", help="write best.safetensors or last")
+    cliargs.add_storage_option_argument(imp)
     imp.set_defaults(func=_import)
 
 
 def _import(args) -> int:
     from egpt_core import runfiles as rf
     from egpt_core.adapters.research_import import import_research_adapter
-    from egpt_core.fsio import join
+    from egpt_core.fsio import Location
 
-    prev = rf.read_json(join(args.out, "config.json")) if rf.exists(join(args.out, "config.json")) else None
+    out = Location(args.out, cliargs.parse_storage_options(args.storage_option) or None)
+    prev = rf.read_json(out.child("config.json"))
     if prev is not None and prev.get("task") != "import_adapter":
         raise ConfigError(f"{args.out} already holds a run that was not imported (config.json task "
                           f"{prev.get('task')!r}); choose a new directory")
-    record = import_research_adapter(args.checkpoint, args.out, args.level, which=args.which)
+    record = import_research_adapter(args.checkpoint, out, args.level, which=args.which)
     print(json.dumps({k: record[k] for k in ("level", "hidden_size", "param_count", "weights", "source")}, indent=2))
     return 0
 

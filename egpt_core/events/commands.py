@@ -6,6 +6,7 @@ import argparse
 import posixpath
 import sys
 
+from egpt_core import cliargs
 from egpt_core.errors import ConfigError
 
 
@@ -26,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="fixed canvas (height width); default: data-dependent per slice",
     )
+    cliargs.add_storage_option_argument(p)
     p.set_defaults(func=_render_events)
 
 
@@ -38,13 +40,14 @@ def _render_events(args: argparse.Namespace) -> int:
     if args.sensor_size and min(args.sensor_size) < 1:
         raise ConfigError("--sensor-size H W must be positive")
     stem = posixpath.splitext(posixpath.basename(str(args.file).rstrip("/")))[0]
-    events = load_events(args.file)  # BadInputError names the file and the problem
+    storage_options = cliargs.parse_storage_options(args.storage_option) or None
+    events = load_events(args.file, storage_options)  # BadInputError names the file and the problem
     n_frames = args.frames
     if len(events.x) and n_frames > len(events.x):  # one frame per event at most: no empty canvases
         n_frames = len(events.x)
         print(f"egpt render-events: --frames {args.frames} capped to {n_frames} (the file holds "
               f"{len(events.x)} event{'s' if n_frames > 1 else ''})", file=sys.stderr)
     frames = render_event_frames(events, n_frames, tuple(args.sensor_size) if args.sensor_size else None)
-    for url in save_frames_png(frames, args.out, stem):
+    for url in save_frames_png(frames, args.out, stem, storage_options):
         print(url)
     return 0

@@ -53,3 +53,33 @@ def test_export_drafter_reads_and_writes_s3_with_storage_option(s3_server, s3_bu
     assert export["lora"] == f"{s3_bucket}/lora" and export["dtype"] == "float32"
     assert json.loads(Location(f"{out}/config.json", s3_server).read())["model_type"] == "EventChat_llama"
     assert Location(f"{out}/model.safetensors", s3_server).exists()
+
+
+def test_import_adapter_and_render_events_reach_s3_with_storage_option(s3_server, s3_bucket, tmp_path, capsys):
+    """`egpt import-adapter` and `egpt render-events` write to S3 given --storage-option (they took none)."""
+    import io
+
+    import numpy as np
+
+    from tests.adapters.research_arch import build, save_like_research
+
+    opts = ["--storage-option", f"endpoint_url={s3_server['endpoint_url']}"]
+    save_like_research(build("L1", 32), tmp_path / "best_model.pt")
+    run = f"{s3_bucket}/imported"
+    assert main(["import-adapter", str(tmp_path / "best_model.pt"), run, "--level", "L1", *opts]) == 0
+    assert Location(f"{run}/config.json", s3_server).read_json()["task"] == "import_adapter"
+    assert Location(f"{run}/best.safetensors", s3_server).exists()
+
+    rng = np.random.default_rng(0)
+    events = np.zeros(200, dtype=[("x", "<u2"), ("y", "<u2"), ("t", "<i8"), ("p", "u1")])
+    events["x"], events["y"] = rng.integers(0, 64, 200), rng.integers(0, 48, 200)
+    events["t"], events["p"] = np.sort(rng.integers(0, 10**6, 200)), rng.integers(0, 2, 200)
+    buf = io.BytesIO()
+    np.save(buf, events, allow_pickle=False)
+    src = Location(f"{s3_bucket}/rec/events.npy", s3_server)
+    src.write_atomic(buf.getvalue())
+    capsys.readouterr()
+    assert main(["render-events", src.url, "--frames", "2", "--out", f"{s3_bucket}/frames", *opts]) == 0
+    written = capsys.readouterr().out.split()
+    assert written == [f"{s3_bucket}/frames/events_0.png", f"{s3_bucket}/frames/events_1.png"]
+    assert all(Location(u, s3_server).read()[:4] == b"\x89PNG" for u in written)
