@@ -10,14 +10,17 @@ from typing import Any
 
 import torch
 
+from egpt_core.fsio import Location
 
-def write_synthetic_pair_store(url: str, *, hidden_size: int = 32, n_scenes: int = 20, pairs_per_scene: int = 10,
+
+def write_synthetic_pair_store(url: str | Location, *, hidden_size: int = 32, n_scenes: int = 20, pairs_per_scene: int = 10,
                                min_len: int = 3, max_len: int = 12, noise: float = 0.01, seed: int = 0,
                                shard_size: int = 50, dtype: str = "float32", map_seed: int = 1234,
                                n_failed: int = 0, scene_prefix: str = "scene", normalize_rows: bool = True,
                                storage_options: dict | None = None, meta: dict | None = None) -> dict[str, Any]:
     """Write ``n_scenes * pairs_per_scene`` ok pairs (+ ``n_failed`` failed ones) with the store's
-    StoreWriter; returns {"url", "pairs", "scenes", "hidden_size", "rows"}.
+    StoreWriter into the store ``url`` (a Location, or a URL with its ``storage_options``); returns
+    {"url", "pairs", "scenes", "hidden_size", "rows"}.
 
     ``map_seed`` fixes the affine map (use the same value for train and val stores).
     ``normalize_rows`` standardises each drafter row (mean 0, variance 1), as final-norm hidden
@@ -65,4 +68,4 @@ def write_synthetic_pair_store(url: str, *, hidden_size: int = 32, n_scenes: int
         dra.append(None)
         tgt.append(None)
     flush()
-    return {"url": url, "pairs": n_scenes * pairs_per_scene, "scenes": n_scenes, "hidden_size": d, "rows": rows}
+    return {"url": writer.url, "pairs": n_scenes * pairs_per_scene, "scenes": n_scenes, "hidden_size": d, "rows": rows}
