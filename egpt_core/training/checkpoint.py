@@ -72,10 +72,6 @@ class Committed:
     def extra(self) -> dict[str, Any]:
         return self.record["extra"]
 
-    @property
-    def run_url(self) -> str:
-        return self.run.url
-
     def weights_bytes(self, which: str) -> bytes | None:
         """The verified bytes of the ``"last"`` or ``"best"`` weights file (None: no best file)."""
         name = self.record["files"].get(f"{which}_weights")
