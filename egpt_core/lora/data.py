@@ -161,8 +161,10 @@ def split_index(index: PairIndex, val_scenes: set[str]) -> tuple[PairIndex, Pair
 Plan = list[tuple[list[int], np.ndarray]]  # windows: (shards to hold, positions in the index, in order)
 
 
-def epoch_plan(index: PairIndex, seed: int, epoch: int, window: int = SHUFFLE_WINDOW_SHARDS) -> Plan:
-    """A training epoch's order: shards permuted, then the pairs of each ``window`` shards permuted."""
+def epoch_plan(index: PairIndex, seed: int, epoch: int, window: int | None = None) -> Plan:
+    """A training epoch's order: shards permuted, then the pairs of each ``window`` shards (default
+    ``SHUFFLE_WINDOW_SHARDS``) permuted together."""
+    window = SHUFFLE_WINDOW_SHARDS if window is None else window
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     ranges = index.shard_ranges()
     order = [ranges[k] for k in torch.randperm(len(ranges), generator=gen).tolist()]
