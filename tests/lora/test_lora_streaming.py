@@ -196,3 +196,34 @@ def test_resume_over_several_shard_windows_is_bitwise_identical(sharded_store, f
 
     assert strip(json.loads((tmp_path / "full" / "history.json").read_text())) == \
         strip(json.loads((tmp_path / "resumed" / "history.json").read_text()))
+
+
+def test_streamed_micro_batches_carry_the_pairs_rows_and_token_ids(sharded_store, drafter):
+    """Every pair once per pass, with the target rows and token ids random access reads for it; another
+    rank's micro-batches are not built."""
+    from contextlib import closing
+
+    from egpt_core.lora.data import epoch_plan, scan_store, stream
+
+    reader = StoreReader(sharded_store)
+    index = scan_store(reader, 0, drafter.model.get_input_embeddings().num_embeddings, {}, drafter)
+    assert len(index) == 12 and len(index.scenes()) == 4
+    with closing(stream(index, epoch_plan(index, 0, 1, window=2), 5)) as batches:
+        got = list(batches)
+    assert [len(b.samples) for b in got] == [5, 5, 2]
+    seen = []
+    for b in got:
+        rows = 0
+        for s in b.samples:
+            ref = reader.get(s.pair_id)
+            assert torch.equal(b.target[rows:rows + s.length], ref.target[: s.length].float())
+            assert s.target_ids == ref.target_response_ids[: s.length] and s.fed_ids == ref.drafter_response_ids[: s.length]
+            assert s.prompt_ids == ref.drafter_prompt_ids and s.scene_id == ref.scene_id
+            rows += s.length
+            seen.append(s.pair_id)
+        assert rows == b.target.shape[0] == b.target_ids.shape[0]
+        assert b.target_ids.tolist() == [t for s in b.samples for t in s.target_ids]
+    assert sorted(seen) == sorted(reader.pair_ids())
+    with closing(stream(index, epoch_plan(index, 0, 1, window=2), 5, use=lambda k: k == 1)) as batches:
+        share = list(batches)
+    assert share[0] is None and share[2] is None and [s.pair_id for s in share[1].samples] == seen[5:10]
