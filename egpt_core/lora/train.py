@@ -13,6 +13,10 @@ aligned). LoRA (peft) adapts only the language model's q/k/v/o projections, sele
 path regex, so the CLIP tower carries none (bug B8); the reported trainable count is the number of
 parameters that actually received a gradient in the first backward.
 
+Data: the store is streamed (`egpt_core.lora.data`): a compact pair index at setup, shards read,
+verified and decoded and micro-batches built in background threads, a seeded shard-window shuffle
+per epoch; no per-pair objects are kept across shards.
+
 A recipe over `egpt_core.training` (distributed context, schedule, run state, checkpoint layout,
 curves, cosine/accept@tau): setup -> resume | start_fresh (the untrained LoRA validated and
 committed as epoch 0) -> train_epoch + checkpoint_epoch -> finish.
