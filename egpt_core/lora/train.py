@@ -13,6 +13,10 @@ aligned). LoRA (peft) adapts only the language model's q/k/v/o projections, sele
 path regex, so the CLIP tower carries none (bug B8); the reported trainable count is the number of
 parameters that actually received a gradient in the first backward.
 
+Data: the store is streamed (`egpt_core.lora.data`): a compact pair index at setup, shards read,
+verified and decoded and micro-batches built in background threads, a seeded shard-window shuffle
+per epoch; no per-pair objects are kept across shards.
+
 A recipe over `egpt_core.training` (distributed context, schedule, run state, checkpoint layout,
 curves, cosine/accept@tau): setup -> resume | start_fresh (the untrained LoRA validated and
 committed as epoch 0) -> train_epoch + checkpoint_epoch -> finish.
@@ -33,11 +37,12 @@ import logging
 import math
 import random
 import re
+import threading
 import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import closing
 from typing import Any
 
 import torch
@@ -50,6 +55,16 @@ from egpt_core.config import EventRenderConfig, LoraTrainConfig
 from egpt_core.data.split import split_scenes
 from egpt_core.errors import ConfigError, TrainingDivergedError
 from egpt_core.fsio import Location, join
+from egpt_core.lora.data import (
+    LoraSample,
+    MicroBatch,
+    PairIndex,
+    epoch_plan,
+    scan_store,
+    split_index,
+    store_order_plan,
+    stream,
+)
 from egpt_core.models.positions import POSITION_CONVENTION, gather_rows
 from egpt_core.training import checkpoint as ck
 from egpt_core.training.curves import Panel, SumAccumulator, plot_curves
@@ -100,22 +115,9 @@ class LoraResult(BaseModel):
 # --------------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class LoraSample:
-    """One ok pair: what the drafter is fed and what its rows are compared with."""
-
-    pair_id: str
-    scene_id: str
-    question: str
-    prompt_ids: list[int]  # drafter prompt, with the -200 sentinel
-    fed_ids: list[int]  # response ids the drafter is teacher-forced on (g_0..g_{L-1})
-    target_ids: list[int]  # target token t <-> row t
-    length: int
-    src: int = 0  # index of the store it came from (0 = train store, 1 = val store)
-
-
 def load_samples(reader, pair_ids: Sequence[str] | None = None, src: int = 0, drafter=None) -> list[LoraSample]:
-    """Ok pairs of a store (all, or ``pair_ids`` in that order) with their token ids."""
+    """Ok pairs of a store (all, or ``pair_ids`` in that order) with their token ids, as a list (small
+    stores, inspection and tests; training streams the store: `egpt_core.lora.data`)."""
     cols = ["pair_id", "scene_id", "question", "drafter_prompt_ids", "drafter_response_ids",
             "target_response_ids", "length"]
     rows = {r["pair_id"]: r for r in reader.pairs(status="ok", columns=cols).to_pylist()}
@@ -199,6 +201,7 @@ class FeatureSource:
         self._lru: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lru_size = lru
         self.stats: dict[str, int] = {}
+        self._lock = threading.RLock()  # the micro-batch builder thread reads features too
 
     def _scene(self, scene_id: str):
         from egpt_core.data import load_scenes
@@ -220,6 +223,10 @@ class FeatureSource:
         return self._scenes[scene_id]
 
     def get(self, scene_id: str) -> torch.Tensor:
+        with self._lock:
+            return self._get(scene_id)
+
+    def _get(self, scene_id: str) -> torch.Tensor:
         from egpt_core.extraction.features import feature_key, scene_features
 
         if scene_id in self._lru:
@@ -543,24 +550,24 @@ class _LoraRecipe:
         for reader in self.readers:
             check_store_vocab(self.drafter, reader, self.cfg.drafter)
     def _data(self):
+        """Index the stores' ok pairs (checked; no per-pair objects kept: `egpt_core.lora.data`), split
+        by scene, the LM head, and every scene's event features."""
         cfg = self.cfg
-        train = load_samples(self.reader, src=0, drafter=self.drafter)
+        vocab = self.drafter.model.get_input_embeddings().num_embeddings
+        self.prompts: dict[str, list[int]] = {}  # question -> drafter prompt ids (stores without them)
+        train = scan_store(self.reader, 0, vocab, self.prompts, self.drafter)
         if self.val_reader is not None:
-            val = load_samples(self.val_reader, src=1, drafter=self.drafter)
-            overlap = {s.scene_id for s in train} & {s.scene_id for s in val}
+            val = scan_store(self.val_reader, 1, vocab, self.prompts, self.drafter)
+            overlap = set(train.scenes()) & set(val.scenes())
             if overlap:
                 log.warning("%d scene(s) are in both the train and the val store (e.g. %s)", len(overlap),
                             sorted(overlap)[0])
         else:
-            ti, vi = split_by_scene(train, cfg.val_fraction, cfg.seed)
-            train, val = [train[i] for i in ti], [train[i] for i in vi]
-        if not train or not val:
+            _, val_scenes = split_scenes(train.scenes(), cfg.val_fraction, cfg.seed)
+            train, val = split_index(train, val_scenes)
+        if not len(train) or not len(val):
             raise ConfigError(f"L6 needs train and val pairs (have {len(train)} / {len(val)} ok pairs)")
         self.train, self.val = train, val
-        vocab = self.drafter.model.get_input_embeddings().num_embeddings
-        for s in train + val:
-            if max(s.fed_ids) >= vocab:
-                raise ConfigError(f"pair {s.pair_id}: a fed token id is outside the drafter vocabulary ({vocab})")
         self.lm_head = None
         if self.reader.info.lm_head is not None:  # read errors propagate (transient faults are retried)
             self.lm_head = self.reader.lm_head().to(self.device, torch.float32)
@@ -575,19 +582,20 @@ class _LoraRecipe:
         self.features = FeatureSource(self.drafter, self.render, self.readers, dataset_urls,
                                       run_url=cfg.out, storage_options=self.so, write=self.ctx.main)
         # every scene's features before LoRA / k-bit preparation (same numerics as extraction)
-        for sid in dict.fromkeys(s.scene_id for s in train + val):
+        for sid in dict.fromkeys([*train.scenes(), *val.scenes()]):
             self.features.get(sid)
 
-    def _batch(self, samples: Sequence[LoraSample]):
-        feats = [self.features.get(s.scene_id) for s in samples]
-        tgt = torch.cat([self.readers[s.src].get(s.pair_id).target[: s.length].float() for s in samples])
-        ids = torch.tensor([t for s in samples for t in s.target_ids], dtype=torch.long)
-        return feats, tgt.to(self.device), ids.to(self.device)
+    def _stream(self, side: PairIndex, plan, use=None, features: bool = True):
+        """The micro-batches of ``plan`` over ``side``, read and built in background threads; close it
+        (``contextlib.closing``) to stop them."""
+        return stream(side, plan, self.cfg.micro_batch, prompts=self.prompts, use=use,
+                      features=self.features.get if features else None,
+                      batch_queue=max(2, 2 * self.cfg.grad_accum))
 
-    def _forward(self, samples: Sequence[LoraSample]):
-        feats, tgt, ids = self._batch(samples)
-        rows = tf_rows(self.drafter, samples, feats)
-        return loss_and_sums(torch.cat(rows), tgt, ids, self.lm_head, self.cfg)
+    def _forward(self, batch: MicroBatch):
+        rows = tf_rows(self.drafter, batch.samples, batch.features)
+        return loss_and_sums(torch.cat(rows), batch.target.to(self.device), batch.target_ids.to(self.device),
+                             self.lm_head, self.cfg)
 
     # -- evaluation --------------------------------------------------------------------------------
 
@@ -597,10 +605,11 @@ class _LoraRecipe:
         """Pooled metrics over every val pair (micro-batches strided over the ranks)."""
         self.peft.eval()
         acc = SumAccumulator(_SUM_KEYS, self.ctx.device)
-        mb = self.cfg.micro_batch
-        batches = [self.val[i : i + mb] for i in range(0, len(self.val), mb)]
-        for b in batches[self.ctx.rank :: self.ctx.world]:
-            acc.add(self._forward(b)[1])
+        rank, world = self.ctx.rank, self.ctx.world
+        with closing(self._stream(self.val, store_order_plan(self.val), use=lambda k: k % world == rank)) as batches:
+            for b in batches:
+                if b is not None:
+                    acc.add(self._forward(b)[1])
         return summarize(acc.pooled(self.ctx), self.cfg, self.reader.hidden_size)
 
     def train_epoch(self) -> bool:
@@ -623,34 +632,41 @@ class _LoraRecipe:
         self.peft.train()
         total = self.steps_per_epoch * cfg.epochs
         acc, step, lr = SumAccumulator(_SUM_KEYS, ctx.device), self.state.step, cfg.lr
-        for group in self._accumulation_groups(epoch):
-            for mbatch in group[ctx.rank :: ctx.world]:
-                loss, sums = self._forward(mbatch)
-                (loss / len(group)).backward()
-                acc.add(sums)
-                if self.extra["trainable_params"] is None:
-                    self.extra["trainable_params"] = sum(p.numel() for p in self.params if p.grad is not None)
-            ctx.sum_grads(self.params)
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-            lr = warmup_cosine_lr(step, total, cfg.warmup_steps, cfg.lr, cfg.min_lr)
-            set_lr(self.opt, lr)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            step += 1
-            self.bar.update(1)
-            if self.progress:
-                self.progress(min(step / total, 1.0), f"epoch {epoch}/{cfg.epochs} step {step}/{total}")
+        with closing(self._accumulation_groups(epoch)) as groups:  # an exception stops the read-ahead
+            for group in groups:
+                for mbatch in group[ctx.rank :: ctx.world]:
+                    loss, sums = self._forward(mbatch)
+                    (loss / len(group)).backward()
+                    acc.add(sums)
+                    if self.extra["trainable_params"] is None:
+                        self.extra["trainable_params"] = sum(p.numel() for p in self.params if p.grad is not None)
+                ctx.sum_grads(self.params)
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                lr = warmup_cosine_lr(step, total, cfg.warmup_steps, cfg.lr, cfg.min_lr)
+                set_lr(self.opt, lr)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                step += 1
+                self.bar.update(1)
+                if self.progress:
+                    self.progress(min(step / total, 1.0), f"epoch {epoch}/{cfg.epochs} step {step}/{total}")
         return summarize(acc.pooled(ctx), cfg, self.reader.hidden_size), step, lr
 
-    def _accumulation_groups(self, epoch: int) -> Iterator[list[list[LoraSample]]]:
-        """The epoch's seeded shuffle as optimizer steps: lists of ``grad_accum`` micro-batches of
-        ``micro_batch`` samples (the batch iterator the training loop consumes)."""
-        mb, ga = self.cfg.micro_batch, self.cfg.grad_accum
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train), generator=gen).tolist()
-        micro = [[self.train[i] for i in order[j : j + mb]] for j in range(0, len(order), mb)]
-        for j in range(0, len(micro), ga):
-            yield micro[j : j + ga]
+    def _accumulation_groups(self, epoch: int) -> Iterator[list[MicroBatch | None]]:
+        """The epoch's seeded order (`egpt_core.lora.data.epoch_plan`) as optimizer steps: lists of
+        ``grad_accum`` micro-batches, read and built ahead in background threads. This rank's share of a
+        group (``group[rank::world]``) is built; the other ranks' micro-batches are ``None``."""
+        ga, rank, world = self.cfg.grad_accum, self.ctx.rank, self.ctx.world
+        plan = epoch_plan(self.train, self.cfg.seed, epoch)
+        with closing(self._stream(self.train, plan, use=lambda k: (k % ga) % world == rank)) as batches:
+            group: list[MicroBatch | None] = []
+            for b in batches:
+                group.append(b)
+                if len(group) == ga:
+                    yield group
+                    group = []
+            if group:
+                yield group
 
     # -- checkpoint and outputs --------------------------------------------------------------------
     def checkpoint_epoch(self, improved: bool) -> None:
@@ -698,10 +714,15 @@ class _LoraRecipe:
         if math.isfinite(train_loss) and math.isfinite(val_loss):
             return
         where = f"{self.cfg.out}: L6 training diverged in epoch {epoch} (train loss {train_loss}, val loss {val_loss})"
-        for s in self.train + self.val:
-            if not torch.isfinite(self.readers[s.src].get(s.pair_id).target.float()).all():
-                raise TrainingDivergedError(f"{where}: pair {s.pair_id!r} holds non-finite target rows in its store; "
-                                            "re-extract or drop that pair")
+        for side in (self.train, self.val):
+            with closing(self._stream(side, store_order_plan(side), features=False)) as batches:
+                for b in batches:
+                    rows = 0
+                    for s in b.samples:
+                        if not torch.isfinite(b.target[rows:rows + s.length]).all():
+                            raise TrainingDivergedError(f"{where}: pair {s.pair_id!r} holds non-finite target rows "
+                                                        "in its store; re-extract or drop that pair")
+                        rows += s.length
         raise TrainingDivergedError(f"{where}: the target rows are finite, so the learning rate (lr={self.cfg.lr}) is "
                                     "too high; lower it (the last good checkpoint is kept)")
 
@@ -721,7 +742,9 @@ class _LoraRecipe:
         """Parameters that receive a gradient (one backward when no step ran in this process)."""
         if self.extra.get("trainable_params") is None:
             self.peft.train()
-            loss, _ = self._forward(self.train[: self.cfg.micro_batch])
+            with closing(self._stream(self.train, store_order_plan(self.train))) as batches:
+                first = next(batches)
+            loss, _ = self._forward(first)
             loss.backward()
             self.extra["trainable_params"] = sum(p.numel() for _, p in trainable_parameters(self.peft)
                                                  if p.grad is not None)
@@ -739,7 +762,7 @@ class _LoraRecipe:
             "epochs_run": len(hist), "stopped_early": st.stopped_early,
             "trainable_params": trainable, "declared_trainable_params": self.declared,
             "lora_modules": len(self.lora_names), "n_train_pairs": len(self.train), "n_val_pairs": len(self.val),
-            "train_scenes": len({s.scene_id for s in self.train}), "val_scenes": len({s.scene_id for s in self.val}),
+            "train_scenes": len(self.train.scenes()), "val_scenes": len(self.val.scenes()),
             "store_fingerprint": self.reader.fingerprint, "position_convention": POSITION_CONVENTION,
             "features": dict(self.features.stats), "world_size": self.ctx.world,
         }
