@@ -144,8 +144,9 @@ class _ScenePrefetch:
     CLIP-preprocessed frames). No model forward runs here. An error surfaces, as itself, where a pair
     asks for the input."""
 
-    def __init__(self, cfg: ExtractConfig, target, workers: int = VIDEO_WORKERS, drafter=None, writer=None):
+    def __init__(self, cfg: ExtractConfig, target, workers: int | None = None, drafter=None, writer=None):
         self.cfg, self.target, self.drafter, self.writer = cfg, target, drafter, writer
+        workers = VIDEO_WORKERS if workers is None else workers  # read at run time (tests set it to 0)
         wanted = target is not None or (drafter is not None and writer is not None)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="video-decode") \
             if wanted and workers > 0 else None
