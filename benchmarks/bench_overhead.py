@@ -69,16 +69,16 @@ def _flow_fraction(cfg, root: Path) -> dict:
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    import egpt_core.extraction.run as run_mod
+    import egpt_core.models.loading as loading
     import tasks.extract as task_mod
     from flows.extract import extract
     from tasks.caching import FingerprintPolicy
 
     fwd = ForwardTimer(None)
     sections = SectionTimer(fwd)
-    targets = [(task_mod, "videollava_identity", "model_load"), (task_mod, "load_eventgpt", "model_load"),
-               (run_mod, "load_models", "model_load_in_extract"), (task_mod, "run_extraction", "run_extraction"),
-               (task_mod, "scene_features", "features_task"), (FingerprintPolicy, "compute_key", "cache_keys")]
+    targets = [(loading, "videollava_identity", "model_load"), (loading, "load_eventgpt", "model_load"),
+               (loading, "load_videollava", "model_load"), (task_mod, "run_extraction", "tasks"),
+               (task_mod, "compute_scene_features", "tasks"), (FingerprintPolicy, "compute_key", "cache_keys")]
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(root / "prefect-results")}):
         with prefect_test_harness(server_startup_timeout=120):
             with sections.patched(targets) as missing, fwd:
@@ -88,10 +88,8 @@ def _flow_fraction(cfg, root: Path) -> dict:
             if not state.is_completed():
                 raise AssertionError(f"extract flow ended {state.name}")
     net = {k: sections.wall[k] - sections.forward[k] for k in sections.wall}
-    inner_load = net.pop("model_load_in_extract", 0.0)
-    if "run_extraction" in net:  # the library call's own overhead, without its model loading
-        net["run_extraction"] -= inner_load
-    net["model_load"] = net.get("model_load", 0.0) + inner_load
+    if "tasks" in net:  # every model load happens inside the features or extraction task
+        net["features_and_extraction_tasks"] = net.pop("tasks") - net.get("model_load", 0.0)
     parts = {k: round(v, 3) for k, v in sorted(net.items(), key=lambda kv: -kv[1])}
     parts["prefect_and_other"] = round(wall - fwd.seconds - sum(net.values()), 3)
     return {"wall_s": round(wall, 3), "forward_s": round(fwd.seconds, 3), "outside_s_by_section": parts,

@@ -83,6 +83,20 @@ def test_greedy_loop_equals_hf_generate(models, extract_cfg, tmp_path):
     assert target.tokenizer.eos_token_id == eos
 
 
+def test_greedy_loop_equals_hf_generate_in_bfloat16(extract_cfg, tmp_path):
+    """bf16 logits: generate takes the argmax of their float32 copy, the loop of the logits themselves."""
+    from egpt_core.config import ModelLoadConfig
+    from egpt_core.extraction import load_models
+
+    cfg = extract_cfg(str(tmp_path / "s"), load=ModelLoadConfig(dtype="bfloat16", device="cpu"))
+    _, target = load_models(cfg)
+    assert target.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    prompts, videos = _target_inputs(target, plan_pairs(cfg)[:5])
+    for idx in ([0], [0, 2, 4], list(range(5))):
+        p, v = [prompts[i] for i in idx], [videos[i] for i in idx]
+        assert _same_generation(greedy_generate(target, p, v, 10), target.generate(p, v, 10)), idx
+
+
 def test_store_bitwise_the_inline_paths(models, extract_cfg, tmp_path, monkeypatch):
     cfg_new = extract_cfg(str(tmp_path / "new"), shard_size=3, batch_size=2)
     encodes: list[str] = []
