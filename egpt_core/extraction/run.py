@@ -569,23 +569,27 @@ def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], fi
     pending = [p for p in pairs if p.pair_id not in committed]
     reserved = guards.reserved_strings(drafter, target)
     stats: dict[str, int] = {}
-    lm_written = False
-    if target is not None:
-        weight, dtype = target_lm_head(cfg, target)
-        lm_written = writer.write_lm_head(weight, target.fingerprint, dtype=dtype,
-                                          vocab=vocab_tokens(target.tokenizer)) or False
-    elif source is not None:
-        lm_written = _copy_lm_head(source, writer)
-
     shards = [pending[i : i + cfg.shard_size] for i in range(0, len(pending), cfg.shard_size)]
-    n_done = 0
-    bar = tqdm(total=len(pending), desc=f"extract[{cfg.mode}]", unit="pair", disable=None)
     scenes = _ScenePrefetch(cfg, target, drafter=drafter, writer=writer)
+
+    def ahead(k: int) -> list[Pair]:  # the pairs of shard k and the next
+        return [*shards[k], *(shards[k + 1] if k + 1 < len(shards) else [])]
+
+    n_done, lm_written = 0, False
+    bar = tqdm(total=len(pending), desc=f"extract[{cfg.mode}]", unit="pair", disable=None)
     writes = StoreWrites(writer, threaded=BACKGROUND_WRITES)
     inputs = _Inputs(cfg, drafter, target, writer, stats, fingerprints, reserved, scenes, writes)
     try:
+        if shards:
+            scenes.schedule(ahead(0))  # the first videos decode while the LM head is written
+        if target is not None:
+            weight, dtype = target_lm_head(cfg, target)
+            lm_written = writer.write_lm_head(weight, target.fingerprint, dtype=dtype,
+                                              vocab=vocab_tokens(target.tokenizer)) or False
+        elif source is not None:
+            lm_written = _copy_lm_head(source, writer)
         for k, shard in enumerate(shards):
-            scenes.schedule([*shard, *(shards[k + 1] if k + 1 < len(shards) else [])])  # this shard + the next
+            scenes.schedule(ahead(k))
             n_done = _extract_shard(cfg, writes, shard, drafter, target, source, inputs, bar, progress, n_done,
                                     len(pending))
         n_shards = len(writes.finish())
