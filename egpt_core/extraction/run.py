@@ -36,7 +36,6 @@ from egpt_core.extraction.features import (
     SceneFeatureInputs,
     encode_scene_features,
     scene_feature_inputs,
-    scene_features,
 )
 from egpt_core.extraction.greedy import greedy_generate
 from egpt_core.fingerprint import hash_json
@@ -134,6 +133,7 @@ def _record(pair: Pair, status: str = "ok", reason: str | None = None, input_fin
 
 VIDEO_WORKERS = 2  # threads decoding + processing scene inputs ahead of the model work (PyAV releases the GIL)
 BACKGROUND_WRITES = True  # shard commits + feature-cache files in a writer thread (False: inline)
+FEATURE_SCENES_AHEAD = 4  # scenes whose event input the features task prepares ahead (bounded memory)
 _PROMPT_MEMO = 4096  # questions whose prompt ids are kept (a dataset asks the same questions of every scene)
 
 
@@ -170,9 +170,13 @@ class _ScenePrefetch:
 
     def schedule(self, pairs: Sequence[Pair]) -> None:
         """Start preparing the inputs of the scenes of ``pairs`` (in order); forget those of other scenes."""
+        self.schedule_scenes([p.scene for p in pairs])
+
+    def schedule_scenes(self, scenes: Sequence) -> None:
+        """Start preparing the inputs of ``scenes`` (in order); forget those of other scenes."""
         if self.pool is None:
             return
-        wanted = {p.scene.scene_id: p.scene for p in pairs}
+        wanted = {s.scene_id: s for s in scenes}
         for key in [k for k in self.futures if k[1] not in wanted]:
             self.futures.pop(key).cancel()
         for sid, scene in wanted.items():
@@ -180,17 +184,21 @@ class _ScenePrefetch:
                 if (kind, sid) not in self.futures:
                     self.futures[kind, sid] = self.pool.submit(load, scene)
 
-    def _result(self, kind: str, pair: Pair, load: Callable):
-        fut = self.futures.get((kind, pair.scene.scene_id)) if self.pool is not None else None
-        return fut.result() if fut is not None else load(pair.scene)
+    def _result(self, kind: str, scene, load: Callable):
+        fut = self.futures.get((kind, scene.scene_id)) if self.pool is not None else None
+        return fut.result() if fut is not None else load(scene)
 
     def get(self, pair: Pair):
         """The pair's video, processed (``VideoLlavaTarget.prepare_video``)."""
-        return self._result("video", pair, self._load)
+        return self._result("video", pair.scene, self._load)
 
     def get_events(self, pair: Pair) -> SceneFeatureInputs:
         """The pair's event input: cached features or preprocessed frames (:func:`scene_feature_inputs`)."""
-        return self._result("events", pair, self._load_events)
+        return self.scene_events(pair.scene)
+
+    def scene_events(self, scene) -> SceneFeatureInputs:
+        """A scene's event input: cached features or preprocessed frames (:func:`scene_feature_inputs`)."""
+        return self._result("events", scene, self._load_events)
 
     def close(self) -> None:
         for f in self.futures.values():
@@ -512,13 +520,30 @@ def compute_scene_features(cfg: ExtractConfig, scene_ids: list[str] | set[str],
         writer = StoreWriter(cfg.store, store_meta(cfg, drafter if need_d else None, target), cfg.storage_options)
     stats: dict[str, int] = {}
     failed: dict[str, str] = {}
-    for i, scene in enumerate(scenes):
-        try:
-            scene_features(scene, drafter, cfg.events, writer, cfg.storage_options, stats)
-        except BadInputError as exc:
-            failed[scene.scene_id] = str(exc)
-        if progress is not None:
-            progress((i + 1) / len(scenes), f"{i + 1}/{len(scenes)} scenes")
+    ahead = _ScenePrefetch(cfg, None, drafter=drafter, writer=writer)  # events read + preprocessed ahead
+    writes = StoreWrites(writer, threaded=BACKGROUND_WRITES)  # feature files written behind
+    try:
+        for i, scene in enumerate(scenes):
+            ahead.schedule_scenes(scenes[i : i + FEATURE_SCENES_AHEAD])
+            try:
+                got = ahead.scene_events(scene)
+                if got.cached is not None:
+                    stats["features_cached"] = stats.get("features_cached", 0) + 1
+                else:
+                    writes.put_features(got.key, encode_scene_features(drafter, got))
+                    stats["features_computed"] = stats.get("features_computed", 0) + 1
+            except BadInputError as exc:
+                failed[scene.scene_id] = str(exc)
+            if progress is not None and i + 1 < len(scenes):
+                progress((i + 1) / len(scenes), f"{i + 1}/{len(scenes)} scenes")
+        writes.finish()
+    except BaseException:
+        writes.close()
+        raise
+    finally:
+        ahead.close()
+    if progress is not None and scenes:  # (once every feature file is written)
+        progress(1.0, f"{len(scenes)}/{len(scenes)} scenes")
     return FeaturesSummary(scenes=len(scenes), computed=stats.get("features_computed", 0),
                            cached=stats.get("features_cached", 0), failed=failed)
 
@@ -590,8 +615,8 @@ def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], fi
             lm_written = _copy_lm_head(source, writer)
         for k, shard in enumerate(shards):
             scenes.schedule(ahead(k))
-            n_done = _extract_shard(cfg, writes, shard, drafter, target, source, inputs, bar, progress, n_done,
-                                    len(pending))
+            n_done = _extract_shard(cfg, writes, shard, drafter, target, source, inputs, bar,
+                                    progress if k + 1 < len(shards) else None, n_done, len(pending))
         n_shards = len(writes.finish())
     except BaseException:
         writes.close()  # the shards extracted before the failure are still committed
@@ -599,7 +624,7 @@ def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], fi
     finally:
         scenes.close()
         bar.close()
-    if progress and shards:
+    if progress and shards:  # (the last shard's line: once its commit has ended)
         progress(1.0, f"{n_done}/{len(pending)} pairs, {n_shards} shards committed")
     man = StoreReader(cfg.store, cfg.storage_options).info
     reasons = dict(man.reasons)  # counted per shard at commit: no table reads here
