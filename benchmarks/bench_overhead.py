@@ -1,21 +1,28 @@
 """Extraction overhead: the share of a demo-sized extraction's wall time spent outside model forwards.
 
-The demo's extraction (`flows.demo.demo_config`: tiny fixtures, 8 scenes x 3 questions, batch 4,
-16 new tokens, CPU fp32) is measured twice:
+The demo's extraction (`flows.demo.demo_config`: tiny fixtures, 40 scenes x 8 questions = 320 pairs,
+batch 16, shards of 64, 20 new tokens, CPU fp32) is measured twice, side by side in one run:
 
-- ``extraction_outside_forward_fraction`` (goal <= 0.10): the Prefect ``extract`` flow on a
+- ``extraction_outside_forward_fraction`` (goal <= 0.10): one `run_extraction` call with the models
+  already loaded, forward time taken with torch's global module hooks (outermost forward only), its
+  wall time broken down by timed sections (each net of the forwards inside it): the greedy loop over
+  the target (``generate``: batching, argmax, cache and mask bookkeeping, the video encoder's glue),
+  the drafter's TF batch preparation, the feature encoder's glue (``event_features``), building each
+  question's prompt, tokenisation and decoding, waiting for a scene's video or event input, handing
+  feature files and shards to the store writer and waiting for its last commit, and the rest
+  (planning, input fingerprints, LM head, manifest read). Video decode + processing, event rendering +
+  CLIP preprocessing + feature-cache lookups (scene-input threads) and shard commits + feature-file
+  writes (the store-writer thread) run in background threads; their time is reported apart
+  (``background_s_by_section``) and counts only where the main thread waits for them;
+- ``extraction_flow_outside_forward_fraction`` (a figure): the Prefect ``extract`` flow on a
   throwaway test server (features task, extraction task, store summary; model loading inside the
-  tasks), forward time taken with torch's global module hooks (outermost forward only);
-- the same work as one `run_extraction` call with the models already loaded (``library_fraction``,
-  goal <= 0.10), its wall time broken down by timed sections (each net of the forwards inside it):
-  HF generate's loop, the drafter's TF batch preparation, event-frame rendering and CLIP
-  preprocessing, building each question's prompt, waiting for a video, tokenisation and decoding,
-  store commits, feature-cache I/O and the rest (planning, manifest, LM head). Video decode and the
-  video processor run once per scene in background threads; their time is reported apart
-  (``background_s_by_section``) and counts only where the main thread waits for them (``video_wait``).
+  tasks), broken down into model loading, the two tasks' own work net of loading and forwards,
+  cache-key computation and the rest (Prefect's orchestration: task runs, states, results, artifacts,
+  the local test server sharing the CPU).
 
 Forward time includes the hooks' own cost (two Python calls per submodule forward under the global
-hooks), so the outside share is if anything understated.
+hooks), so the outside share is if anything understated; background threads share the CPU with the
+forwards, so read the fraction together with the wall time it reports.
 """
 
 from __future__ import annotations

@@ -250,3 +250,29 @@ def test_progress_reports_committed_shards(models, extract_cfg, tmp_path):
                        models=models)
     assert lines[-1] == (1.0, f"{s.pairs_processed}/{s.pairs_pending} pairs, {s.shards_committed} shards committed")
     assert json.loads(json.dumps(lines))  # plain values (a Prefect artifact carries them)
+
+
+def test_features_task_caches_what_event_features_computes_and_fails_on_a_failed_write(
+        models, extract_cfg, tmp_path, monkeypatch):
+    from egpt_core.extraction.features import feature_key, scene_event_frames
+    from egpt_core.extraction.run import compute_scene_features
+
+    drafter, _ = models
+    cfg = extract_cfg(str(tmp_path / "s"))
+    monkeypatch.setattr("egpt_core.models.loading.load_eventgpt", lambda *a, **k: drafter)
+    scenes = list(dict.fromkeys(p.scene for p in plan_pairs(cfg)))
+    done = compute_scene_features(cfg, [s.scene_id for s in scenes])
+    assert (done.computed, done.cached, done.failed) == (len(scenes), 0, {})
+    reader_writer = StoreWriter(cfg.store, {})
+    for scene in scenes:  # bitwise what the drafter computes from the rendered frames
+        want = drafter.event_features(scene_event_frames(scene, cfg.events))
+        got = reader_writer.get_features(feature_key(scene, drafter, cfg.events))["features"]
+        assert torch.equal(got, want), scene.scene_id
+    assert compute_scene_features(cfg, [s.scene_id for s in scenes]).cached == len(scenes)
+
+    def broken(self, key, tensors, metadata=None):
+        raise PermissionError(13, "Permission denied (injected)", key)
+
+    monkeypatch.setattr(StoreWriter, "put_features", broken)
+    with pytest.raises(PermissionError, match="injected"):
+        compute_scene_features(extract_cfg(str(tmp_path / "t")), [s.scene_id for s in scenes])
