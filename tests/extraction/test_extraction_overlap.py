@@ -276,3 +276,44 @@ def test_features_task_caches_what_event_features_computes_and_fails_on_a_failed
     monkeypatch.setattr(StoreWriter, "put_features", broken)
     with pytest.raises(PermissionError, match="injected"):
         compute_scene_features(extract_cfg(str(tmp_path / "t")), [s.scene_id for s in scenes])
+
+
+def test_another_targets_lm_head_is_refused_before_model_work(models, extract_cfg, tmp_path, monkeypatch):
+    """The LM head is written by the store-writer thread; a store holding another target's head is
+    still refused before any model forward (and the head is not replaced)."""
+    from egpt_core.errors import ConfigError
+    from egpt_core.extraction.run import store_meta
+
+    drafter, target = models
+    cfg = extract_cfg(str(tmp_path / "s"))
+    w = StoreWriter(cfg.store, store_meta(cfg, drafter, target))
+    w.write_lm_head(torch.zeros(len(target.tokenizer), target.hidden_size), "another-target")
+    forwards: list[str] = []
+    handle = nn_module.register_module_forward_pre_hook(lambda mod, args: forwards.append(type(mod).__name__))
+    try:
+        with pytest.raises(ConfigError, match="already holds the LM head of target 'another-target'"):
+            run_extraction(cfg, models=models)
+    finally:
+        handle.remove()
+    assert forwards == []
+    assert StoreReader(cfg.store).manifest["lm_head"]["target_fingerprint"] == "another-target"
+
+
+def test_lm_head_written_in_the_writer_thread_before_the_first_shard(models, extract_cfg, tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    head, commit = StoreWriter.write_lm_head, StoreWriter.commit_shard
+
+    def write_lm_head(self, *a, **k):
+        events.append(("lm_head", threading.current_thread().name))
+        return head(self, *a, **k)
+
+    def commit_shard(self, *a, **k):
+        events.append(("shard", threading.current_thread().name))
+        return commit(self, *a, **k)
+
+    monkeypatch.setattr(StoreWriter, "write_lm_head", write_lm_head)
+    monkeypatch.setattr(StoreWriter, "commit_shard", commit_shard)
+    s = run_extraction(extract_cfg(str(tmp_path / "s")), models=models)
+    assert s.lm_head_written and events[0] == ("lm_head", "store-writer_0")
+    assert [k for k, _ in events] == ["lm_head"] + ["shard"] * s.shards_committed
+    assert torch.equal(StoreReader(str(tmp_path / "s")).lm_head(), models[1].lm_head_weight())
