@@ -11,8 +11,8 @@ batch 16, shards of 64, 20 new tokens, CPU fp32) is measured twice, side by side
   question's prompt, tokenisation and decoding, waiting for a scene's video or event input, handing
   feature files and shards to the store writer and waiting for its last commit, and the rest
   (planning, input fingerprints, LM head, manifest read). Video decode + processing, event rendering +
-  CLIP preprocessing + feature-cache lookups (scene-input threads) and the LM head, shard commits and
-  feature files (the store-writer thread) run in background threads; their time is reported apart
+  CLIP preprocessing + feature-cache lookups (scene-input threads) and shard commits + feature-file
+  writes (the store-writer thread) run in background threads; their time is reported apart
   (``background_s_by_section``) and counts only where the main thread waits for them;
 - ``extraction_flow_outside_forward_fraction`` (a figure): the Prefect ``extract`` flow on a
   throwaway test server (features task, extraction task, store summary; model loading inside the
@@ -51,8 +51,7 @@ def _library_breakdown(cfg) -> dict:
         (target, "prepare_question", "prompt_build"), (run_mod._ScenePrefetch, "get", "video_wait"),
         (target, "prepare_video", "video_processor_bg"), (run_mod, "read_video_frames", "video_decode_bg"),
         (drafter, "prompt_ids", "tokenise"), (target, "decode", "detokenise"), (drafter, "decode", "detokenise"),
-        (StoreWriter, "commit_shard", "store_commit_bg"), (StoreWriter, "write_lm_head", "lm_head_write_bg"),
-        (StoreWriter, "put_features", "feature_cache_write_bg"),
+        (StoreWriter, "commit_shard", "store_commit_bg"), (StoreWriter, "put_features", "feature_cache_write_bg"),
         (run_mod.StoreWrites, "commit_shard", "store_commit_wait"), (run_mod.StoreWrites, "finish", "store_commit_wait"),
         (run_mod.StoreWrites, "put_features", "feature_cache_write"),
         (run_mod, "scene_feature_inputs", "event_render_and_clip_preprocessing_bg"),

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class StoreWrites:
-    """Shard commits, the LM head and feature-cache writes of one extraction, in a background thread (``threaded``
+    """Shard commits and feature-cache writes of one extraction, in a background thread (``threaded``
     False: inline, in the caller's thread). ``committed``: the shards committed so far (infos)."""
 
     def __init__(self, writer: StoreWriter, threaded: bool = True):
@@ -37,7 +37,6 @@ class StoreWrites:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") if threaded else None
         self.pending: list[tuple[str, Future]] = []
         self.committed: list[ShardInfo] = []
-        self.lm_head: dict | None = None
 
     def _submit(self, kind: str, fn: Callable, *args) -> None:
         if self.pool is None:
@@ -48,8 +47,6 @@ class StoreWrites:
     def _done(self, kind: str, result) -> None:
         if kind == "shard" and result is not None:
             self.committed.append(result)
-        elif kind == "lm_head":
-            self.lm_head = result
 
     def wait(self) -> None:
         """Wait for every write handed over; the first error is raised (as itself)."""
@@ -65,14 +62,6 @@ class StoreWrites:
                     log.warning("store %s: a further background write failed too: %s", self.writer.url, exc)
         if error is not None:
             raise error
-
-    def write_lm_head(self, weight: torch.Tensor, fingerprint: str, dtype: str | None = None,
-                      vocab: Sequence[str | None] | None = None) -> None:
-        """Store the target's LM head [V, D] (see :meth:`StoreWriter.write_lm_head`; its conflict check
-        runs here first, so another target's head is refused before model work). ``lm_head``: the
-        written head's info once written."""
-        self.writer.check_lm_head(fingerprint)
-        self._submit("lm_head", self.writer.write_lm_head, weight, fingerprint, dtype, vocab)
 
     def put_features(self, key: str, features: torch.Tensor) -> None:
         """Cache a scene's event features [F + S, D] (see :meth:`StoreWriter.put_features`)."""

@@ -606,10 +606,11 @@ def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], fi
     inputs = _Inputs(cfg, drafter, target, writer, stats, fingerprints, reserved, scenes, writes)
     try:
         if shards:
-            scenes.schedule(ahead(0))  # the first scenes' inputs are prepared from here on
-        if target is not None:  # written behind, before the first shard's commit
+            scenes.schedule(ahead(0))  # the first videos decode while the LM head is written
+        if target is not None:
             weight, dtype = target_lm_head(cfg, target)
-            writes.write_lm_head(weight, target.fingerprint, dtype=dtype, vocab=vocab_tokens(target.tokenizer))
+            lm_written = writer.write_lm_head(weight, target.fingerprint, dtype=dtype,
+                                              vocab=vocab_tokens(target.tokenizer)) or False
         elif source is not None:
             lm_written = _copy_lm_head(source, writer)
         for k, shard in enumerate(shards):
@@ -617,7 +618,6 @@ def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], fi
             n_done = _extract_shard(cfg, writes, shard, drafter, target, source, inputs, bar,
                                     progress if k + 1 < len(shards) else None, n_done, len(pending))
         n_shards = len(writes.finish())
-        lm_written = lm_written or bool(writes.lm_head)
     except BaseException:
         writes.close()  # the shards extracted before the failure are still committed
         raise

@@ -515,7 +515,11 @@ class StoreWriter:
             with self._lock():
                 m = self._load()
                 old = m.get("lm_head")
-                _refuse_other_head(self.url, old, info["target_fingerprint"])
+                if old and old.get("target_fingerprint") != info["target_fingerprint"]:
+                    raise ConfigError(
+                        f"store {self.url} already holds the LM head of target {old.get('target_fingerprint')!r}; "
+                        f"refusing to replace it with {info['target_fingerprint']!r} (use a new store)"
+                    )
                 if old and self.fs.exists(path):
                     return old
                 if vocab_bytes is not None:  # before the manifest names it; never replaces a named one
@@ -531,11 +535,6 @@ class StoreWriter:
         finally:
             if tmp:
                 mf._silent_remove(tmp)
-
-    def check_lm_head(self, fingerprint: str) -> None:
-        """Raise the ConfigError :meth:`write_lm_head` raises when the store holds another target's LM
-        head (a check before model work, without the lock; the write checks again under it)."""
-        _refuse_other_head(self.url, (self._load() or {}).get("lm_head"), str(fingerprint))
 
     # -- features -----------------------------------------------------------------------------------
     def put_features(self, key: str, tensors: torch.Tensor | dict[str, torch.Tensor],
@@ -608,14 +607,6 @@ class StoreWriter:
             age = now - float(mtime) if mtime else float("inf")
             out.append((rel, age))
         return out
-
-
-def _refuse_other_head(url: str, old: dict | None, fingerprint: str) -> None:
-    if old and old.get("target_fingerprint") != fingerprint:
-        raise ConfigError(
-            f"store {url} already holds the LM head of target {old.get('target_fingerprint')!r}; "
-            f"refusing to replace it with {fingerprint!r} (use a new store)"
-        )
 
 
 def _raw(t: torch.Tensor) -> memoryview:

@@ -17,8 +17,7 @@ def test_library_breakdown_accounts_for_the_whole_run(fixtures_dir, tmp_path):
             "tokenise", "detokenise", "store_commit_wait", "feature_cache_write", "other"} <= set(parts)
     # in the scene-input threads and the store-writer thread
     assert set(res["background_s_by_section"]) == {"video_processor", "video_decode", "store_commit",
-                                                   "feature_cache_write", "event_render_and_clip_preprocessing",
-                                                   "lm_head_write"}
+                                                   "feature_cache_write", "event_render_and_clip_preprocessing"}
     assert all(v > 0 for v in res["background_s_by_section"].values())
     assert 0 < res["forward_s"] < res["wall_s"]
     # sections do not overlap each other or the forwards: what is left over is not negative
