@@ -6,6 +6,8 @@ recording, CLIP tower, projector/adaptor or render setting recomputes; anything 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from egpt_core.config import EventRenderConfig
@@ -56,6 +58,34 @@ def feature_key(scene: Scene, drafter, render: EventRenderConfig, storage_option
         "vision": drafter.vision_fingerprint,
         "render": render.model_dump(mode="json"),
     })
+
+
+@dataclass
+class SceneFeatureInputs:
+    """What a scene's features need besides the model forward: the cache key and either the cached
+    features [F + S, D] or the drafter's preprocessed event frames (CLIP pixel values [F, 3, h, w])."""
+
+    key: str
+    cached: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None
+
+
+def scene_feature_inputs(scene: Scene, drafter, render: EventRenderConfig, writer,
+                         storage_options: dict | None = None) -> SceneFeatureInputs:
+    """The cache lookup, event rendering and CLIP preprocessing of one scene (no model forward: safe to
+    run in a background thread beside the model work)."""
+    key = feature_key(scene, drafter, render, storage_options)
+    cached = writer.get_features(key)
+    if cached is not None:
+        return SceneFeatureInputs(key, cached=cached["features"].float())
+    frames = scene_event_frames(scene, render, storage_options)
+    return SceneFeatureInputs(key, pixel_values=drafter.preprocess_frames(frames))
+
+
+def encode_scene_features(drafter, inputs: SceneFeatureInputs) -> torch.Tensor:
+    """Pooled event features [F + S, D] (float32, CPU) of preprocessed event frames: the second half of
+    ``drafter.event_features`` (bitwise the same)."""
+    return drafter.model.encode_event_frames(inputs.pixel_values, double_adaptor=drafter.double_adaptor).float().cpu()
 
 
 def scene_features(scene: Scene, drafter, render: EventRenderConfig, writer, storage_options: dict | None = None,

@@ -31,7 +31,13 @@ from egpt_core.data import Pair, build_pairs, load_questions, load_scenes, read_
 from egpt_core.data.dataset import questions_url
 from egpt_core.errors import BadInputError, ConfigError, StoreError
 from egpt_core.extraction import inputs as guards
-from egpt_core.extraction.features import scene_features
+from egpt_core.extraction.background import StoreWrites
+from egpt_core.extraction.features import (
+    SceneFeatureInputs,
+    encode_scene_features,
+    scene_feature_inputs,
+)
+from egpt_core.extraction.greedy import greedy_generate
 from egpt_core.fingerprint import hash_json
 from egpt_core.fsio import Location, canonical_url
 from egpt_core.models.positions import POSITION_CONVENTION
@@ -125,19 +131,26 @@ def _record(pair: Pair, status: str = "ok", reason: str | None = None, input_fin
                       input_fingerprint=input_fingerprint).to_row()
 
 
-VIDEO_WORKERS = 2  # threads decoding + processing videos ahead of the model work (PyAV releases the GIL)
+VIDEO_WORKERS = 2  # threads decoding + processing scene inputs ahead of the model work (PyAV releases the GIL)
+BACKGROUND_WRITES = True  # shard commits + feature-cache files in a writer thread (False: inline)
+FEATURE_SCENES_AHEAD = 4  # scenes whose event input the features task prepares ahead (bounded memory)
+_PROMPT_MEMO = 4096  # questions whose prompt ids are kept (a dataset asks the same questions of every scene)
 
 
-class _Videos:
-    """Videos decoded and run through the target's video processor once per scene, in background
-    threads, for the shard being extracted and the next one (bounded: futures of other scenes are
-    dropped). A decode error surfaces, as itself, where the pair asks for the video."""
+class _ScenePrefetch:
+    """Per-scene inputs prepared once, in background threads, for the shard being extracted and the
+    next one (bounded: futures of other scenes are dropped): the video decoded and run through the
+    target's video processor, and the drafter's event input (feature-cache lookup, else rendered and
+    CLIP-preprocessed frames). No model forward runs here. An error surfaces, as itself, where a pair
+    asks for the input."""
 
-    def __init__(self, cfg: ExtractConfig, target, workers: int = VIDEO_WORKERS):
-        self.cfg, self.target = cfg, target
+    def __init__(self, cfg: ExtractConfig, target, workers: int | None = None, drafter=None, writer=None):
+        self.cfg, self.target, self.drafter, self.writer = cfg, target, drafter, writer
+        workers = VIDEO_WORKERS if workers is None else workers  # read at run time (tests set it to 0)
+        wanted = target is not None or (drafter is not None and writer is not None)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="video-decode") \
-            if target is not None and workers > 0 else None
-        self.futures: dict[str, Future] = {}
+            if wanted and workers > 0 else None
+        self.futures: dict[tuple[str, str], Future] = {}
 
     def _load(self, scene):
         if not scene.video_path:
@@ -146,20 +159,46 @@ class _Videos:
                                    strategy=self.cfg.frame_sampling)
         return self.target.prepare_video(frames)
 
+    def _load_events(self, scene) -> SceneFeatureInputs:
+        return scene_feature_inputs(scene, self.drafter, self.cfg.events, self.writer, self.cfg.storage_options)
+
+    def _jobs(self):
+        if self.target is not None:
+            yield "video", self._load
+        if self.drafter is not None and self.writer is not None:
+            yield "events", self._load_events
+
     def schedule(self, pairs: Sequence[Pair]) -> None:
-        """Start decoding the videos of ``pairs`` (in order); forget those of other scenes."""
+        """Start preparing the inputs of the scenes of ``pairs`` (in order); forget those of other scenes."""
+        self.schedule_scenes([p.scene for p in pairs])
+
+    def schedule_scenes(self, scenes: Sequence) -> None:
+        """Start preparing the inputs of ``scenes`` (in order); forget those of other scenes."""
         if self.pool is None:
             return
-        wanted = {p.scene.scene_id: p.scene for p in pairs}
-        for sid in [s for s in self.futures if s not in wanted]:
-            self.futures.pop(sid).cancel()
+        wanted = {s.scene_id: s for s in scenes}
+        for key in [k for k in self.futures if k[1] not in wanted]:
+            self.futures.pop(key).cancel()
         for sid, scene in wanted.items():
-            if sid not in self.futures:
-                self.futures[sid] = self.pool.submit(self._load, scene)
+            for kind, load in self._jobs():
+                if (kind, sid) not in self.futures:
+                    self.futures[kind, sid] = self.pool.submit(load, scene)
+
+    def _result(self, kind: str, scene, load: Callable):
+        fut = self.futures.get((kind, scene.scene_id)) if self.pool is not None else None
+        return fut.result() if fut is not None else load(scene)
 
     def get(self, pair: Pair):
-        fut = self.futures.get(pair.scene.scene_id) if self.pool is not None else None
-        return fut.result() if fut is not None else self._load(pair.scene)
+        """The pair's video, processed (``VideoLlavaTarget.prepare_video``)."""
+        return self._result("video", pair.scene, self._load)
+
+    def get_events(self, pair: Pair) -> SceneFeatureInputs:
+        """The pair's event input: cached features or preprocessed frames (:func:`scene_feature_inputs`)."""
+        return self.scene_events(pair.scene)
+
+    def scene_events(self, scene) -> SceneFeatureInputs:
+        """A scene's event input: cached features or preprocessed frames (:func:`scene_feature_inputs`)."""
+        return self._result("events", scene, self._load_events)
 
     def close(self) -> None:
         for f in self.futures.values():
@@ -170,31 +209,80 @@ class _Videos:
 
 
 class _Inputs:
-    """Per-shard input preparation with a per-scene memo; bad input becomes a recorded reason.
+    """Model inputs of the run's pairs, each computed once: a scene's features and video (memo kept
+    for the scenes of the current shard, so a scene that continues into the next shard is not looked
+    up again) and a question's prompt ids; bad input becomes a recorded reason.
 
     ``fingerprints``: pair_id -> input fingerprint (recorded with each pair); ``reserved``: strings a
-    question must not contain (the models' placeholders and control tokens); ``videos``: the run's
-    background video decoder (None: decode inline)."""
+    question must not contain (the models' placeholders and control tokens); ``scenes``: the run's
+    background scene-input preparation (None: inline); ``writes``: where new features are cached
+    (None: the writer, inline)."""
 
     def __init__(self, cfg: ExtractConfig, drafter, target, writer, stats: dict,
                  fingerprints: dict[str, str] | None = None, reserved: list[str] | None = None,
-                 videos: _Videos | None = None):
+                 scenes: _ScenePrefetch | None = None, writes: StoreWrites | None = None):
         self.cfg, self.drafter, self.target, self.writer, self.stats = cfg, drafter, target, writer, stats
         self.fingerprints = fingerprints or {}
         self.reserved = reserved if reserved is not None else guards.reserved_strings(drafter, target)
-        self.videos = videos if videos is not None else _Videos(cfg, target, workers=0)
+        self.scenes = scenes if scenes is not None else _ScenePrefetch(cfg, target, workers=0, drafter=drafter,
+                                                                       writer=writer)
+        self.writes = writes if writes is not None else StoreWrites(writer, threaded=False)
         self._features: dict[str, torch.Tensor | BadInputError] = {}
         self._video: dict[str, object] = {}
+        self._d_prompts: dict[str, list[int]] = {}
+        self._t_prompts: dict[tuple, list[int]] = {}
+
+    def start_shard(self, shard: Sequence[Pair]) -> None:
+        """Keep the per-scene memo of the scenes of ``shard`` only (memory stays bounded by a shard)."""
+        keep = {p.scene.scene_id for p in shard}
+        for memo in (self._features, self._video):
+            for sid in [s for s in memo if s not in keep]:
+                del memo[sid]
 
     _memo = staticmethod(guards.once_per_scene)
 
+    def _scene_features(self, pair: Pair) -> torch.Tensor:
+        got = self.scenes.get_events(pair)
+        if got.cached is not None:
+            self.stats["features_cached"] = self.stats.get("features_cached", 0) + 1
+            return got.cached
+        feats = encode_scene_features(self.drafter, got)
+        self.writes.put_features(got.key, feats)
+        self.stats["features_computed"] = self.stats.get("features_computed", 0) + 1
+        return feats
+
     def features(self, pair: Pair) -> torch.Tensor:
-        return self._memo(self._features, pair.scene.scene_id, lambda: scene_features(
-            pair.scene, self.drafter, self.cfg.events, self.writer, self.cfg.storage_options, self.stats))
+        """The scene's pooled event features [F + S, D] (cache, else computed and cached)."""
+        return self._memo(self._features, pair.scene.scene_id, lambda: self._scene_features(pair))
 
     def video(self, pair: Pair):
         """The scene's video, decoded and processed once (``VideoLlavaTarget.prepare_video``)."""
-        return self._memo(self._video, pair.scene.scene_id, lambda: self.videos.get(pair))
+        return self._memo(self._video, pair.scene.scene_id, lambda: self.scenes.get(pair))
+
+    def drafter_prompt(self, question: str) -> list[int]:
+        """The drafter's prompt ids of ``question`` (tokenised once per question)."""
+        ids = self._d_prompts.get(question)
+        if ids is None:
+            if len(self._d_prompts) >= _PROMPT_MEMO:
+                self._d_prompts.clear()
+            ids = self._d_prompts[question] = self.drafter.prompt_ids(question)
+        return list(ids)
+
+    def target_prompt(self, pair: Pair) -> tuple[list[int], torch.Tensor]:
+        """(expanded prompt ids, pixel values [F, 3, H, W]) of the pair: ``target.prepare_question``, once
+        per (question, video shape) where it reuses the prepared video's pixel values (its ids depend
+        on nothing else then)."""
+        video = self.video(pair)
+        key = (pair.question, tuple(video.pixel_values.shape))
+        ids = self._t_prompts.get(key)
+        if ids is not None:
+            return list(ids), video.pixel_values
+        ids, pv = self.target.prepare_question(pair.question, video)
+        if pv is video.pixel_values:
+            if len(self._t_prompts) >= _PROMPT_MEMO:
+                self._t_prompts.clear()
+            self._t_prompts[key] = list(ids)
+        return ids, pv
 
 
 def _response_status(ids: list[int], eos: int | None, min_tokens: int) -> tuple[str, str | None]:
@@ -251,13 +339,13 @@ def _prepare_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, ta
         try:
             if drafter is not None:
                 b.feats[i] = inputs.features(p)
-                b.d_prompts[i] = drafter.prompt_ids(p.question)
+                b.d_prompts[i] = inputs.drafter_prompt(p.question)
                 recs[i]["drafter_prompt_ids"] = [int(x) for x in b.d_prompts[i]]
                 problem = guards.context_problem("drafter", drafter.model.expanded_len(b.d_prompts[i],
                                                                                       b.feats[i].shape[0]),
                                                  new_tokens, guards.context_size(drafter))
             if target is not None and problem is None:
-                b.t_prompts[i], b.videos[i] = target.prepare_question(p.question, inputs.video(p))
+                b.t_prompts[i], b.videos[i] = inputs.target_prompt(p)
                 recs[i]["target_prompt_ids"] = b.t_prompts[i]
                 problem = guards.context_problem("target", len(b.t_prompts[i]), new_tokens, guards.context_size(target))
         except BadInputError as exc:
@@ -274,7 +362,8 @@ def _prepare_batch(batch: list[Pair], mode: str, cfg: ExtractConfig, drafter, ta
 def _shared_prefix(b: _Batch, cfg: ExtractConfig, drafter, target) -> None:
     """The target generates; the drafter is teacher-forced on the target's response (ok pairs only)."""
     recs, live = b.recs, b.live
-    ids, rows = target.generate([b.t_prompts[i] for i in live], [b.videos[i] for i in live], cfg.max_new_tokens)
+    ids, rows = greedy_generate(target, [b.t_prompts[i] for i in live], [b.videos[i] for i in live],
+                                cfg.max_new_tokens)
     eos = target.tokenizer.eos_token_id
     tf_idx = []
     for j, i in enumerate(live):
@@ -296,7 +385,8 @@ def _shared_prefix(b: _Batch, cfg: ExtractConfig, drafter, target) -> None:
 def _independent(b: _Batch, cfg: ExtractConfig, drafter, target) -> None:
     """Both models generate freely; rows are paired up to the shorter response."""
     recs, live = b.recs, b.live
-    t_ids, t_r = target.generate([b.t_prompts[i] for i in live], [b.videos[i] for i in live], cfg.max_new_tokens)
+    t_ids, t_r = greedy_generate(target, [b.t_prompts[i] for i in live], [b.videos[i] for i in live],
+                                 cfg.max_new_tokens)
     d_ids, d_r = drafter.generate([b.d_prompts[i] for i in live], [b.feats[i] for i in live], cfg.max_new_tokens)
     for j, i in enumerate(live):
         recs[i].update(target_response_ids=t_ids[j], target_text=target.decode(t_ids[j]),
@@ -421,13 +511,30 @@ def compute_scene_features(cfg: ExtractConfig, scene_ids: list[str] | set[str],
         writer = StoreWriter(cfg.store, store_meta(cfg, drafter if need_d else None, target), cfg.storage_options)
     stats: dict[str, int] = {}
     failed: dict[str, str] = {}
-    for i, scene in enumerate(scenes):
-        try:
-            scene_features(scene, drafter, cfg.events, writer, cfg.storage_options, stats)
-        except BadInputError as exc:
-            failed[scene.scene_id] = str(exc)
-        if progress is not None:
-            progress((i + 1) / len(scenes), f"{i + 1}/{len(scenes)} scenes")
+    ahead = _ScenePrefetch(cfg, None, drafter=drafter, writer=writer)  # events read + preprocessed ahead
+    writes = StoreWrites(writer, threaded=BACKGROUND_WRITES)  # feature files written behind
+    try:
+        for i, scene in enumerate(scenes):
+            ahead.schedule_scenes(scenes[i : i + FEATURE_SCENES_AHEAD])
+            try:
+                got = ahead.scene_events(scene)
+                if got.cached is not None:
+                    stats["features_cached"] = stats.get("features_cached", 0) + 1
+                else:
+                    writes.put_features(got.key, encode_scene_features(drafter, got))
+                    stats["features_computed"] = stats.get("features_computed", 0) + 1
+            except BadInputError as exc:
+                failed[scene.scene_id] = str(exc)
+            if progress is not None and i + 1 < len(scenes):
+                progress((i + 1) / len(scenes), f"{i + 1}/{len(scenes)} scenes")
+        writes.finish()
+    except BaseException:
+        writes.close()
+        raise
+    finally:
+        ahead.close()
+    if progress is not None and scenes:  # (once every feature file is written)
+        progress(1.0, f"{len(scenes)}/{len(scenes)} scenes")
     return FeaturesSummary(scenes=len(scenes), computed=stats.get("features_computed", 0),
                            cached=stats.get("features_cached", 0), failed=failed)
 
@@ -478,26 +585,38 @@ def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], fi
     pending = [p for p in pairs if p.pair_id not in committed]
     reserved = guards.reserved_strings(drafter, target)
     stats: dict[str, int] = {}
-    lm_written = False
-    if target is not None:
-        weight, dtype = target_lm_head(cfg, target)
-        lm_written = writer.write_lm_head(weight, target.fingerprint, dtype=dtype,
-                                          vocab=vocab_tokens(target.tokenizer)) or False
-    elif source is not None:
-        lm_written = _copy_lm_head(source, writer)
-
     shards = [pending[i : i + cfg.shard_size] for i in range(0, len(pending), cfg.shard_size)]
-    n_done = n_shards = 0
+    scenes = _ScenePrefetch(cfg, target, drafter=drafter, writer=writer)
+
+    def ahead(k: int) -> list[Pair]:  # the pairs of shard k and the next
+        return [*shards[k], *(shards[k + 1] if k + 1 < len(shards) else [])]
+
+    n_done, lm_written = 0, False
     bar = tqdm(total=len(pending), desc=f"extract[{cfg.mode}]", unit="pair", disable=None)
-    videos = _Videos(cfg, target)
+    writes = StoreWrites(writer, threaded=BACKGROUND_WRITES)
+    inputs = _Inputs(cfg, drafter, target, writer, stats, fingerprints, reserved, scenes, writes)
     try:
+        if shards:
+            scenes.schedule(ahead(0))  # the first videos decode while the LM head is written
+        if target is not None:
+            weight, dtype = target_lm_head(cfg, target)
+            lm_written = writer.write_lm_head(weight, target.fingerprint, dtype=dtype,
+                                              vocab=vocab_tokens(target.tokenizer)) or False
+        elif source is not None:
+            lm_written = _copy_lm_head(source, writer)
         for k, shard in enumerate(shards):
-            videos.schedule([*shard, *(shards[k + 1] if k + 1 < len(shards) else [])])  # this shard + the next
-            n_done, n_shards = _extract_shard(cfg, writer, shard, drafter, target, source, stats, fingerprints,
-                                              reserved, videos, bar, progress, n_done, n_shards, len(pending))
+            scenes.schedule(ahead(k))
+            n_done = _extract_shard(cfg, writes, shard, drafter, target, source, inputs, bar,
+                                    progress if k + 1 < len(shards) else None, n_done, len(pending))
+        n_shards = len(writes.finish())
+    except BaseException:
+        writes.close()  # the shards extracted before the failure are still committed
+        raise
     finally:
-        videos.close()
+        scenes.close()
         bar.close()
+    if progress and shards:  # (the last shard's line: once its commit has ended)
+        progress(1.0, f"{n_done}/{len(pending)} pairs, {n_shards} shards committed")
     man = StoreReader(cfg.store, cfg.storage_options).info
     reasons = dict(man.reasons)  # counted per shard at commit: no table reads here
     return ExtractSummary(
@@ -508,11 +627,11 @@ def _extract_into(cfg: ExtractConfig, writer: StoreWriter, pairs: list[Pair], fi
     )
 
 
-def _extract_shard(cfg: ExtractConfig, writer: StoreWriter, shard: list[Pair], drafter, target,
-                   source: StoreReader | None, stats: dict, fingerprints: dict, reserved: list[str], videos: _Videos,
-                   bar, progress: Progress | None, n_done: int, n_shards: int, n_pending: int) -> tuple[int, int]:
-    """Extract and commit one shard -> (pairs done, shards committed) so far."""
-    inputs = _Inputs(cfg, drafter, target, writer, stats, fingerprints, reserved, videos)
+def _extract_shard(cfg: ExtractConfig, writes: StoreWrites, shard: list[Pair], drafter, target,
+                   source: StoreReader | None, inputs: _Inputs, bar, progress: Progress | None, n_done: int,
+                   n_pending: int) -> int:
+    """Extract one shard and hand it over for committing (in the background) -> pairs done so far."""
+    inputs.start_shard(shard)
     source_rows = _source_rows(source, shard) if source is not None else None
     records, d_rows, t_rows = [], [], []
     for b in range(0, len(shard), cfg.batch_size):
@@ -522,12 +641,12 @@ def _extract_shard(cfg: ExtractConfig, writer: StoreWriter, shard: list[Pair], d
         d_rows += d
         t_rows += t
         bar.update(len(batch))
-    if writer.commit_shard(records, d_rows, t_rows) is not None:
-        n_shards += 1
+    writes.commit_shard(records, d_rows, t_rows)  # after the shards before it; their errors raise here
     n_done += len(shard)
     if progress:
-        progress(n_done / max(n_pending, 1), f"{n_done}/{n_pending} pairs, {n_shards} shards committed")
-    return n_done, n_shards
+        progress(n_done / max(n_pending, 1),
+                 f"{n_done}/{n_pending} pairs, {len(writes.committed)} shards committed")
+    return n_done
 
 
 def _source_rows(source: StoreReader, shard: list[Pair]) -> dict:

@@ -56,14 +56,16 @@ def main() -> None:
                 die()
         StoreWriter._before_manifest = hook
     drafter, target = load_models(cfg)
-    if point == "mid-generate":
-        gen = target.generate
+    if point == "mid-generate":  # the extraction's greedy loop over the target
+        import egpt_core.extraction.run as run_mod
+
+        gen = run_mod.greedy_generate
 
         def generate(*a, **k):
             if count(point) == 3:
                 die()
             return gen(*a, **k)
-        target.generate = generate
+        run_mod.greedy_generate = generate
     run_extraction(cfg, models=(drafter, target))
     print("completed without being killed")
 
