@@ -22,6 +22,7 @@ LOOSE_ON_PURPOSE = {
     "cliargs.py:add_config_arguments",
     "extraction/features.py:scene_event_frames", "extraction/features.py:scene_input_fingerprint",
     "extraction/features.py:feature_key", "extraction/features.py:scene_features",
+    "extraction/features.py:scene_feature_inputs",
     "extraction/inputs.py:scene_fingerprints", "extraction/inputs.py:input_fingerprints",
     "lora/train.py:__init__",
 }
