@@ -29,7 +29,7 @@ def greedy_generate(target, prompt_ids: list[list[int]], videos: list[torch.Tens
     """Greedy AR generation of a :class:`VideoLlavaTarget`, left padded: per pair the generated ids
     (through EOS) and hidden rows [T, D] (float32); the same as ``target.generate``."""
     model = target.model
-    ids, mask, pixel_values = _left_padded(target, prompt_ids, videos)
+    ids, mask, pixel_values, _ = target._batch(prompt_ids, videos, left=True)
     eos = target.tokenizer.eos_token_id
     pad = target.tokenizer.pad_token_id
     if pad is None:
@@ -59,15 +59,3 @@ def greedy_generate(target, prompt_ids: list[list[int]], videos: list[torch.Tens
         out = model(input_ids=nxt[:, None], position_ids=positions, attention_mask=attention, **common)
     return split_generation(torch.stack(steps, dim=1), hidden, eos)
 
-
-def _left_padded(target, prompt_ids: list[list[int]], videos: list[torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids [B, S], attention mask [B, S], pixel values [B, F, 3, H, W]) on the model's device: the
-    values of ``target._batch(..., left=True)``, built from padded lists in one tensor each."""
-    s = max(len(x) for x in prompt_ids)
-    pad = target.tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (s - len(x)) + list(x) for x in prompt_ids], dtype=torch.long)
-    mask = torch.tensor([[0] * (s - len(x)) + [1] * len(x) for x in prompt_ids], dtype=torch.long)
-    dtype = target.model.get_input_embeddings().weight.dtype
-    pixel_values = torch.stack(videos).to(target.device, dtype=dtype if dtype.is_floating_point else torch.float32)
-    return ids.to(target.device), mask.to(target.device), pixel_values
