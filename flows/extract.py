@@ -9,6 +9,7 @@ from prefect.runtime import flow_run
 from egpt_core.config import ExtractConfig
 from egpt_core.extraction.run import needs_drafter
 from egpt_core.form_schema import OptionalText
+from egpt_core.models.loading import shared_models
 from flows.plan import group_configs
 from flows.preflight import extract_inputs, require_inputs
 from tasks.extract import (
@@ -30,20 +31,23 @@ FEATURE_SCENES_PER_TASK = 512
 def extract_stage(cfg: ExtractConfig, deployment: str | None = None, only_pairs: list[str] | None = None) -> StoreRef:
     """Features for the scenes to extract, then every shard group (here, or one flow run per group
     of ``deployment``), then the store's summary. A store that does not exist yet bypasses the task
-    cache, so deleting a store really recomputes it."""
+    cache, so deleting a store really recomputes it. The tasks that run here share loaded models
+    (`shared_models`: the drafter is read once); they are released before groups are dispatched."""
     refresh = {} if store_exists(cfg.store, cfg.storage_options) else {"refresh_cache": True}
     if refresh:
         get_run_logger().info("store %s does not exist yet: computing it (task cache bypassed)", url_name(cfg.store))
-    if cfg.group_index is None and needs_drafter(cfg):
-        scenes = feature_scene_ids(cfg, only_pairs)
-        for start in range(0, len(scenes), FEATURE_SCENES_PER_TASK):
-            compute_features.with_options(**refresh)(cfg, scenes[start : start + FEATURE_SCENES_PER_TASK])
     groups = group_configs(cfg)
-    if len(groups) > 1 and deployment:  # a dispatched group resumes its whole plan: same as only_pairs
+    dispatched = len(groups) > 1 and bool(deployment)
+    with shared_models():  # the features and extraction tasks of this run load each model once
+        if cfg.group_index is None and needs_drafter(cfg):
+            scenes = feature_scene_ids(cfg, only_pairs)
+            for start in range(0, len(scenes), FEATURE_SCENES_PER_TASK):
+                compute_features.with_options(**refresh)(cfg, scenes[start : start + FEATURE_SCENES_PER_TASK])
+        if not dispatched:
+            for group in groups:
+                extract_group.with_options(**refresh)(group, only_pairs)
+    if dispatched:  # a dispatched group resumes its whole plan: same as only_pairs (models released here first)
         dispatch_group.map(unmapped(deployment), groups).result()
-    else:
-        for group in groups:
-            extract_group.with_options(**refresh)(group, only_pairs)
     return summarize_store(cfg.store, cfg.storage_options)
 
 

@@ -13,9 +13,13 @@ tower under ``model.visual_tower.visual_tower.vision_model.*``, ``tokenizer.mode
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import shutil
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,6 +263,68 @@ def _forget_key_mapping(model) -> None:
         model._weight_conversions = [c for c in convs if not ours & set(getattr(c, "source_patterns", ()) or ())]
 
 
+#: models loaded inside an open `shared_models` block, by loader and arguments (None: no block open)
+_SHARED: dict[str, object] | None = None
+_SHARED_DEPTH = 0
+_SHARED_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def shared_models() -> Iterator[None]:
+    """While open, `load_eventgpt` and `load_videollava` return the model an earlier call with the
+    same arguments loaded instead of reading the checkpoint again: one extract flow run loads the
+    drafter once for its features task and its extraction task (at 7B, ~14 GB read once, not twice).
+    For read-only use (feature encoding, extraction); every model is released when the outermost
+    block exits. A failed load is not remembered (a retry loads again)."""
+    global _SHARED, _SHARED_DEPTH
+    with _SHARED_LOCK:
+        _SHARED_DEPTH += 1
+        if _SHARED is None:
+            _SHARED = {}
+    try:
+        yield
+    finally:
+        with _SHARED_LOCK:
+            _SHARED_DEPTH -= 1
+            if _SHARED_DEPTH == 0:
+                _SHARED = None
+
+
+def _argument_key(value: object) -> object:
+    if isinstance(value, Location):
+        return {"url": value.url, "storage_options": value.storage_options}
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return repr(value) if not isinstance(value, (str, int, float, bool, type(None), dict, list, tuple)) else value
+
+
+def _shared(kind: str) -> Callable[[Callable], Callable]:
+    """Decorate a loader so that, inside `shared_models`, equal arguments return the loaded model."""
+
+    def decorate(load: Callable) -> Callable:
+        signature = inspect.signature(load)
+
+        @functools.wraps(load)
+        def shared_load(*args, **kwargs):
+            if _SHARED is None:
+                return load(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            key = kind + ":" + hash_json({k: _argument_key(v) for k, v in bound.arguments.items()})
+            with _SHARED_LOCK:  # (one load at a time inside a block: the flow's tasks run one after another)
+                shared = _SHARED
+                if shared is None:  # the block closed meanwhile
+                    return load(*args, **kwargs)
+                if key not in shared:
+                    shared[key] = load(*args, **kwargs)
+                return shared[key]
+
+        return shared_load
+
+    return decorate
+
+
+@_shared("eventgpt")
 def load_eventgpt(path: str | Location, load: ModelLoadConfig | None = None, clip_dir: str | None = None,
                   double_adaptor: bool = False, storage_options: dict | None = None):
     """Load an EventGPT checkpoint directory -> `EventGPTDrafter` (model, tokenizer, CLIP processor).
@@ -359,6 +425,7 @@ def videollava_identity(path: str | Location, storage_options: dict | None = Non
     return CheckpointIdentity(str(path), checkpoint_fingerprint(ckpt), hidden)
 
 
+@_shared("videollava")
 def load_videollava(path: str | Location, load: ModelLoadConfig | None = None,
                     storage_options: dict | None = None):
     """Load a Video-LLaVA checkpoint directory -> `VideoLlavaTarget` (model + processor)."""

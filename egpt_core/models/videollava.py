@@ -97,16 +97,17 @@ class VideoLlavaTarget:
         return self.model.get_output_embeddings().weight.detach().float().cpu()
 
     def _batch(self, seqs: list[list[int]], videos: list[torch.Tensor], left: bool):
+        """Padded ids and mask [B, S] (left or right padded), videos stacked [B, F, 3, H, W], pad starts."""
         s = max(len(x) for x in seqs)
         pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(seqs), s), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), s), dtype=torch.long)
-        starts = []
-        for i, x in enumerate(seqs):
-            st = s - len(x) if left else 0
-            ids[i, st : st + len(x)] = torch.tensor(x)
-            mask[i, st : st + len(x)] = 1
-            starts.append(st)
+        starts = [s - len(x) if left else 0 for x in seqs]
+        rows, masks = [], []
+        for st, x in zip(starts, seqs):  # one tensor per batch, not one per row
+            tail = s - st - len(x)
+            rows.append([pad] * st + list(x) + [pad] * tail)
+            masks.append([0] * st + [1] * len(x) + [0] * tail)
+        ids = torch.tensor(rows, dtype=torch.long)
+        mask = torch.tensor(masks, dtype=torch.long)
         dtype = self.model.get_input_embeddings().weight.dtype
         pv = torch.stack(videos).to(self.device, dtype=dtype if dtype.is_floating_point else torch.float32)
         return ids.to(self.device), mask.to(self.device), pv, starts

@@ -39,3 +39,22 @@ def test_cached_until_the_store_is_deleted(fixture_paths, tmp_path, states_by_na
     third = extract(cfg, return_state=True)
     assert {s for n, s in states_by_name(third).items() if n.startswith(expensive)} == {"Completed"}
     assert (Path(cfg.store) / "manifest.json").is_file() and third.result().counts["ok"] == 6
+
+
+def test_the_drafter_is_read_once_per_flow_run(fixture_paths, tmp_path, monkeypatch):
+    """The features task and the extraction task share one loaded drafter (at 7B, 14 GB read once)."""
+    from egpt_core.models.eventgpt import EventChatLlamaForCausalLM
+    from flows.extract import extract
+
+    reads = []
+    original = EventChatLlamaForCausalLM.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        reads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(EventChatLlamaForCausalLM, "from_pretrained", classmethod(counted))
+    state = extract(_cfg(fixture_paths, tmp_path / "store"), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result().counts == {"ok": 6, "failed": 0, "skipped": 0}
+    assert reads == [str(fixture_paths["eventgpt"])]

@@ -165,3 +165,19 @@ def test_nf4_load_and_forward_on_cpu(fixtures_dir):
     pi, pv = v.prepare(QUESTIONS[0], _frames(1, 8))
     vids, vrows = v.generate([pi], [pv], max_new_tokens=5)
     assert len(vids[0]) == 5 and torch.isfinite(vrows[0]).all()
+
+
+def test_videollava_batch_padding(target):
+    """Left padding (generation) puts each sequence at the end, right padding (TF) at the start; the
+    mask marks exactly its tokens and the starts say where each begins."""
+    pad = target.tokenizer.pad_token_id
+    seqs = [[5, 6, 7], [8], [9, 10]]
+    videos = [torch.zeros(2, 3, 4, 4) + i for i in range(3)]
+    ids, mask, pv, starts = target._batch(seqs, videos, left=True)
+    assert ids.tolist() == [[5, 6, 7], [pad, pad, 8], [pad, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]] and starts == [0, 2, 1]
+    assert pv.shape == (3, 2, 3, 4, 4) and pv[:, 0, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    ids, mask, _, starts = target._batch(seqs, videos, left=False)
+    assert ids.tolist() == [[5, 6, 7], [8, pad, pad], [9, 10, pad]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]] and starts == [0, 0, 0]
+    assert ids.dtype == mask.dtype == torch.long
