@@ -3,6 +3,8 @@ and after it closes, every call loads afresh."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from egpt_core.config import ModelLoadConfig
@@ -38,7 +40,5 @@ def test_a_failed_load_is_not_remembered(fixtures_dir, tmp_path):
             with pytest.raises(ConfigError, match="EventChat_llama"):
                 load_eventgpt(str(bad), FP32)
         (bad / "config.json").unlink()
-        import shutil
-
         shutil.copytree(fixtures_dir / "eventgpt", bad, dirs_exist_ok=True)
         assert load_eventgpt(str(bad), FP32).hidden_size > 0  # mended checkpoint: loaded, not the old error
